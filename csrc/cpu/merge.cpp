@@ -1,0 +1,255 @@
+// SafePatching's masked merge of one tensor or chunk, in one pass (DESIGN §1, brief OPS_ABI.md):
+//   in_X      = key(S_X) >= key_X && key(S_X) > 0       (patch absent -> false; mode none -> true)
+//   M_X       = by mode from in_SE, in_OSM
+//   applied_X = M_X && philox word < keep_threshold
+//   acc = float(base); acc += c_se * d_se if applied_se; acc += c_osm * d_osm if applied_osm
+//   out = acc rounded (nearest even) to out_dtype
+// Work goes in tiles of kTile elements aligned to absolute element indices (offset + i), so a
+// tile's Philox blocks are whole: one Philox call per four elements, shared by every chunking.
+// Each tile is converted to fp32 / key buffers first (one small loop per input and dtype),
+// then combined in branch-free loops the compiler vectorises.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../op_checks.h"
+#include "../philox.h"
+#include "convert.h"
+#include "kernels.h"
+#include "philox_lanes.h"
+
+namespace safepatch {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 128;              // Philox blocks per tile
+constexpr int64_t kTile = 4 * kLanes;    // elements per tile
+constexpr int64_t kGrain = 64 * kTile;   // elements per parallel work item (at least)
+
+using LoadFn = void (*)(const void*, int64_t, float*);
+using KeyFn = void (*)(const void*, int64_t, uint32_t, uint32_t*);
+using StoreFn = void (*)(const float*, int64_t, void*);
+
+template <typename T>
+void load_f32(const void* src, int64_t n, float* __restrict__ dst) {
+  const auto* s = static_cast<const typename T::raw*>(src);
+  for (int64_t k = 0; k < n; ++k) dst[k] = T::load(s[k]);
+}
+
+// sel[k] = 1 iff key(s[k]) >= key_t and key(s[k]) > 0 (-0 has key 0).
+template <typename T>
+void select_keys(const void* src, int64_t n, uint32_t key_t, uint32_t* __restrict__ sel) {
+  const auto* s = static_cast<const typename T::raw*>(src);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t key = score_key_from_bits(T::key_bits(s[k]));
+    sel[k] = static_cast<uint32_t>(key >= key_t) & static_cast<uint32_t>(key > 0);
+  }
+}
+
+template <typename T>
+void store_f32(const float* __restrict__ src, int64_t n, void* dst) {
+  auto* d = static_cast<typename T::raw*>(dst);
+  for (int64_t k = 0; k < n; ++k) d[k] = T::store(src[k]);
+}
+
+LoadFn load_fn(c10::ScalarType t) {
+  return dispatch_float(t, "input", [](auto tag) -> LoadFn { return &load_f32<decltype(tag)>; });
+}
+KeyFn key_fn(c10::ScalarType t) {
+  return dispatch_float(t, "score", [](auto tag) -> KeyFn { return &select_keys<decltype(tag)>; });
+}
+StoreFn store_fn(c10::ScalarType t) {
+  return dispatch_float(t, "out_dtype", [](auto tag) -> StoreFn { return &store_f32<decltype(tag)>; });
+}
+
+struct Patch {
+  bool present = false;
+  const char* data = nullptr;  // patch values
+  const char* score = nullptr; // saliency (nullptr in mode none)
+  int64_t esize = 0, score_esize = 0;
+  LoadFn load = nullptr;
+  KeyFn keys = nullptr;
+  uint32_t key_t = 0;
+  float coeff = 0.f;
+  uint32_t patch_id = 0;
+  bool draw = false;  // keep_threshold < 2^32: retention words needed
+  bool* mask_out = nullptr;
+};
+
+struct Tile {
+  alignas(64) float base[kTile];
+  alignas(64) float delta[2][kTile];
+  alignas(64) uint32_t in[2][kTile];
+  alignas(64) uint32_t applied[2][kTile];
+  alignas(64) uint32_t words[kTile];
+  alignas(64) float acc[kTile];
+};
+
+struct Merge {
+  const char* base;
+  int64_t base_esize;
+  LoadFn load_base;
+  char* out;
+  int64_t out_esize;
+  StoreFn store;
+  Patch x[2];
+  int64_t mode;
+  bool deltas;
+  uint32_t seed, name_hash, keep;
+  int64_t offset;
+
+  // Elements j .. j+n-1 of the chunk (absolute indices offset+j ..), inside one aligned tile.
+  void tile(Tile& t, int64_t j, int64_t n) const {
+    const uint64_t a0 = static_cast<uint64_t>(offset + j);
+    const uint64_t tile0 = a0 / kTile * kTile;
+    const int64_t sh = static_cast<int64_t>(a0 - tile0);
+
+    for (int p = 0; p < 2; ++p) {
+      const Patch& q = x[p];
+      uint32_t* in = t.in[p];
+      if (!q.present) {
+        std::memset(in, 0, sizeof(uint32_t) * n);
+      } else if (mode == kNone) {
+        for (int64_t k = 0; k < n; ++k) in[k] = 1;
+      } else {
+        q.keys(q.score + j * q.score_esize, n, q.key_t, in);
+      }
+    }
+    // M_X by mode, written into applied[X]; retention is and-ed in below.
+    uint32_t* __restrict__ m0 = t.applied[0];
+    uint32_t* __restrict__ m1 = t.applied[1];
+    const uint32_t* __restrict__ i0 = t.in[0];
+    const uint32_t* __restrict__ i1 = t.in[1];
+    if (mode == kDifference) {
+      for (int64_t k = 0; k < n; ++k) {
+        m0[k] = i0[k] & (i1[k] ^ 1u);
+        m1[k] = i1[k] & (i0[k] ^ 1u);
+      }
+    } else if (mode == kIntersection) {
+      for (int64_t k = 0; k < n; ++k) m0[k] = m1[k] = i0[k] & i1[k];
+    } else {
+      std::memcpy(m0, i0, sizeof(uint32_t) * n);
+      std::memcpy(m1, i1, sizeof(uint32_t) * n);
+    }
+
+    load_base(base + j * base_esize, n, t.base);
+    float* __restrict__ acc = t.acc;
+    const float* __restrict__ b = t.base;
+    std::memcpy(acc, b, sizeof(float) * n);
+    for (int p = 0; p < 2; ++p) {
+      const Patch& q = x[p];
+      if (!q.present) continue;
+      uint32_t* __restrict__ m = t.applied[p];
+      uint32_t any = 0;
+      for (int64_t k = 0; k < n; ++k) any |= m[k];
+      if (!any) continue;  // nothing selected here: no draw, no patch read
+      if (q.draw) {
+        philox_words_lanes<kLanes>(tile0 >> 2, seed, name_hash, q.patch_id, t.words);
+        const uint32_t* __restrict__ w = t.words + sh;
+        const uint32_t thr = keep;
+        for (int64_t k = 0; k < n; ++k) m[k] &= static_cast<uint32_t>(w[k] < thr);
+      }
+      float* __restrict__ d = t.delta[p];
+      q.load(q.data + j * q.esize, n, d);
+      if (!deltas) {
+        for (int64_t k = 0; k < n; ++k) d[k] = d[k] - b[k];
+      }
+      const float c = q.coeff;
+      for (int64_t k = 0; k < n; ++k) {
+        const float v = acc[k] + c * d[k];
+        acc[k] = m[k] ? v : acc[k];
+      }
+    }
+    store(acc, n, out + j * out_esize);
+    for (int p = 0; p < 2; ++p) {
+      bool* mo = x[p].mask_out;
+      if (mo == nullptr) continue;
+      if (!x[p].present) {
+        std::memset(mo + j, 0, n);
+        continue;
+      }
+      const uint32_t* __restrict__ m = t.applied[p];
+      for (int64_t k = 0; k < n; ++k) mo[j + k] = m[k] != 0;
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
+    const at::Tensor& base, const c10::optional<at::Tensor>& patch_se,
+    const c10::optional<at::Tensor>& patch_osm, const c10::optional<at::Tensor>& score_se,
+    const c10::optional<at::Tensor>& score_osm, int64_t key_se, int64_t key_osm, int64_t mode,
+    double c_se, double c_osm, int64_t keep_threshold, int64_t seed, int64_t name_hash,
+    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks) {
+  check_merge_args(base, patch_se, patch_osm, score_se, score_osm, key_se, key_osm, mode,
+                   keep_threshold, name_hash, offset, out_dtype);
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  at::Tensor mask_se, mask_osm;
+  if (return_masks) {
+    mask_se = at::empty(base.sizes(), base.options().dtype(at::kBool));
+    mask_osm = at::empty(base.sizes(), base.options().dtype(at::kBool));
+  } else {
+    mask_se = at::empty({0}, base.options().dtype(at::kBool));
+    mask_osm = at::empty({0}, base.options().dtype(at::kBool));
+  }
+  const int64_t n = base.numel();
+  if (n == 0) return {out, mask_se, mask_osm};
+
+  Merge mg;
+  mg.base = static_cast<const char*>(base.data_ptr());
+  mg.base_esize = base.element_size();
+  mg.load_base = load_fn(base.scalar_type());
+  mg.out = static_cast<char*>(out.data_ptr());
+  mg.out_esize = out.element_size();
+  mg.store = store_fn(out_dtype);
+  mg.mode = mode;
+  mg.deltas = deltas;
+  mg.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+  mg.name_hash = static_cast<uint32_t>(name_hash);
+  const bool keep_all = keep_threshold >= kKeepAll;
+  mg.keep = keep_all ? 0u : static_cast<uint32_t>(keep_threshold);
+  mg.offset = offset;
+  const c10::optional<at::Tensor>* patches[2] = {&patch_se, &patch_osm};
+  const c10::optional<at::Tensor>* scores[2] = {&score_se, &score_osm};
+  const int64_t keys[2] = {key_se, key_osm};
+  const double coeffs[2] = {c_se, c_osm};
+  at::Tensor* masks[2] = {&mask_se, &mask_osm};
+  for (int p = 0; p < 2; ++p) {
+    Patch& q = mg.x[p];
+    q.patch_id = static_cast<uint32_t>(p);
+    q.mask_out = return_masks ? masks[p]->data_ptr<bool>() : nullptr;
+    if (!patches[p]->has_value()) continue;
+    const at::Tensor& pt = **patches[p];
+    q.present = true;
+    q.data = static_cast<const char*>(pt.data_ptr());
+    q.esize = pt.element_size();
+    q.load = load_fn(pt.scalar_type());
+    q.key_t = static_cast<uint32_t>(keys[p]);
+    q.coeff = static_cast<float>(coeffs[p]);  // rounded once, to nearest, like the reference
+    q.draw = !keep_all;
+    if (mode != kNone) {
+      const at::Tensor& st = **scores[p];
+      q.score = static_cast<const char*>(st.data_ptr());
+      q.score_esize = st.element_size();
+      q.keys = key_fn(st.scalar_type());
+    }
+  }
+
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    Tile t;
+    int64_t j = lo;
+    while (j < hi) {
+      const int64_t a = offset + j;
+      const int64_t end = std::min(hi, (a / kTile + 1) * kTile - offset);
+      mg.tile(t, j, end - j);
+      j = end;
+    }
+  });
+  return {out, mask_se, mask_osm};
+}
+
+}  // namespace cpu
+}  // namespace safepatch

@@ -1,0 +1,19 @@
+// Schemas of the safepatch ops (brief OPS_ABI.md); kernels register per dispatch key in
+// cpu/register.cpp (CPU) and cuda/*.cu (CUDA, compiled only where a CUDA toolkit exists).
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(safepatch, m) {
+  m.def("saliency_accumulate_(Tensor(a!) score, Tensor weight, Tensor grad, float scale) -> Tensor(a!)");
+  m.def("radix_histogram(Tensor scores, int prefix, int digit) -> Tensor");
+  m.def(
+      "masked_merge(Tensor base, Tensor? patch_se, Tensor? patch_osm, Tensor? score_se, "
+      "Tensor? score_osm, int key_se, int key_osm, int mode, float c_se, float c_osm, "
+      "int keep_threshold, int seed, int name_hash, int offset, bool deltas, "
+      "ScalarType out_dtype, bool return_masks) -> (Tensor, Tensor, Tensor)");
+  // No tensor inputs, so no dispatch key to pick a kernel by: defined with its (CPU) function
+  // directly, as a catch-all.
+  m.def("philox_words(int offset, int numel, int seed, int name_hash, int patch_id) -> Tensor",
+        &safepatch::cpu::philox_words);
+}
