@@ -1,0 +1,147 @@
+"""Load causal LMs, tokenizers and LoRA adapters from local Hugging Face directories.
+
+Never runs remote code (trust_remote_code=False) and never unpickles (safetensors only where we
+read weights ourselves). Every failure a user can cause becomes a one-line SafepatchError that
+names the directory at fault.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, DataError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'float32'/'bf16'/... -> torch.dtype; 'auto' or None -> 'auto' (the checkpoint's dtype)."""
+    if name is None or name == "auto":
+        return "auto"
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16") from None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True if `path` is a PEFT adapter directory (has adapter_config.json)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """The path, after checking it is a directory with config.json and safetensors weights."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{what} directory not found: {p}")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{what} directory {p} has no config.json")
+    if not any(p.glob("*.safetensors")):
+        raise CheckpointError(f"{what} directory {p} has no .safetensors weights "
+                              "(pickled .bin checkpoints are not loaded)")
+    return p
+
+
+def _dtype_kw(dtype) -> dict:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    minor = int(transformers.__version__.split(".")[1])
+    # `torch_dtype=` became `dtype=` in 4.56; v5 warns on the old name.
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: dtype}
+
+
+def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "auto",
+                   device: str | torch.device = "cpu"):
+    """AutoModelForCausalLM from a local directory (safetensors only, no remote code).
+
+    dtype: 'auto' keeps the checkpoint's dtype; else float32 | bfloat16 | float16.
+    Returns the model on `device`, in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p), trust_remote_code=False, use_safetensors=True, local_files_only=True,
+            **_dtype_kw(parse_dtype(dtype)))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load model from {p}: {_one_line(e)}") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, require_chat_template: bool = True,
+                   chat_template: str | Path | None = None):
+    """AutoTokenizer from a local directory; checks (or sets) the chat template.
+
+    chat_template: a Jinja template string or a file holding one, overriding the tokenizer's.
+    Raises DataError if the tokenizer has no chat template and none is given.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load tokenizer from {p}: {_one_line(e)}") from e
+    if chat_template is not None:
+        ct = Path(chat_template)
+        tok.chat_template = ct.read_text() if ct.is_file() else str(chat_template)
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise DataError(f"tokenizer in {p} has no chat template; pass one with --chat-template FILE")
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; eos is the
+        # conventional choice and keeps the vocabulary unchanged.
+        if tok.eos_token_id is None:
+            raise DataError(f"tokenizer in {p} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def adapter_base_path(adapter: str | Path) -> str | None:
+    """base_model_name_or_path from an adapter's adapter_config.json (may be None)."""
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path")
+
+
+def load_patched_model(path: str | Path, backbone: str | Path | None = None,
+                       dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"):
+    """(model, weights_dir) of a patched model given as a full checkpoint or a LoRA adapter.
+
+    For an adapter, the backbone (argument, else the adapter's base_model_name_or_path) is
+    loaded and the adapter merged into it (W + B·A·scale), so the result is the merged weight;
+    weights_dir is then the backbone's directory (whose tensor names the merged model has).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"patched model directory not found: {p}")
+    if not is_adapter_dir(p):
+        return load_causal_lm(p, dtype, device), p
+    base = backbone or adapter_base_path(p)
+    if not base:
+        raise ConfigError(f"adapter {p} names no base model; pass --backbone")
+    base_model = load_causal_lm(base, dtype, device)
+    return merge_adapter(base_model, p), Path(base)
+
+
+def merge_adapter(base_model, adapter: str | Path):
+    """Merge a LoRA adapter directory into `base_model`; returns the plain merged model."""
+    from peft import PeftModel
+
+    try:
+        pm = PeftModel.from_pretrained(base_model, str(adapter), is_trainable=False)
+        merged = pm.merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"adapter {adapter} does not fit its base model: {_one_line(e)}") from e
+    return merged.eval()
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg[:300] + ("..." if len(msg) > 300 else "")
