@@ -1,0 +1,85 @@
+"""Radix histogram of score keys in Triton (DESIGN §2 op 2): exact int64 counts of one 16-bit
+digit of the uint32 keys, 65,536 bins.
+
+Reference: ``safepatch_merge.ops.reference.radix_histogram``. Keys are the bits of
+float32(score) with -0 -> 0; digit 0 bins key >> 16 over every element, digit 1 bins
+key & 0xFFFF over the elements whose key >> 16 == prefix.
+
+Triton has no shared-memory atomics and ``tl.histogram`` keeps every bin in registers (fine
+for a few hundred bins, not for 65,536), so counts go straight to global memory with relaxed
+int32 atomics. Hot bins (scores cluster in a few hundred digit-0 bins) would serialise on a
+few L2 slices, so the counts are spread over `copies` private histograms (program p adds into
+copy p % copies) that are summed into int64 at the end. Each launch covers at most 2^30
+elements, so no int32 counter can overflow. The CUDA twin (csrc/cuda/histogram.cu) keeps
+per-block sub-histograms in shared memory instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_BINS = 1 << 16
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_LAUNCH = 1 << 30  # elements per launch: bounds every int32 counter below 2^31
+
+
+@triton.jit
+def score_keys(x):
+    """uint32 selection keys of a score tensor (any float dtype): bits of fp32(x), -0 -> 0."""
+    key = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    return tl.where(key == 0x80000000, tl.zeros_like(key), key)
+
+
+@triton.jit
+def _histogram_kernel(x_ptr, hist_ptr, n, prefix, DIGIT: tl.constexpr, COPIES: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    key = score_keys(tl.load(x_ptr + i, mask=m, other=0.0))
+    hi = key >> 16
+    if DIGIT == 0:
+        b = hi
+    else:
+        b = key & 0xFFFF
+        m = m & (hi == prefix.to(tl.uint32))
+    ptr = hist_ptr + (pid % COPIES) * 65536 + b.to(tl.int32)
+    tl.atomic_add(ptr, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")
+
+
+def default_copies(n: int, device: torch.device) -> int:
+    """Private histograms for `n` elements: one per 4M elements, 1 .. 32 (1 in the interpreter,
+    where atomics do not contend)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(32, n >> 22))
+
+
+def radix_histogram(scores: torch.Tensor, prefix: int = 0, digit: int = 0, block: int = 4096,
+                    num_warps: int = 8, copies: int | None = None) -> torch.Tensor:
+    """int64 tensor (65536,) on scores' device: histogram of one 16-bit digit of the keys.
+
+    scores: float32 | bfloat16 | float16, contiguous, any shape. digit: 0 or 1. prefix: the
+    digit-0 bin whose elements digit 1 counts (0 .. 65535; ignored for digit 0). block: elements
+    per program (power of two). copies: private int32 histograms (default
+    :func:`default_copies`).
+    """
+    assert scores.dtype in _FLOATS and scores.is_contiguous()
+    assert digit in (0, 1) and (digit == 0 or 0 <= prefix < NUM_BINS), (digit, prefix)
+    assert block > 0 and block & (block - 1) == 0, "block must be a power of two"
+    x = scores.reshape(-1)
+    n = x.numel()
+    out = torch.zeros(NUM_BINS, dtype=torch.int64, device=scores.device)
+    if n == 0:
+        return out
+    copies = copies or default_copies(n, scores.device)
+    hist = torch.empty((copies, NUM_BINS), dtype=torch.int32, device=scores.device)
+    for start in range(0, n, _MAX_LAUNCH):
+        part = x[start:start + _MAX_LAUNCH]
+        hist.zero_()
+        grid = (triton.cdiv(part.numel(), block),)
+        _histogram_kernel[grid](part, hist, part.numel(), prefix if digit else 0, DIGIT=digit,
+                                COPIES=copies, BLOCK=block, num_warps=num_warps)
+        out += hist.sum(0, dtype=torch.int64)
+    return out

@@ -1,0 +1,207 @@
+"""SafePatching's masked merge in Triton: the whole formula of DESIGN §1 in one pass.
+
+Reference: ``safepatch_merge.ops.reference.masked_merge``; argument conventions are those of
+the extension schema (brief OPS_ABI.md, ``safepatch::masked_merge``):
+
+    in_X      = key(S_X) >= key_X && key(S_X) > 0      (patch absent -> false; mode none -> true)
+    M_X       = by mode (0 difference, 1 intersection, 2 topk, 3 none)
+    applied_X = M_X && word_X(offset + i) < keep_threshold      (Philox4x32-10, see philox.py)
+    acc = fp32(base); if applied_se: acc = acc + c_se * d_se; if applied_osm: acc = acc + c_osm * d_osm
+    d_X = fp32(patch_X) (deltas) or fp32(patch_X) - fp32(base);  out = acc rounded (RNE) to out dtype
+
+Every input is read once (patch values only where applied), arithmetic is fp32 right after
+each load (the interpreter mis-computes bf16 arithmetic), scores are compared through their
+uint32 keys only, and FMA contraction is off, so values are bit-identical to the reference.
+A program handles a [ROWS, 4] tile whose rows are whole Philox counter blocks: one Philox
+evaluation per patch per four elements. Rounding to bf16/fp16 is done with integer ops (the
+interpreter's own float narrowing does not round to nearest even).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .histogram import score_keys
+from .philox import as_i32, pick_word, retention_block_words
+
+MODE_DIFFERENCE, MODE_INTERSECTION, MODE_TOPK, MODE_NONE = 0, 1, 2, 3
+KEEP_ALL = 1 << 32  # keep_threshold meaning p == 1: nothing drawn
+INF_KEY = 0x7F800000
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def f32_to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even (NaN -> 0x7FC0, like torch on CPU)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(x != x, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def f32_to_f16_rne(x):
+    """fp32 -> fp16, round to nearest even with subnormals (NaN -> sign | 0x7E00, like torch)."""
+    u = x.to(tl.uint32, bitcast=True)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    # Normal fp16 range (|x| >= 2^-14): rebias the exponent (127 -> 15), round at bit 13.
+    nrm = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    # Subnormal range: value / 2^-24 = mant24 * 2^(e - 126); shift right by s = 126 - e.
+    e = (a >> 23).to(tl.int32)
+    s = tl.minimum(tl.maximum(126 - e, 1), 25).to(tl.uint32)
+    m = (a & 0x7FFFFF) | 0x800000
+    q = m >> s
+    t = m >> (s - 1)  # q * 2 + the rounding bit
+    sticky = (m - (t << (s - 1))) != 0
+    sub = q + ((t & 1) & (sticky.to(tl.uint32) | (q & 1)))
+    h = tl.where(a >= 0x38800000, nrm, sub)
+    h = tl.where(a >= 0x477FF000, 0x7C00, h)  # >= 65520 rounds to inf
+    h = tl.where(a > 0x7F800000, 0x7E00, h)
+    return (h | sign).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _in_top(s_ptr, i, valid, key_t):
+    """S >= t and S > 0 through uint32 keys (key_t: key of t, <= 0x7F800000)."""
+    key = score_keys(tl.load(s_ptr + i, mask=valid, other=0.0))
+    return (key >= key_t.to(tl.uint32)) & (key > 0)
+
+
+@triton.jit
+def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr, mse_ptr,
+                         mosm_ptr, n, blk0, key_se, key_osm, c_se, c_osm, keep_i32, seed_i32,
+                         hash_i32, HAS_SE: tl.constexpr, HAS_OSM: tl.constexpr,
+                         MODE: tl.constexpr, DRAW: tl.constexpr, DELTAS: tl.constexpr,
+                         MASKS: tl.constexpr, SHIFT: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    col = tl.arange(0, 4)[None, :]
+    # Row r of this tile is counter block blk0 + pid*ROWS + r (absolute element indices
+    # 4*block .. 4*block+3); chunk-local index i = absolute - offset, SHIFT = offset & 3.
+    i = (pid * ROWS + r)[:, None] * 4 + col - SHIFT
+    valid = (i >= 0) & (i < n)
+    none = tl.zeros([ROWS, 4], tl.int1)
+
+    b = tl.load(base_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SE:
+        if MODE == 3:
+            in_se = valid
+        else:
+            in_se = _in_top(sse_ptr, i, valid, key_se)
+    else:
+        in_se = none
+    if HAS_OSM:
+        if MODE == 3:
+            in_osm = valid
+        else:
+            in_osm = _in_top(sosm_ptr, i, valid, key_osm)
+    else:
+        in_osm = none
+    if MODE == 0:
+        m_se = in_se & (in_osm == 0)
+        m_osm = in_osm & (in_se == 0)
+    elif MODE == 1:
+        m_se = in_se & in_osm
+        m_osm = m_se
+    else:
+        m_se = in_se
+        m_osm = in_osm
+
+    acc = b
+    blk = blk0 + pid * ROWS + r
+    if HAS_SE:
+        a_se = m_se & valid
+        if DRAW:
+            w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 0)
+            a_se = a_se & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
+        d = tl.load(pse_ptr + i, mask=a_se, other=0.0).to(tl.float32)
+        if not DELTAS:
+            d = d - b
+        acc = tl.where(a_se, acc + c_se * d, acc)
+    else:
+        a_se = none
+    if HAS_OSM:
+        a_osm = m_osm & valid
+        if DRAW:
+            w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 1)
+            a_osm = a_osm & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
+        d = tl.load(posm_ptr + i, mask=a_osm, other=0.0).to(tl.float32)
+        if not DELTAS:
+            d = d - b
+        acc = tl.where(a_osm, acc + c_osm * d, acc)
+    else:
+        a_osm = none
+
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        o = f32_to_bf16_rne(acc)
+    elif out_ptr.dtype.element_ty == tl.float16:
+        o = f32_to_f16_rne(acc)
+    else:
+        o = acc
+    tl.store(out_ptr + i, o, mask=valid)
+    if MASKS:
+        tl.store(mse_ptr + i, a_se.to(tl.uint8), mask=valid)
+        tl.store(mosm_ptr + i, a_osm.to(tl.uint8), mask=valid)
+
+
+def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: torch.Tensor | None,
+                 score_se: torch.Tensor | None, score_osm: torch.Tensor | None, key_se: int,
+                 key_osm: int, mode: int, c_se: float, c_osm: float, keep_threshold: int,
+                 seed: int, name_hash: int, offset: int, deltas: bool, out_dtype: torch.dtype,
+                 return_masks: bool, rows: int = 1024, num_warps: int = 8):
+    """Merge one tensor or chunk; arguments as in the schema ``safepatch::masked_merge``.
+
+    base: float32 | bfloat16 | float16, contiguous, any shape. patch_*: same numel/device,
+    any of those dtypes, or None (term dropped). score_*: same numel/device, needed unless
+    mode == 3 (none) or the patch is None. key_*: uint32 key of the fp32 threshold (0 ..
+    0x7F800000; +inf's key selects nothing). mode: 0 difference, 1 intersection, 2 topk,
+    3 none. c_*: fp32 coefficients alpha/s and beta/s. keep_threshold: floor(p * 2^32) in
+    [0, 2^32] (2^32 keeps all without drawing). seed: int >= 0 (taken mod 2^32). name_hash:
+    uint32. offset: int64 >= 0, the chunk's first element inside its tensor (may exceed
+    2^32). deltas: patches are deltas (else full patched tensors). rows: counter blocks per
+    program (power of two; 4*rows elements).
+
+    Returns (out, applied_se, applied_osm): out has base's shape and out_dtype; the masks are
+    bool tensors of base's shape when return_masks, else empty bool tensors.
+    """
+    assert base.dtype in _FLOATS and base.is_contiguous()
+    assert mode in (0, 1, 2, 3), mode
+    for p, s in ((patch_se, score_se), (patch_osm, score_osm)):
+        if p is None:
+            continue
+        assert p.dtype in _FLOATS and p.is_contiguous()
+        assert p.numel() == base.numel() and p.device == base.device
+        if mode != MODE_NONE:
+            assert s is not None, "score needed unless mode is none"
+            assert s.dtype in _FLOATS and s.is_contiguous()
+            assert s.numel() == base.numel() and s.device == base.device
+    assert 0 <= key_se <= INF_KEY and 0 <= key_osm <= INF_KEY, (key_se, key_osm)
+    assert 0 <= keep_threshold <= KEEP_ALL, keep_threshold
+    assert seed >= 0 and 0 <= name_hash < 1 << 32 and offset >= 0, (seed, name_hash, offset)
+    assert out_dtype in _FLOATS, out_dtype
+    assert rows > 0 and rows & (rows - 1) == 0, "rows must be a power of two"
+
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    mshape = base.shape if return_masks else (0,)
+    m_se = torch.zeros(mshape, dtype=torch.uint8, device=base.device)
+    m_osm = torch.zeros(mshape, dtype=torch.uint8, device=base.device)
+    if n > 0:
+        draw = keep_threshold < KEEP_ALL
+        shift = offset & 3
+        grid = (triton.cdiv(n + shift, 4 * rows),)
+        dummy = base  # stands in for absent tensors; never read (constexpr flags)
+        _masked_merge_kernel[grid](
+            base, patch_se if patch_se is not None else dummy,
+            patch_osm if patch_osm is not None else dummy,
+            score_se if score_se is not None else dummy,
+            score_osm if score_osm is not None else dummy,
+            out, m_se if return_masks else out, m_osm if return_masks else out,
+            n, offset >> 2, key_se, key_osm, float(c_se), float(c_osm),
+            as_i32(keep_threshold if draw else 0), as_i32(seed & 0xFFFFFFFF), as_i32(name_hash),
+            HAS_SE=patch_se is not None, HAS_OSM=patch_osm is not None, MODE=mode, DRAW=draw,
+            DELTAS=bool(deltas), MASKS=bool(return_masks), SHIFT=shift, ROWS=rows,
+            num_warps=num_warps, enable_fp_fusion=False)
+    return out, m_se.view(torch.bool), m_osm.view(torch.bool)
