@@ -206,15 +206,24 @@ def load_suite(name_or_path: str, user_harmful: bool | None = True) -> list[Prom
 
 def fixed_subset(prompts: list[Prompt], limit: int | None, seed: int = 0) -> list[Prompt]:
     """A fixed subset of at most `limit` prompts: ordered by SHA-256 of (seed, suite, id), so
-    the same prompts are chosen whatever the file order, and a larger limit is a superset.
-    Returned in the suite's original order."""
+    the same prompts are chosen whatever the file order. A suite with harmful and benign
+    prompts (XSTest) keeps their proportions (largest-remainder rounding). Returned in the
+    suite's original order."""
     if limit is None or limit >= len(prompts):
         return list(prompts)
     if limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
+
     def rank(p: Prompt) -> str:
         return hashlib.sha256(f"{seed}\x00{p.suite}\x00{p.id}".encode()).hexdigest()
-    keep = {p.id for p in sorted(prompts, key=rank)[:limit]}
+
+    groups = {h: [p for p in prompts if p.harmful == h] for h in (True, False)}
+    groups = {h: g for h, g in groups.items() if g}
+    exact = {h: limit * len(g) / len(prompts) for h, g in groups.items()}
+    take = {h: int(x) for h, x in exact.items()}
+    for h in sorted(exact, key=lambda h: (-(exact[h] - take[h]), not h))[:limit - sum(take.values())]:
+        take[h] += 1
+    keep = {p.id for h, g in groups.items() for p in sorted(g, key=rank)[:take[h]]}
     return [p for p in prompts if p.id in keep]
 
 

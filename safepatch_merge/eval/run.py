@@ -1,0 +1,122 @@
+"""`evaluate`: the Python twin of `safepatch eval MODEL`.
+
+Load suites -> drop prompts found in the training data -> take a fixed subset -> generate
+(resumable) -> judge (rules + degeneration, optional guard) -> metrics -> utility perplexity ->
+results.json + results.md in the output directory.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConfigError
+from .generate import (GenerationCache, GenerationSettings, generate_completions, load_model,
+                       model_fingerprint)
+from .judge import DegenerationDetector, GuardJudge, RuleRefusalJudge, load_guard
+from .report import SCHEMA, outcome, summarise, write_result
+from .suites import (DEFAULT_FUZZY_THRESHOLD, TrainingIndex, deduplicate, fixed_subset,
+                     load_suite, load_training_prompts)
+from .utility import load_reference, reference_perplexity
+
+log = logging.getLogger(__name__)
+DEFAULT_SUITES = ("xstest", "harmbench", "strongreject", "advbench")
+
+
+def evaluate(model_path: str | Path, out_dir: str | Path,
+             suites: Sequence[str] = DEFAULT_SUITES, *, limit: int | None = None,
+             subset_seed: int = 0, user_harmful: bool | None = True,
+             dedup_against: Sequence[str | Path] = (),
+             fuzzy_threshold: float = DEFAULT_FUZZY_THRESHOLD,
+             settings: GenerationSettings = GenerationSettings(), batch_size: int = 8,
+             device: str = "auto", dtype: str = "auto",
+             guard: str | GuardJudge | None = None, guard_kind: str = "auto",
+             utility: bool = True, utility_file: str | Path | None = None,
+             utility_limit: int | None = None, utility_max_tokens: int = 256,
+             cache_path: str | Path | None = None, label: str | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate one model directory; write results.json / results.md into `out_dir` and return
+    the result dict.
+
+    suites: packaged names (see suites.PACKAGED) or prompt files. limit: prompts per suite
+    (fixed subset, after deduplication). dedup_against: training files whose prompts are
+    removed (normalised exact match, then difflib ratio >= fuzzy_threshold). guard: a local
+    guard model directory or a GuardJudge. The generation cache (default
+    out_dir/generations.jsonl) makes a rerun resume per prompt."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    if not suites:
+        raise ConfigError("no suites given")
+    prompts, dedup_reports = [], []
+    index = None
+    if dedup_against:
+        texts = [t for f in dedup_against for t in load_training_prompts(f)]
+        index = TrainingIndex(texts)
+    for name in dict.fromkeys(suites):
+        ps = load_suite(name, user_harmful=user_harmful)
+        if index is not None:
+            ps, rep = deduplicate(ps, index, fuzzy_threshold)
+            dedup_reports.append(rep)
+            log.info("%s: removed %d exact and %d fuzzy duplicates of training prompts",
+                     name, rep.removed_exact, rep.removed_fuzzy)
+        prompts += fixed_subset(ps, limit, subset_seed)
+
+    model, tok = load_model(model_path, device=device, dtype=dtype)
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
+    fp = model_fingerprint(model_path, dtype_name)
+    cache = GenerationCache(cache_path or out_dir / "generations.jsonl")
+    gens = generate_completions(model, tok, prompts, settings, fp, cache, batch_size=batch_size,
+                                progress=progress)
+
+    judge, degen = RuleRefusalJudge(), DegenerationDetector()
+    records = []
+    for p, g in zip(prompts, gens):
+        v, d = judge(g["completion"]), degen(g["completion"])
+        records.append({"suite": p.suite, "id": p.id, "harmful": p.harmful, "prompt": p.text,
+                        "completion": g["completion"], "n_new_tokens": g["n_new_tokens"],
+                        "hit_eos": g["hit_eos"], "refused": v.refused, "refusal_rule": v.rule,
+                        "degenerate": d.degenerate, "degeneration_reason": d.reason,
+                        "outcome": outcome(v.refused, d.degenerate), "meta": p.meta})
+    guard_name = None
+    if guard is not None:
+        g = load_guard(str(guard), guard_kind, device=str(next(model.parameters()).device)) \
+            if isinstance(guard, (str, Path)) else guard
+        guard_name = g.name
+        verdicts = g.judge_batch([r["prompt"] for r in records],
+                                 [r["completion"] for r in records])
+        for r, gv in zip(records, verdicts):
+            r["guard_harmful"], r["guard_raw"] = gv.harmful, gv.raw
+
+    util = None
+    if utility:
+        pairs = load_reference(utility_file, utility_limit)
+        util = reference_perplexity(model, tok, pairs, max_response_tokens=utility_max_tokens,
+                                    chat_template=settings.chat_template, progress=progress)
+        util["file"] = str(utility_file or "shared data: benign_reference_completions.jsonl")
+
+    import torch
+    import transformers
+    summary = summarise(records)
+    result = {
+        "schema": SCHEMA, "model": str(model_path), "label": label or Path(model_path).name,
+        "model_fingerprint": fp, "dtype": dtype_name,
+        "device": str(next(model.parameters()).device),
+        "settings": settings.key_fields() | {"batch_size": batch_size},
+        "limit": limit, "subset_seed": subset_seed, "judge": judge.name, "guard": guard_name,
+        "dedup_against": [str(f) for f in dedup_against] or None,
+        "dedup": [{"suite": d.suite, "before": d.before, "removed_exact": d.removed_exact,
+                   "removed_fuzzy": d.removed_fuzzy, "after": d.after,
+                   "fuzzy_threshold": d.fuzzy_threshold, "removed_ids": d.removed_ids}
+                  for d in dedup_reports],
+        **summary, "utility": util,
+        "n_generated": sum(not g["cached"] for g in gens),
+        "n_cached": sum(g["cached"] for g in gens),
+        "wall_time_s": round(time.time() - t0, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "records": records,
+    }
+    write_result(result, out_dir)
+    return result
