@@ -1,0 +1,180 @@
+"""Index a checkpoint directory (or Hub id) by its safetensors headers, and validate it.
+
+A checkpoint is a directory holding ``model.safetensors``, or shards listed by
+``model.safetensors.index.json`` (HF format ``{"metadata": ..., "weight_map": {name: file}}``),
+or — only when explicitly allowed — pickle files (``pytorch_model.bin`` or its index), which
+are then loaded with ``torch.load(weights_only=True)``. Nothing is read beyond headers here;
+:mod:`.reader` streams the bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .safetensors_header import TORCH_TO_ST, Header, TensorInfo, read_header
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+HISTOGRAMS_FILE = "histograms.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    """Tensors of one checkpoint. tensors: {name: TensorInfo} in streaming order (shard by
+    shard in index order, file offset order inside a shard). For pickle checkpoints
+    TensorInfo.start == -1 and the bytes come from torch.load(weights_only=True)."""
+
+    role: str
+    source: str
+    root: Path
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    headers: dict[Path, Header] = field(default_factory=dict)
+    is_pickle: bool = False
+
+    def describe(self) -> str:
+        return f"{self.role} {self.source}"
+
+    def identity(self) -> list[dict]:
+        """Per file: relative path, size and sha256 of the header (cheap, deterministic)."""
+        import hashlib
+
+        out = []
+        for f in self.files:
+            h = self.headers.get(f)
+            digest = hashlib.sha256(h.header_bytes).hexdigest() if h else None
+            out.append({"file": f.name, "size": f.stat().st_size, "header_sha256": digest})
+        return out
+
+
+def resolve_source(source: str, role: str, revision: str | None = None,
+                   allow_hub: bool = True) -> Path:
+    """Local directory for `source`: a path, or a Hub id resolved through huggingface_hub's
+    cache (see :mod:`.hub`). Raises CheckpointError naming `role` and `source`."""
+    p = Path(os.path.expanduser(str(source)))
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{role} {source}: not a directory (give the model directory)")
+    if allow_hub and _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+        from .hub import snapshot
+
+        return snapshot(str(source), role, revision)
+    raise CheckpointError(f"{role} {source}: no such directory")
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    if os.path.isabs(rel) or not rel:
+        return None
+    real_root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, full]) != real_root or full == real_root:
+        return None
+    return Path(full)
+
+
+def _read_index(root: Path, index_name: str, role: str) -> dict[str, Path]:
+    path = root / index_name
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable index ({e})") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in wm.items()):
+        raise CheckpointError(f"{path}: index has no valid weight_map")
+    out: dict[str, Path] = {}
+    for name, rel in wm.items():
+        full = _inside(root, rel)
+        if full is None:
+            raise CheckpointError(f"{path}: shard {rel!r} of tensor {name!r} points outside "
+                                  f"the directory {root}")
+        if not full.is_file():
+            raise CheckpointError(f"{path}: shard {rel!r} of tensor {name!r} does not exist")
+        out[name] = full
+    return out
+
+
+def open_checkpoint(source: str, role: str, *, revision: str | None = None,
+                    allow_pickle: bool = False, exclude_files: tuple[str, ...] = (HISTOGRAMS_FILE,)
+                    ) -> Checkpoint:
+    """Index and validate checkpoint `source` (directory or Hub id); `role` names it in errors
+    (e.g. "backbone", "patch_se", "scores_se"). Pickle checkpoints are refused unless
+    allow_pickle. Raises CheckpointError with a one-line message naming the file/tensor."""
+    root = resolve_source(source, role, revision)
+    if (root / SAFETENSORS_INDEX).is_file():
+        wm = _read_index(root, SAFETENSORS_INDEX, role)
+        return _from_safetensors(role, source, root, wm)
+    singles = sorted(p for p in root.glob("*.safetensors") if p.name not in exclude_files)
+    if (root / "model.safetensors").is_file():
+        singles = [root / "model.safetensors"]
+    if len(singles) == 1:
+        return _from_safetensors(role, source, root, None, singles[0])
+    if len(singles) > 1:
+        raise CheckpointError(f"{role} {source}: several .safetensors files but no "
+                              f"{SAFETENSORS_INDEX}")
+    pickles = (root / PICKLE_INDEX).is_file() or (root / "pytorch_model.bin").is_file()
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(f"{role} {source}: pickle checkpoint (pytorch_model.bin) refused; "
+                                  "convert it to safetensors or set allow_pickle: true to load it "
+                                  "with torch.load(weights_only=True)")
+        return _from_pickle(role, source, root)
+    raise CheckpointError(f"{role} {source}: no model.safetensors, {SAFETENSORS_INDEX} or "
+                          "pytorch_model.bin found")
+
+
+def _from_safetensors(role, source, root, weight_map, single=None) -> Checkpoint:
+    files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else [single]
+    headers = {f: read_header(f) for f in files}
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in headers[f].tensors.items():
+            if weight_map is not None and weight_map.get(name) != f:
+                continue  # a stale copy the index does not point to
+            tensors[name] = info
+    if weight_map is not None:
+        for name, f in weight_map.items():
+            if name not in tensors:
+                raise CheckpointError(f"{f}: tensor {name!r} listed in the index is missing "
+                                      "from the shard")
+    return Checkpoint(role, str(source), root, files, tensors, headers)
+
+
+def _from_pickle(role, source, root) -> Checkpoint:
+    if (root / PICKLE_INDEX).is_file():
+        wm = _read_index(root, PICKLE_INDEX, role)
+        files = list(dict.fromkeys(wm.values()))
+    else:
+        files = [root / "pytorch_model.bin"]
+    tensors = {}
+    for f in files:
+        sd = load_pickle(f)
+        for name, t in sd.items():
+            dt = TORCH_TO_ST.get(t.dtype)
+            if dt is None:
+                raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}")
+            nbytes = t.numel() * t.element_size()
+            tensors[name] = TensorInfo(name, f, dt, tuple(t.shape), -1, nbytes - 1)
+        del sd
+    return Checkpoint(role, str(source), root, files, tensors, {}, is_pickle=True)
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a pickle checkpoint file (memory-mapped when possible)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise CheckpointError(f"{path}: cannot load pickle checkpoint with weights_only=True "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: pickle checkpoint is not a flat {{name: tensor}} dict")
+    return sd

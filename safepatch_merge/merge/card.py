@@ -1,0 +1,82 @@
+"""Model card (README.md) and provenance file of a merged checkpoint.
+
+Both are deterministic (no timestamps, no absolute machine state), so the same config and
+inputs give byte-identical output directories.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+# Copied from the backbone when present; the tokenizer set (chat template included) only when
+# output.copy_tokenizer is true. *.jinja chat templates are copied with the tokenizer too.
+COPY_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.json", "vocab.txt", "spiece.model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def rewrite_config_dtype(raw: bytes, dtype: str) -> bytes:
+    """config.json bytes with its dtype fields (torch_dtype, dtype) set to `dtype`."""
+    cfg = json.loads(raw)
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = dtype
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+def model_card(cfg, method, ckpts, summary: dict) -> bytes:
+    """README.md: YAML front matter (base_model when the backbone is a Hub id, tags, library)
+    and the method's parameters, thresholds and achieved densities."""
+    import yaml
+
+    front = {}
+    if _HUB_ID.match(cfg.backbone) and not cfg.backbone.startswith((".", "/")):
+        front["base_model"] = cfg.backbone
+    front["tags"] = list(method.card_tags) + ["safepatch_merge"]
+    front["library_name"] = "transformers"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# Merged with safepatch_merge (method: {cfg.method})", "",
+             f"Backbone: `{cfg.backbone}`", ""]
+    for role, ck in ckpts.items():
+        if role != "base":
+            lines.append(f"- {role}: `{ck.source}`")
+    lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
+    for k, v in (summary.get("parameters") or {}).items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    sel = summary.get("selection") or {}
+    if sel:
+        lines += ["", "## Thresholds and achieved densities", "",
+                  "| patch | group | threshold | k | scored | selected | density |",
+                  "|---|---|---|---|---|---|---|"]
+        for side, s in sel.items():
+            for g, r in s["groups"].items():
+                lines.append(f"| {side} | {g} | {_fmt(r['threshold'])} | {r['k']} | {r['n']} | "
+                             f"{r['selected']} | {r['density']:.6f} |")
+            lines.append(f"| {side} | (all) | | | {s['n']} | {s['selected']} | "
+                         f"{s['density']:.6f} |")
+    lines += ["", "Defaults of unset parameters are safepatch_merge's own choices: the SafePatching "
+              "paper (arXiv 2405.13820) publishes none.",
+              "Full provenance (inputs, hashes, versions): `safepatch_provenance.json`.", ""]
+    return "\n".join(lines).encode()
+
+
+def provenance(cfg, method, ckpts, summary: dict, backend: str, plan_id: str, shards: list,
+               versions: dict) -> bytes:
+    """safepatch_provenance.json: config, inputs (sources, per-file sizes and header sha256),
+    parameters and results, backend, output shard sha256s, package versions."""
+    doc = {
+        "format": "safepatch-merge-provenance", "version": 1, "method": cfg.method,
+        "config": cfg.raw,
+        "inputs": {role: {"source": ck.source, "files": ck.identity()} for role, ck in ckpts.items()},
+        "result": summary, "seed": (summary.get("parameters") or {}).get("seed"),
+        "backend": backend, "plan_id": plan_id, "output_shards": shards, "versions": versions,
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode()

@@ -1,0 +1,413 @@
+"""The streaming merge engine: plan, validate, pre-pass, one streaming pass, atomic output.
+
+``merge(config, out_dir, ...)`` (the Python twin of ``safepatch merge``):
+
+1. parse the config, refuse an existing OUT (unless overwrite) before any work;
+2. open every input (backbone + the method's roles) by headers only and validate them;
+3. size chunks from the memory budget: ``--max-memory`` bounds the process's resident memory
+   (the budget minus what the process already holds is split into ``depth`` read slots, the
+   writer queue and the backend's scratch per element), so peak memory does not grow with the
+   model; tensors larger than a chunk are processed in row chunks with their element offset,
+   which by construction of the ops gives bit-identical results;
+4. the method's pre-pass (e.g. exact thresholds), streaming under the same budget;
+5. the output plan (shards, header per shard), a plan id hashing everything that decides the
+   output bytes, then one streaming pass in backbone file order: a background reader fills
+   slots, the main thread runs the method on the chosen device, a background writer appends
+   each tensor's bytes to its shard; finished shards are recorded for ``resume``;
+6. index, config / tokenizer files, model card and provenance; rename OUT.partial -> OUT.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, SafepatchError
+from ..io import (Checkpoint, OutputBuilder, Part, Prefetcher, ShardPlan, index_json, item_bytes,
+                  open_checkpoint, plan_shards)
+from ..io.safetensors_header import DTYPES, TORCH_TO_ST
+from ..ops import backend_for, set_backend
+from .card import COPY_FILES, TOKENIZER_FILES, model_card, provenance, rewrite_config_dtype
+from .config import MergeConfig, load_config, parse_config, parse_size
+from .methods import MergeMethod, get_method
+
+log = logging.getLogger("safepatch_merge.merge")
+
+MIN_CHUNK = 4096
+MAX_CHUNK = 1 << 24  # elements; larger chunks only cost overlap
+_OUT_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_FLOAT_ST = ("F32", "BF16", "F16", "F64")
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def default_max_memory() -> int:
+    """A quarter of physical memory, at most 16 GiB."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        total = 16 << 30
+    return min(16 << 30, total // 4)
+
+
+@dataclass
+class MergeResult:
+    """What a merge did (or, for a dry run, would do)."""
+
+    out_dir: Path | None
+    plan: dict
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+class EngineContext:
+    """What a method's pre-pass sees: opened checkpoints, device, work dir, and streaming."""
+
+    def __init__(self, ckpts: dict[str, Checkpoint], device: torch.device, chunk_elems: int,
+                 depth: int, work_dir: Path | None, progress: bool):
+        self.ckpts, self.device, self.chunk_elems = ckpts, device, chunk_elems
+        self.depth, self.work_dir, self.progress = depth, work_dir, progress
+
+    def chunks(self, numel: int, row: int) -> list[tuple[int, int]]:
+        """(offset, count) chunks of a tensor of `numel` elements with rows of `row` elements:
+        whole rows per chunk where a row fits, else plain element ranges."""
+        c = self.chunk_elems
+        if 0 < row <= c:
+            c = (c // row) * row
+        if numel == 0:
+            return [(0, 0)]
+        return [(o, min(c, numel - o)) for o in range(0, numel, c)]
+
+    def stream(self, role: str, names: list[str], fn: Callable[[str, torch.Tensor, int], None],
+               desc: str = "") -> None:
+        """Call fn(name, chunk, offset) for every chunk of tensors `names` of checkpoint `role`
+        (chunk: 1-D, the checkpoint's dtype, on the engine's device), in the given order."""
+        ck = self.ckpts[role]
+        items, meta = [], []
+        for name in names:
+            info = ck.tensors[name]
+            row = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+            for off, cnt in self.chunks(info.numel, row):
+                items.append([Part(role, info, off, cnt)])
+                meta.append((name, off))
+        if not items:
+            return
+        slot = max(item_bytes(p) for p in items)
+        bar = _bar(sum(item_bytes(p) for p in items), desc, self.progress)
+        pf = Prefetcher(items, slot, self.depth, pin=self.device.type == "cuda")
+        try:
+            for item in pf:
+                name, off = meta[item.index]
+                v = item.views[role]
+                if self.device.type != "cpu":
+                    v = v.to(self.device, non_blocking=True)
+                fn(name, v, off)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                bar.update(item_bytes(items[item.index]))
+                item.release()
+        finally:
+            pf.close()
+            bar.close()
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _versions() -> dict:
+    import platform
+
+    import safetensors
+
+    from .. import __version__ as ours
+
+    return {"safepatch_merge": ours, "torch": torch.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
+          backend: str | None = None, device: str = "cpu", max_memory: int | str | None = None,
+          resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+          progress: bool = False) -> MergeResult:
+    """Merge as `config` says (YAML path, mapping or MergeConfig) into HF model directory
+    `out_dir`. backend: reference | cpp | triton | auto (None: automatic). device: "cpu",
+    "cuda", "cuda:1". max_memory: resident-memory budget in bytes or a size string ("1GiB");
+    default a quarter of RAM (<= 16 GiB). resume: continue OUT.partial. overwrite: replace an
+    existing OUT. dry_run: validate and return the plan (thresholds included) without writing.
+    Raises SafepatchError subclasses (one-line messages) for every input problem; nothing is
+    ever left at `out_dir` unless the merge completed.
+    """
+    t0 = time.perf_counter()
+    cfg = (config if isinstance(config, MergeConfig) else load_config(config)
+           if isinstance(config, (str, Path)) else parse_config(config))
+    if backend is not None:
+        try:
+            set_backend(backend)
+        except ValueError as e:
+            raise ConfigError(f"--backend: {e}") from None
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    budget = parse_size(max_memory, "--max-memory") if max_memory is not None \
+        else default_max_memory()
+    out_dir = Path(out_dir)
+    builder = OutputBuilder(out_dir, "", resume=resume, overwrite=overwrite)
+    if not dry_run:
+        builder.check_target()
+
+    method: MergeMethod = get_method(cfg.method)(cfg)
+    ckpts = {"base": open_checkpoint(cfg.resolve(cfg.backbone), "backbone", revision=cfg.revision,
+                                     allow_pickle=cfg.allow_pickle)}
+    for role, src in method.input_sources().items():
+        ckpts[role] = open_checkpoint(src, role, revision=cfg.revision,
+                                      allow_pickle=cfg.allow_pickle)
+    base = ckpts["base"]
+    selected = [n for n in base.tensors
+                if (not cfg.include or _matches(n, cfg.include)) and not _matches(n, cfg.exclude)]
+    method.check_inputs(ckpts, selected)
+    try:
+        backend_name = backend_for(dev)[0]
+    except RuntimeError as e:
+        raise ConfigError(f"--backend: {e}") from None
+
+    # Output plan: every backbone tensor, in backbone file order.
+    entries, out_dt = [], {}
+    for name, info in base.tensors.items():
+        dt = info.dtype
+        if cfg.output.dtype != "auto" and dt in _FLOAT_ST:
+            dt = _OUT_DTYPE[cfg.output.dtype]
+        out_dt[name] = dt
+        entries.append((name, dt, info.shape))
+    shards = plan_shards(entries, cfg.output.max_shard_size)
+
+    # Memory: bytes per element held at once = read slots + writer queue + backend scratch.
+    roles_of = {n: method.roles_for(n) for n in base.tensors}
+    per_elem_in = max((base.tensors[n].itemsize
+                       + sum(ckpts[r].tensors[n].itemsize for r in roles_of[n]))
+                      for n in base.tensors) if base.tensors else 1
+    per_elem_out = max((DTYPES[d][1] for d in out_dt.values()), default=1)
+    depth = 3 if dev.type == "cuda" else 2
+    scratch = method_scratch(method, backend_name) if dev.type == "cpu" else 8
+    baseline = current_rss()
+    avail = budget - baseline
+    per_elem = depth * per_elem_in + 3 * per_elem_out + scratch
+    chunk = min(MAX_CHUNK, max(MIN_CHUNK, avail // per_elem if avail > 0 else 0))
+    if avail < per_elem * MIN_CHUNK:
+        log.warning("--max-memory %s leaves no room beyond the %d MiB this process already "
+                    "uses; running with minimal %d-element chunks", budget, baseline >> 20,
+                    MIN_CHUNK)
+    whole = [n for n in base.tensors if roles_of[n] and method.whole_tensor(n)]
+    est = baseline + chunk * per_elem + sum(
+        base.tensors[n].numel * per_elem for n in whole if base.tensors[n].numel > chunk)
+
+    ctx = EngineContext(ckpts, dev, chunk, depth, None, progress)
+    plan_id = _plan_id(cfg, ckpts, shards, backend_name)
+    builder.plan_id = plan_id
+    if not dry_run:
+        builder.open()
+        ctx.work_dir = builder.work_dir
+    try:
+        method.prepare(ctx)
+        summary = method.summary()
+        plan = {
+            "method": cfg.method, "backend": backend_name, "device": str(dev),
+            "tensors": len(base.tensors),
+            "patched_tensors": sum(1 for n in base.tensors if roles_of[n]),
+            "read_bytes": sum(base.tensors[n].nbytes + sum(ckpts[r].tensors[n].nbytes
+                                                           for r in roles_of[n])
+                              for n in base.tensors),
+            "write_bytes": sum(s.data_bytes for s in shards), "shards": len(shards),
+            "chunk_elements": chunk, "max_memory": budget,
+            "estimated_peak_memory": est, "summary": summary,
+        }
+        if dry_run:
+            return MergeResult(None, plan, time.perf_counter() - t0, summary=summary)
+        read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt, progress)
+        summary = method.summary()
+        _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id)
+    except SafepatchError:
+        if not dry_run:
+            builder.abandon()
+        raise
+    except BaseException:
+        builder.close_thread()
+        raise
+    out = builder.finish()
+    secs = time.perf_counter() - t0
+    log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read)", len(base.tensors), out,
+             secs, read / secs / 1e9 if secs else 0.0)
+    return MergeResult(out, plan, secs, read, written, summary)
+
+
+def method_scratch(method: MergeMethod, backend_name: str) -> int:
+    """Temporary bytes per chunk element the method's op needs on `backend_name` (CPU)."""
+    fn = getattr(method, "scratch_bytes", None)
+    if fn is not None:
+        return int(fn(backend_name))
+    return 96 if backend_name == "reference" else 16
+
+
+def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str) -> str:
+    from .. import __version__ as ours
+
+    doc = {"config": cfg.raw, "inputs": {r: {"source": c.source, "files": c.identity()}
+                                         for r, c in ckpts.items()},
+           "shards": [[s.filename, s.entries] for s in shards], "backend": backend_name,
+           "version": ours}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt,
+                 progress) -> tuple[int, int]:
+    base = ctx.ckpts["base"]
+    items, meta = [], []  # meta: (shard index, name, offset, count, last chunk of shard)
+    todo = [i for i, s in enumerate(shards) if s.filename not in builder.done]
+    for si in todo:
+        shard = shards[si]
+        for ti, (name, _, _) in enumerate(shard.entries):
+            info = base.tensors[name]
+            row = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+            roles = roles_of[name]
+            chunks = ([(0, info.numel)] if roles and method.whole_tensor(name)
+                      else ctx.chunks(info.numel, row))
+            for ci, (off, cnt) in enumerate(chunks):
+                parts = [Part("base", info, off, cnt)]
+                parts += [Part(r, ctx.ckpts[r].tensors[name], off, cnt) for r in roles]
+                items.append(parts)
+                last = ti == len(shard.entries) - 1 and ci == len(chunks) - 1
+                meta.append((si, name, off, cnt, last))
+    if not items:
+        return 0, 0
+    slot = max(item_bytes(p) for p in items)
+    bar = _bar(sum(item_bytes(p) for p in items), "merge", progress)
+    pf = Prefetcher(items, slot, ctx.depth, pin=ctx.device.type == "cuda")
+    writer = None
+    read = written = 0
+    dev = ctx.device
+    copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+    def to_device(item):
+        if dev.type == "cpu":
+            return item.views, None
+        with torch.cuda.stream(copy_stream):
+            v = {k: t.to(dev, non_blocking=True) for k, t in item.views.items()}
+            ev = torch.cuda.Event()
+            ev.record(copy_stream)
+        return v, ev
+
+    def process(item, views, ev):
+        nonlocal writer, read, written
+        si, name, off, cnt, last = meta[item.index]
+        if writer is None:
+            writer = builder.shard(shards[si])
+        info = base.tensors[name]
+        dt = out_dt[name]
+        if not roles_of[name] and dt == info.dtype:
+            writer.write(item.views["base"], on_done=item.release)  # copied as is
+        else:
+            if ev is not None:
+                torch.cuda.current_stream(dev).wait_event(ev)
+                ev.synchronize()  # the slot may be reused once its bytes are on the device
+                item.release()
+            if roles_of[name]:
+                out = method.merge_chunk(name, views, off, DTYPES[dt][0])
+            else:
+                out = views["base"].to(DTYPES[dt][0])
+            if out.device.type != "cpu":
+                out = out.to("cpu")
+            elif any(out.data_ptr() == v.data_ptr() for v in views.values()):
+                out = out.clone()  # never hand the writer a view of a reusable read slot
+            if ev is None:
+                item.release()
+            if out.dtype != DTYPES[dt][0] or out.numel() != cnt:
+                raise RuntimeError(f"method {method.name} returned {out.dtype} x {out.numel()} "
+                                   f"for {name!r}, expected {DTYPES[dt][0]} x {cnt}")
+            writer.write(out)
+        nbytes = item_bytes(items[item.index])
+        read += nbytes
+        written += cnt * DTYPES[dt][1]
+        bar.update(nbytes)
+        if last:
+            writer.finish()
+            writer = None
+
+    try:
+        pending = None
+        for item in pf:
+            views, ev = to_device(item)
+            if pending is not None:
+                process(*pending)
+            pending = (item, views, ev)
+        if pending is not None:
+            process(*pending)
+    except BaseException:
+        if writer is not None:
+            try:
+                builder.thread.drain()
+            except SafepatchError:
+                pass
+            writer.abort()
+        raise
+    finally:
+        pf.close()
+        bar.close()
+    return read, written
+
+
+def _finish_files(cfg: MergeConfig, method, builder: OutputBuilder, ckpts, shards, summary,
+                  backend_name, plan_id) -> None:
+    base = ckpts["base"]
+    if len(shards) > 1:
+        builder.add_file("model.safetensors.index.json", index_json(shards))
+    names = COPY_FILES + (TOKENIZER_FILES if cfg.output.copy_tokenizer else ())
+    extra = [p.name for p in sorted(base.root.glob("*.jinja"))] if cfg.output.copy_tokenizer else []
+    out_dtype = None if cfg.output.dtype == "auto" else cfg.output.dtype
+    for fname in list(names) + extra:
+        src = base.root / fname
+        if not src.is_file():
+            continue
+        if fname == "config.json" and out_dtype is not None:
+            builder.add_file(fname, rewrite_config_dtype(src.read_bytes(), out_dtype))
+        else:
+            builder.copy_file(src, fname)
+    if not (base.root / "config.json").is_file():
+        log.warning("backbone %s has no config.json; the output cannot be loaded with "
+                    "from_pretrained without one", base.source)
+    shard_info = [{"file": s.filename, **builder.done[s.filename]} for s in shards]
+    prov = provenance(cfg, method, ckpts, summary, backend_name, plan_id, shard_info, _versions())
+    builder.add_file("safepatch_provenance.json", prov)
+    if cfg.output.model_card:
+        builder.add_file("README.md", model_card(cfg, method, ckpts, summary))
+
+
+__all__ = ["merge", "MergeResult", "EngineContext", "current_rss", "default_max_memory",
+           "TORCH_TO_ST"]

@@ -1,0 +1,116 @@
+"""Merge methods: the per-tensor functions that the streaming engine runs, and their registry.
+
+A method is a class registered with :func:`register`. The engine (``engine.py``) owns all I/O,
+memory budgeting, chunking, devices, output files and resume; a method only says what it needs
+and computes. Life cycle, for one merge:
+
+1. ``validate(cfg)`` (classmethod): check the method's own config section
+   (``cfg.method_params``, keys listed in ``config_keys``); raise ConfigError naming the key.
+2. ``__init__(cfg)``.
+3. ``input_sources()`` -> {role: source}: the checkpoints besides the backbone (role "base"),
+   e.g. {"patch_se": "path", "scores_se": "path"}. The engine opens and validates them.
+4. ``check_inputs(ckpts, selected)``: after opening; ckpts = {role: Checkpoint}, selected =
+   backbone tensor names that pass include/exclude. Raise CheckpointError for missing tensors,
+   shape or dtype mismatches (the engine already validated every file on its own).
+5. ``roles_for(name)`` -> tuple of roles the per-tensor function needs for backbone tensor
+   `name` (never "base": it is always given). Empty tuple: the tensor is copied from the
+   backbone (cast to the output dtype if that differs).
+6. ``prepare(ctx)``: optional global pre-pass (thresholds, per-tensor statistics), which may
+   stream tensors through ``ctx.stream(role, names, fn)`` under the same memory budget, and
+   cache results in ``ctx.work_dir`` (None in a dry run). Default: nothing.
+7. ``whole_tensor(name)`` -> bool: True if ``merge_chunk`` needs the whole tensor in one call
+   (e.g. a per-tensor sort); the engine then ignores the memory budget for that tensor.
+   Default False: the function must be elementwise given `offset`, so any chunking of a
+   tensor gives bit-identical results.
+8. ``merge_chunk(name, inputs, offset, out_dtype)`` -> tensor: inputs = {"base": flat tensor,
+   role: flat tensor, ...} (1-D, contiguous, their checkpoints' dtypes, on the engine's
+   device; they may be modified in place), offset = index of the chunk's first element inside
+   the full tensor (int64 semantics). Return a 1-D tensor of out_dtype, same length and device.
+9. ``summary()`` -> dict: parameters and results (thresholds, densities) for the model card
+   and provenance file; ``card_tags`` for the card's tags.
+
+Classic merges (task arithmetic, TIES, DARE) fit as methods: task arithmetic and DARE are
+elementwise (DARE's drop mask keyed by (seed, name, offset) like the retention draw); TIES's
+per-tensor magnitude trim is a ``prepare`` pass computing each tensor's k-th largest |delta|
+(radix histograms, like the thresholds here), after which trim / sign election / disjoint mean
+are elementwise.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..io import Checkpoint
+    from .config import MergeConfig
+    from .engine import EngineContext
+
+_REGISTRY: dict[str, type["MergeMethod"]] = {}
+
+
+class MergeMethod:
+    """Base class of merge methods (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    card_tags: ClassVar[tuple[str, ...]] = ("merge",)
+
+    def __init__(self, cfg: "MergeConfig"):
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, cfg: "MergeConfig") -> None:
+        """Raise ConfigError for a bad method section."""
+
+    def input_sources(self) -> dict[str, str]:
+        return {}
+
+    def check_inputs(self, ckpts: dict[str, "Checkpoint"], selected: list[str]) -> None:
+        """Raise CheckpointError for inconsistent inputs."""
+
+    def roles_for(self, name: str) -> tuple[str, ...]:
+        return ()
+
+    def prepare(self, ctx: "EngineContext") -> None:
+        """Optional global pre-pass."""
+
+    def whole_tensor(self, name: str) -> bool:
+        return False
+
+    def merge_chunk(self, name: str, inputs: dict[str, torch.Tensor], offset: int,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make `cls` available as ``method: cls.name`` in configs."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name) -> type[MergeMethod]:
+    """The method class registered under `name` (ConfigError listing the known ones)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"method: unknown merge method {name!r} "
+                          f"(known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def _load_builtin() -> None:
+    from . import safepatch_method  # noqa: F401 - registers itself
+
+    try:  # classic merges, where built (task arithmetic, TIES, DARE)
+        from . import classic  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.classic":
+            raise
+
+
+ChunkFn = Callable[[str, torch.Tensor, int], None]

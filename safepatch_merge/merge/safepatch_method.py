@@ -1,0 +1,213 @@
+"""The SafePatching merge as an engine method (DESIGN §1 "Controllable patching").
+
+Config section (docs/merge_config.md)::
+
+    patches:   {se: PATH, osm: PATH, format: full|delta, nonfinite: error|skip}
+    scores:    {se: PATH, osm: PATH}
+    parameters: {top_rate_se, top_rate_osm, alpha, beta, retention, rescale, mask_mode,
+                 granularity, seed}
+
+Either patch may be left out (SE-only / OSM-only ablations); scores are needed for every
+given patch unless mask_mode is ``none``. A tensor is patched by X iff it passes
+include/exclude and is in X's score directory (mode ``none``: every float tensor of the
+backbone that X's patch has). Thresholds: exact top-k per group over the scored tensors
+(``prepare``), then ``masked_merge`` per chunk.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..ops import MODES, masked_merge
+from ..select import GRANULARITIES, group_of
+from . import defaults
+from .config import check_keys, get_bool, get_choice, get_float, get_str
+from .methods import MergeMethod, register
+from .thresholds import compute_thresholds, selection_summary
+
+log = logging.getLogger("safepatch_merge.merge")
+
+PATCH_KEYS = ("se", "osm", "format", "nonfinite")
+SCORE_KEYS = ("se", "osm")
+PARAM_KEYS = ("top_rate_se", "top_rate_osm", "alpha", "beta", "retention", "rescale",
+              "mask_mode", "granularity", "seed")
+FLOAT_ST = ("F32", "BF16", "F16")
+SIDES = ("se", "osm")
+
+
+@register
+class SafepatchMethod(MergeMethod):
+    name = "safepatch"
+    config_keys = ("patches", "scores", "parameters")
+    card_tags = ("safepatch", "safety", "merge")
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        mp = cfg.method_params
+        pa = check_keys(mp.get("patches"), PATCH_KEYS, "patches")
+        sc = check_keys(mp.get("scores"), SCORE_KEYS, "scores")
+        pr = check_keys(mp.get("parameters"), PARAM_KEYS, "parameters")
+        if not pa.get("se") and not pa.get("osm"):
+            raise ConfigError("patches: give at least one of patches.se and patches.osm")
+        get_choice(pa, "format", defaults.PATCH_FORMAT, ("full", "delta"), "patches")
+        get_choice(pa, "nonfinite", defaults.NONFINITE_PATCH, ("error", "skip"), "patches")
+        for side in SIDES:
+            get_str(pa, side, "patches", required=False)
+            get_str(sc, side, "scores", required=False)
+        get_float(pr, "top_rate_se", defaults.TOP_RATE_SE, "parameters", 0.0, 1.0)
+        get_float(pr, "top_rate_osm", defaults.TOP_RATE_OSM, "parameters", 0.0, 1.0)
+        get_float(pr, "alpha", defaults.ALPHA, "parameters")
+        get_float(pr, "beta", defaults.BETA, "parameters")
+        p = get_float(pr, "retention", defaults.RETENTION, "parameters", 0.0, 1.0)
+        if get_bool(pr, "rescale", defaults.RESCALE, "parameters") and p == 0:
+            raise ConfigError("parameters.rescale: needs retention > 0 (it divides by retention)")
+        mode = get_choice(pr, "mask_mode", defaults.MASK_MODE, MODES, "parameters")
+        get_choice(pr, "granularity", defaults.GRANULARITY, GRANULARITIES, "parameters")
+        seed = pr.get("seed", defaults.SEED)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ConfigError(f"parameters.seed: expected a non-negative integer, got {seed!r}")
+        if mode != "none":
+            for side in SIDES:
+                if pa.get(side) and not sc.get(side):
+                    raise ConfigError(f"scores.{side}: required for patches.{side} with "
+                                      f"mask_mode {mode!r} (or use mask_mode: none)")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        mp = cfg.method_params
+        pa, sc, pr = mp.get("patches") or {}, mp.get("scores") or {}, mp.get("parameters") or {}
+        self.patch_src = {s: cfg.resolve(pa[s]) for s in SIDES if pa.get(s)}
+        self.mode = pr.get("mask_mode", defaults.MASK_MODE)
+        self.score_src = ({s: cfg.resolve(sc[s]) for s in SIDES if sc.get(s) and s in self.patch_src}
+                          if self.mode != "none" else {})
+        self.deltas = pa.get("format", defaults.PATCH_FORMAT) == "delta"
+        self.nonfinite = pa.get("nonfinite", defaults.NONFINITE_PATCH)
+        self.rate = {"se": float(pr.get("top_rate_se", defaults.TOP_RATE_SE)),
+                     "osm": float(pr.get("top_rate_osm", defaults.TOP_RATE_OSM))}
+        self.alpha = float(pr.get("alpha", defaults.ALPHA))
+        self.beta = float(pr.get("beta", defaults.BETA))
+        self.p = float(pr.get("retention", defaults.RETENTION))
+        self.rescale = bool(pr.get("rescale", defaults.RESCALE))
+        self.granularity = pr.get("granularity", defaults.GRANULARITY)
+        self.seed = int(pr.get("seed", defaults.SEED))
+        self.patched: dict[str, set[str]] = {s: set() for s in SIDES}
+        self.selections: dict[str, dict] = {}
+        self.thresholds: dict[str, dict[str, float]] = {s: {} for s in SIDES}
+        self.skipped_nonfinite: dict[str, int] = {}
+
+    def input_sources(self) -> dict[str, str]:
+        out = {f"patch_{s}": src for s, src in self.patch_src.items()}
+        out.update({f"scores_{s}": src for s, src in self.score_src.items()})
+        return out
+
+    def check_inputs(self, ckpts, selected) -> None:
+        base = ckpts["base"]
+        sel = set(selected)
+        for side in self.patch_src:
+            patch = ckpts[f"patch_{side}"]
+            scores = ckpts.get(f"scores_{side}")
+            if scores is not None:
+                for name, info in scores.tensors.items():
+                    b = base.tensors.get(name)
+                    where = f"scores_{side} {scores.source}: tensor {name!r}"
+                    if b is None:
+                        raise CheckpointError(f"{where} is not in the backbone")
+                    if info.shape != b.shape:
+                        raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
+                                              f"backbone's is {list(b.shape)}")
+                    if info.dtype not in FLOAT_ST:
+                        raise CheckpointError(f"{where} has dtype {info.dtype}; scores must be "
+                                              "F32, BF16 or F16")
+                names = [n for n in base.tensors if n in scores.tensors and n in sel]
+            else:  # mask_mode none: every float tensor the patch has
+                names = [n for n in base.tensors if n in sel and n in patch.tensors]
+            for name in names:
+                b = base.tensors[name]
+                where = f"patch_{side} {patch.source}: tensor {name!r}"
+                if b.dtype not in FLOAT_ST:
+                    if scores is None:
+                        continue
+                    raise CheckpointError(f"backbone {base.source}: tensor {name!r} has dtype "
+                                          f"{b.dtype} but is scored in scores_{side}")
+                info = patch.tensors.get(name)
+                if info is None:
+                    raise CheckpointError(f"{where} is missing" + (
+                        f" (it is scored in scores_{side})" if scores is not None else ""))
+                if info.shape != b.shape:
+                    raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
+                                          f"backbone's is {list(b.shape)}")
+                if info.dtype not in FLOAT_ST:
+                    raise CheckpointError(f"{where} has dtype {info.dtype} but the backbone's is "
+                                          f"{b.dtype} (patches must be F32, BF16 or F16)")
+                self.patched[side].add(name)
+
+    def roles_for(self, name: str) -> tuple[str, ...]:
+        roles = []
+        for side in SIDES:
+            if name in self.patched[side]:
+                roles.append(f"patch_{side}")
+                if self.mode != "none":
+                    roles.append(f"scores_{side}")
+        return tuple(roles)
+
+    def prepare(self, ctx) -> None:
+        if self.mode == "none":
+            return
+        for side in self.patch_src:
+            names = [n for n in ctx.ckpts["base"].tensors if n in self.patched[side]]
+            sel = compute_thresholds(ctx, f"scores_{side}", names, self.rate[side],
+                                     self.granularity)
+            self.selections[side] = selection_summary(sel)
+            self.thresholds[side] = {g: s.threshold for g, s in sel.items()}
+
+    def _threshold(self, side: str, name: str) -> float:
+        if self.mode == "none" or name not in self.patched[side]:
+            return math.inf
+        return self.thresholds[side].get(group_of(name, self.granularity), math.inf)
+
+    def _check_finite(self, side: str, name: str, inputs: dict, offset: int) -> None:
+        patch = inputs[f"patch_{side}"]
+        finite = torch.isfinite(patch)
+        if bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        src = self.patch_src[side]
+        if self.nonfinite == "error":
+            first = offset + int(torch.nonzero(~finite)[0])
+            raise CheckpointError(f"patch_{side} {src}: tensor {name!r} has {bad} NaN/Inf "
+                                  f"values (first at element {first}); set patches.nonfinite: "
+                                  "skip to keep the backbone's values there")
+        if name not in self.skipped_nonfinite:
+            log.warning("patch_%s %s: tensor %r has NaN/Inf values; those elements keep the "
+                        "backbone's values", side, src, name)
+        self.skipped_nonfinite[name] = self.skipped_nonfinite.get(name, 0) + bad
+        fill = torch.zeros_like(patch) if self.deltas else inputs["base"].to(patch.dtype)
+        torch.where(finite, patch, fill, out=patch)
+
+    def merge_chunk(self, name, inputs, offset, out_dtype):
+        for side in SIDES:
+            if name in self.patched[side]:
+                self._check_finite(side, name, inputs, offset)
+        return masked_merge(
+            inputs["base"], inputs.get("patch_se"), inputs.get("patch_osm"),
+            inputs.get("scores_se"), inputs.get("scores_osm"),
+            t_se=self._threshold("se", name), t_osm=self._threshold("osm", name),
+            mode=self.mode, alpha=self.alpha, beta=self.beta, p=self.p, rescale=self.rescale,
+            seed=self.seed, name=name, offset=offset, patches_are_deltas=self.deltas,
+            out_dtype=out_dtype)
+
+    def summary(self) -> dict:
+        return {
+            "parameters": {"top_rate_se": self.rate["se"], "top_rate_osm": self.rate["osm"],
+                           "alpha": self.alpha, "beta": self.beta, "retention": self.p,
+                           "rescale": self.rescale, "mask_mode": self.mode,
+                           "granularity": self.granularity, "seed": self.seed,
+                           "patch_format": "delta" if self.deltas else "full",
+                           "nonfinite": self.nonfinite},
+            "patched_tensors": {s: len(self.patched[s]) for s in SIDES if s in self.patch_src},
+            "selection": self.selections,
+            "nonfinite_skipped": dict(sorted(self.skipped_nonfinite.items())),
+        }

@@ -1,0 +1,134 @@
+"""Exact selection thresholds of a score directory, computed streaming in fixed memory.
+
+Digit-0 histograms come from the score directory's ``histograms.safetensors`` (SCORE_DIR.md)
+where it covers a tensor with the right element count, else they are computed by streaming
+the scores (and cached in the merge's work directory, never in the input). Each tensor's
+histogram is validated (negative, NaN or inf scores: an error naming the tensor), summed per
+group, and one streaming refinement pass over the groups' scores finds the exact thresholds
+(no pass at all when every score is bfloat16).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import CheckpointError
+from ..io.checkpoint import HISTOGRAMS_FILE, Checkpoint
+from ..io.safetensors_header import read_header
+from ..ops import NUM_BINS, radix_histogram
+from ..select import InvalidScoresError, Selection, ThresholdPlan, check_histogram, group_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import EngineContext
+
+
+def _read_small(path: Path, start: int, end: int) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise CheckpointError(f"{path}: truncated")
+    return torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
+
+
+def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """{name: int64 (65536,) digit-0 histogram} for `names` of score checkpoint `role`."""
+    ck: Checkpoint = ctx.ckpts[role]
+    out: dict[str, torch.Tensor] = {}
+    hist_path = ck.root / HISTOGRAMS_FILE
+    if hist_path.is_file():
+        h = read_header(hist_path)
+        for name in names:
+            info = h.tensors.get(name)
+            if info is None or info.dtype != "I64" or info.shape != (NUM_BINS,):
+                continue
+            hist = _read_small(hist_path, info.start, info.end)
+            if int(hist.sum()) == ck.tensors[name].numel:
+                out[name] = hist
+    cache = ctx.work_dir / f"hist0_{role}.safetensors" if ctx.work_dir is not None else None
+    missing = [n for n in names if n not in out]
+    if missing and cache is not None and cache.is_file():
+        from safetensors.torch import load_file
+
+        cached = load_file(cache)
+        for n in missing:
+            if n in cached and int(cached[n].sum()) == ck.tensors[n].numel:
+                out[n] = cached[n]
+        missing = [n for n in names if n not in out]
+    if missing:
+        acc = {n: torch.zeros(NUM_BINS, dtype=torch.int64) for n in missing}
+
+        def add(name, chunk, offset):
+            acc[name] += radix_histogram(chunk, 0, 0).to("cpu")
+
+        ctx.stream(role, missing, add, desc=f"histograms {role}")
+        out.update(acc)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            prev = {}
+            if cache.is_file():
+                from safetensors.torch import load_file
+                prev = load_file(cache)
+            save_file({**prev, **acc}, str(cache))
+    return out
+
+
+def compute_thresholds(ctx: "EngineContext", role: str, names: list[str], rate: float,
+                       granularity: str) -> dict[str, Selection]:
+    """{group: Selection} for top rate `rate` over tensors `names` of score checkpoint `role`.
+    Raises CheckpointError naming the tensor for negative / NaN / inf scores."""
+    ck: Checkpoint = ctx.ckpts[role]
+    cache_file = ctx.work_dir / "thresholds.json" if ctx.work_dir is not None else None
+    key = json.dumps([role, repr(float(rate)), granularity, names])
+    if cache_file is not None and cache_file.is_file():
+        cached = json.loads(cache_file.read_text()).get(key)
+        if cached is not None:
+            return {g: Selection(float(v[0]), *v[1:]) for g, v in cached.items()}
+    hist0 = load_histograms(ctx, role, names)
+    groups: dict[str, list[str]] = {}
+    totals: dict[str, torch.Tensor] = {}
+    for name in names:
+        try:
+            check_histogram(name, hist0[name])
+        except InvalidScoresError as e:
+            raise CheckpointError(f"{role} {ck.source}: {e}") from None
+        g = group_of(name, granularity)
+        groups.setdefault(g, []).append(name)
+        totals[g] = totals.get(g, torch.zeros(NUM_BINS, dtype=torch.int64)) + hist0[name]
+    del hist0
+    bf16 = bool(names) and all(ck.tensors[n].dtype == "BF16" for n in names)
+    # Histograms were validated per tensor above; the plan sees one summed histogram per group.
+    plan = ThresholdPlan(rate, {g: [g] for g in groups}, totals, low_digit_zero=bf16)
+    pending = plan.pending()
+    if pending:
+        todo = [n for g in pending for n in groups[g]]
+        prefix = {n: pending[g] for g in pending for n in groups[g]}
+        gname = {n: g for g in pending for n in groups[g]}
+        order = [n for n in ck.tensors if n in prefix]  # file order
+        assert len(order) == len(todo)
+
+        def add(name, chunk, offset):
+            plan.add_refinement(gname[name], radix_histogram(chunk, prefix[name], 1).to("cpu"))
+
+        ctx.stream(role, order, add, desc=f"thresholds {role}")
+    res = plan.result()
+    if cache_file is not None:
+        allc = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        allc[key] = {g: [s.threshold, s.k, s.n, s.selected] for g, s in res.items()}
+        cache_file.write_text(json.dumps(allc))
+    return res
+
+
+def selection_summary(sel: dict[str, Selection]) -> dict:
+    """JSON-ready {group: {threshold, k, n, selected, density}} plus overall density."""
+    out = {g: {"threshold": (s.threshold if math.isfinite(s.threshold) else "inf"), "k": s.k,
+               "n": s.n, "selected": s.selected, "density": s.density}
+           for g, s in sorted(sel.items())}
+    n = sum(s.n for s in sel.values())
+    return {"groups": out, "selected": sum(s.selected for s in sel.values()), "n": n,
+            "density": (sum(s.selected for s in sel.values()) / n) if n else 0.0}
