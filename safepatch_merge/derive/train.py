@@ -204,6 +204,8 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
     cfg.validate()
     backbone = check_model_dir(Path(backbone).resolve(), "backbone")
     out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} exists; pass --overwrite to replace it")
     tok = load_tokenizer(backbone, chat_template=cfg.chat_template)
     pairs = load_pairs(data, cfg.prompt_field, cfg.response_field, cfg.hf_split, cfg.limit)
     train_pairs, held_pairs = split_by_prompt(pairs, cfg.heldout, cfg.seed)

@@ -1,0 +1,84 @@
+"""`safepatch score`: saliency of a patch — SNIP |θ_X ⊙ ∇L(D_s)| at the patched model (or the
+magnitude |θ_X − θ|) — written as a score directory the merge engine reads.
+API twin: safepatch_merge.score.api.score_patch."""
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG = """examples:
+  # SNIP on the harmful responses (the default loss), fp32 scores
+  safepatch score patches/se --data harmful_pairs.jsonl -o scores/se
+  safepatch score patches/osm --data harmful_pairs.jsonl -o scores/osm
+
+  # a LoRA adapter (scored over the merged weight), prompt-only NLL, on the GPU
+  safepatch score patches/osm/adapter --backbone ./model --data pairs.jsonl \\
+      --loss prompt_nll --device cuda -o scores/osm
+
+  # magnitude |θ_X − θ| (no data, no gradients)
+  safepatch score patches/se --backbone ./model --loss magnitude -o scores/se_mag
+
+Output: safetensors shards of scores under the model's tensor names (float32 unless
+--score-dtype), histograms.safetensors (digit-0 radix histograms) and score_info.json.
+SNIP adds the signed products θ⊙∇L_b, weighted by each batch's share of the set, and takes
+|·| once at the end: the number plain autograd gives over the whole set, whatever the batch
+size. --accumulation abs_per_batch sums |θ⊙∇L_b| instead (a different, batch-size-dependent
+score). The backbone defaults to the one recorded in the patch's derive_record.json."""
+
+
+def add_parser(sub) -> None:
+    from ..score.api import LOSSES, SPLITS
+    from ..score.snip import ACCUMULATIONS
+
+    p = sub.add_parser("score", help="saliency scores of a patch (SNIP or magnitude)",
+                       description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("patch", help="patched model directory, or a LoRA adapter directory")
+    p.add_argument("--data", help="scoring pairs (.jsonl/.json/.csv or dataset name)")
+    p.add_argument("-o", "--out", required=True, help="score directory to write")
+    p.add_argument("--backbone", help="unpatched model (adapter base; magnitude); default "
+                   "from the patch's derive_record.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--loss", choices=LOSSES, default="response_nll")
+    p.add_argument("--accumulation", choices=ACCUMULATIONS, default="signed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--limit", type=int, help="score on the first N pairs (after --split)")
+    p.add_argument("--split", choices=SPLITS, default="all",
+                   help="all pairs, or derive's train/heldout part (same --heldout/--seed)")
+    p.add_argument("--heldout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--system-prompt")
+    p.add_argument("--chat-template")
+    p.add_argument("--dtype", default="auto", help="load the model as auto|float32|bfloat16|float16")
+    p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--exclude", help="regex of tensor names not to score (kept unpatched)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"),
+                   help="ops backend for saliency accumulation and histograms")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..ops import set_backend
+    from ..score.api import ScoreConfig, score_patch
+
+    if args.backend:
+        set_backend(args.backend)
+    cfg = ScoreConfig(
+        loss=args.loss, accumulation=args.accumulation, batch_size=args.batch_size,
+        max_length=args.max_length, limit=args.limit, split=args.split, heldout=args.heldout,
+        seed=args.seed, prompt_field=args.prompt_field, response_field=args.response_field,
+        hf_split=args.hf_split, system_prompt=args.system_prompt,
+        chat_template=args.chat_template, dtype=args.dtype, score_dtype=args.score_dtype,
+        device=args.device, exclude=args.exclude, max_shard_size=args.max_shard_size)
+    info = score_patch(args.patch, args.out, args.data, args.backbone, cfg,
+                       overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps({"out": args.out, "loss": info["loss"], "tensors": info["tensors"],
+                      "num_batches": info["num_batches"]}))
+    return 0

@@ -1,0 +1,1 @@
+"""Saliency scoring (SNIP, magnitude) and score directories."""

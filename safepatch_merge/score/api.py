@@ -1,0 +1,162 @@
+"""`score_patch`: the Python twin of `safepatch score` — saliency of a patch, as a score directory.
+
+Loads the patched model (full checkpoint, or LoRA adapter merged into its backbone so scores
+are over the merged weight), the scoring set (same loader, template and split as derive), runs
+SNIP (or magnitude) and writes the directory the merge engine reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..derive.dataset import data_identity, load_pairs, render_pairs, split_by_prompt
+from ..derive.record import versions, weights_sha256
+from ..errors import ConfigError, DataError
+from ..models.loading import (adapter_base_path, check_model_dir, is_adapter_dir, load_patched_model,
+                              load_tokenizer)
+from .scoredir import SCORE_DTYPES, write_score_dir
+from .snip import ACCUMULATIONS, checkpoint_tensor_names, magnitude_scores, scored_parameters, snip_scores
+
+log = logging.getLogger("safepatch_merge.score")
+
+LOSSES = ("response_nll", "prompt_nll", "magnitude")
+SPLITS = ("all", "train", "heldout")
+
+
+@dataclass
+class ScoreConfig:
+    """Options of one scoring run.
+
+    loss: response_nll (default) | prompt_nll | magnitude (|θ_X − θ|, needs the backbone).
+    split: which part of the data scores — all, or the train / heldout part of derive's split
+    by prompt (same `heldout` fraction and `seed` give the same parts).
+    dtype: dtype the patched model is loaded in ('auto' = as stored). score_dtype: stored dtype.
+    exclude: regex of tensor names not to score (they are then not patched by the merge).
+    """
+
+    loss: str = "response_nll"
+    accumulation: str = "signed"
+    batch_size: int = 8
+    max_length: int = 512
+    limit: int | None = None
+    split: str = "all"
+    heldout: float = 0.1
+    seed: int = 0
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    hf_split: str = "train"
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    dtype: str = "auto"
+    score_dtype: str = "float32"
+    device: str = "auto"
+    exclude: str | None = None
+    max_shard_size: str = "2GB"
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.accumulation not in ACCUMULATIONS:
+            raise ConfigError(f"accumulation must be signed or abs_per_batch, got {self.accumulation!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ConfigError(f"score dtype must be one of {', '.join(SCORE_DTYPES)}")
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError("batch_size must be >= 1 and max_length >= 2")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _backbone_from_record(patch: Path) -> str | None:
+    rec = patch / "derive_record.json"
+    if rec.is_file():
+        return json.loads(rec.read_text()).get("backbone")
+    if is_adapter_dir(patch):
+        return adapter_base_path(patch)
+    return None
+
+
+def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = None,
+                backbone: str | Path | None = None, config: ScoreConfig | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Score a patched model and write the score directory at `out`; returns score_info.
+
+    patch: patched model directory (full checkpoint) or LoRA adapter directory.
+    data: harmful pairs (JSONL/JSON/CSV or dataset name); not needed for loss 'magnitude'.
+    backbone: the unpatched model; defaults to the one in the patch's derive_record.json (or
+    the adapter's base). Needed for adapters and for 'magnitude'.
+    """
+    cfg = config or ScoreConfig()
+    cfg.validate()
+    patch = Path(patch)
+    if not patch.is_dir():
+        raise ConfigError(f"patched model directory not found: {patch}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} exists; pass --overwrite to replace it")
+    backbone = backbone or _backbone_from_record(patch)
+    if backbone is not None:
+        backbone = check_model_dir(backbone, "backbone")
+    adapter = is_adapter_dir(patch)
+    if adapter and backbone is None:
+        raise ConfigError(f"{patch} is a LoRA adapter that names no base model; pass --backbone")
+    device = _resolve_device(cfg.device)
+
+    info = {"patch": str(patch.resolve()), "backbone": str(backbone) if backbone else None,
+            "loss": cfg.loss, "accumulation": cfg.accumulation if cfg.loss != "magnitude" else None}
+    if cfg.loss == "magnitude":
+        if backbone is None:
+            raise ConfigError("loss magnitude needs the backbone (|θ_X − θ|); pass --backbone")
+        if adapter:
+            model, weights_dir = load_patched_model(patch, backbone, "float32", "cpu")
+            names = checkpoint_tensor_names(weights_dir)
+            params = scored_parameters(model, names, cfg.exclude, f"backbone {weights_dir}")
+            scores = magnitude_scores(dict(params), None, backbone, list(params))
+        else:
+            names = checkpoint_tensor_names(patch)
+            pat = re.compile(cfg.exclude) if cfg.exclude else None
+            keep = [n for n in names if not (pat and pat.search(n))]
+            scores = magnitude_scores(None, patch, backbone, keep)
+        info.update(data=None, num_batches=0)
+    else:
+        if data is None:
+            raise ConfigError(f"loss {cfg.loss} needs scoring data; pass --data")
+        model, weights_dir = load_patched_model(patch, backbone, cfg.dtype, device)
+        tok_dir = patch if (patch / "tokenizer_config.json").is_file() else weights_dir
+        tok = load_tokenizer(tok_dir, chat_template=cfg.chat_template)
+        pairs = load_pairs(data, cfg.prompt_field, cfg.response_field, cfg.hf_split)
+        if cfg.split != "all":
+            tr, he = split_by_prompt(pairs, cfg.heldout, cfg.seed)
+            pairs = tr if cfg.split == "train" else he
+        if cfg.limit is not None:
+            pairs = pairs[: cfg.limit]
+        examples, dropped = render_pairs(pairs, tok, cfg.max_length, cfg.system_prompt)
+        if not examples:
+            raise DataError(f"{data}: no scoring example fits max_length={cfg.max_length}")
+        where = f"backbone {weights_dir}" if adapter else f"patch {patch}"
+        params = scored_parameters(model, checkpoint_tensor_names(weights_dir), cfg.exclude, where)
+        scores, nb = snip_scores(model, examples, tok.pad_token_id, params, cfg.loss,
+                                 cfg.batch_size, cfg.accumulation, progress)
+        info.update(data={**data_identity(data), "num_examples": len(examples),
+                          "split": cfg.split, "dropped_too_long": dropped},
+                    num_batches=nb)
+    info["patch_sha256"] = weights_sha256(patch)
+    info["patch_kind"] = "lora_merged" if adapter else "full"
+    info["options"] = asdict(cfg)
+    info["versions"] = versions()
+    write_score_dir(out, scores, info, cfg.score_dtype, cfg.max_shard_size, overwrite)
+    return json.loads((out / "score_info.json").read_text())

@@ -1,0 +1,223 @@
+"""SNIP saliency at the patched model, one gradient in memory at a time (DESIGN §1-§2).
+
+S = |θ_X ⊙ ∇_θ L(θ_X; D_s)| with L the mean over the scoring set of per-example mean token
+NLL. For batches b of n_b examples out of N, L = Σ_b (n_b/N)·L_b with L_b the batch's mean, so
+each parameter's post-accumulate-grad hook adds (n_b/N)·θ ⊙ ∇L_b into an fp32 buffer with the
+fused `saliency_accumulate_` op and frees the gradient at once; |·| is taken once at the end.
+Peak memory: model + score buffers + activations + one gradient, never all gradients.
+
+`accumulation="abs_per_batch"` sums (n_b/N)·|θ ⊙ ∇L_b| instead: a different, batch-size-
+dependent score, offered only as a named option.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, DataError
+from ..ops import saliency_accumulate_, saliency_finalize_
+from ..derive.dataset import PairCollator, RenderedExample
+from ..derive.loss import per_example_nll
+
+ACCUMULATIONS = ("signed", "abs_per_batch")
+LOSS_TARGET = {"response_nll": "response", "prompt_nll": "prompt"}
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> dict[str, tuple]:
+    """{tensor name: shape} of a safetensors checkpoint directory (headers only)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{d} has no .safetensors files")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = tuple(h.get_slice(k).get_shape())
+    return out
+
+
+def scored_parameters(model, ckpt_names: dict[str, tuple], exclude: str | None = None,
+                      where: str = "checkpoint") -> dict[str, torch.nn.Parameter]:
+    """{checkpoint tensor name: parameter} for every floating parameter of `model`, named as it
+    is stored (a tied parameter appears once, under its stored name), minus names matching the
+    `exclude` regex. Raises CheckpointError if a parameter has no stored name or shape differs."""
+    names_of: dict[int, list] = {}
+    param_of: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        param_of[id(p)] = p
+    pat = re.compile(exclude) if exclude else None
+    out = {}
+    for pid, names in names_of.items():
+        p = param_of[pid]
+        if not p.is_floating_point():
+            continue
+        stored = [n for n in names if n in ckpt_names]
+        if not stored:
+            raise CheckpointError(f"parameter {names[0]} of the loaded model is not among the "
+                                  f"tensors of {where}")
+        name = stored[0]
+        if tuple(p.shape) != ckpt_names[name]:
+            raise CheckpointError(f"tensor {name}: model shape {tuple(p.shape)} but {where} "
+                                  f"stores {ckpt_names[name]}")
+        if pat is not None and pat.search(name):
+            continue
+        out[name] = p
+    if not out:
+        raise CheckpointError(f"no tensor of {where} is left to score (check --exclude)")
+    return out
+
+
+class SnipAccumulator:
+    """fp32 score buffers plus one post-accumulate-grad hook per scored parameter.
+
+    Set `scale` before each backward (n_b/N). Each hook adds scale·θ⊙grad (or its absolute
+    value for abs_per_batch) into the parameter's buffer and sets `.grad = None`, so no
+    gradient outlives its hook. Use as a context manager (hooks removed on exit).
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], accumulation: str = "signed"):
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
+        self.params = params
+        self.accumulation = accumulation
+        self.scale = 1.0
+        self.scores = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                       for n, p in params.items()}
+        self.fired: Counter = Counter()
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n))
+                         for n, p in params.items()]
+
+    def _hook(self, name: str):
+        score = self.scores[name]
+
+        def hook(p: torch.Tensor) -> None:
+            with torch.no_grad():
+                w, g = p.detach().contiguous(), p.grad.contiguous()
+                if self.accumulation == "signed":
+                    saliency_accumulate_(score, w, g, self.scale)
+                else:
+                    score.add_((w.float() * g.float()).abs_(), alpha=self.scale)
+            p.grad = None  # free this gradient now: one gradient alive at a time
+            self.fired[name] += 1
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Remove hooks; take |·| of signed sums in place; return {name: fp32 score}."""
+        self.remove()
+        if self.accumulation == "signed":
+            for s in self.scores.values():
+                saliency_finalize_(s)
+        return self.scores
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
+                params: dict[str, torch.nn.Parameter], loss: str = "response_nll",
+                batch_size: int = 8, accumulation: str = "signed", progress: bool = False
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """SNIP scores of `params` (from :func:`scored_parameters`) over the scoring set.
+
+    model: a causal LM whose parameters are θ_X (any float dtype), on its device.
+    examples: the scoring set D_s (rendered); loss: 'response_nll' or 'prompt_nll'.
+    Returns ({name: float32 score, shape of the parameter}, number of batches).
+    Raises DataError on an empty set and CheckpointError on a non-finite loss.
+    """
+    if loss not in LOSS_TARGET:
+        raise ValueError(f"loss must be one of {tuple(LOSS_TARGET)}, got {loss!r}")
+    if not examples:
+        raise DataError("the scoring set is empty")
+    collate = PairCollator(pad_token_id, LOSS_TARGET[loss])
+    if loss == "prompt_nll" and any(e.prompt_len < 2 for e in examples):
+        raise DataError("prompt_nll needs prompts of at least 2 tokens")
+    N = len(examples)
+    device = next(iter(params.values())).device
+    wanted = {id(p) for p in params.values()}
+    was_training = model.training
+    model.eval()  # no dropout: the score is a property of θ_X, not of a random mask
+    saved_rg = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+        p.grad = None
+    batches = [examples[i:i + batch_size] for i in range(0, N, batch_size)]
+    from tqdm.auto import tqdm
+
+    try:
+        with SnipAccumulator(params, accumulation) as acc:
+            for bi, chunk in enumerate(tqdm(batches, disable=not progress, desc="score", unit="batch")):
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                acc.scale = len(chunk) / N
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+                lb = per_example_nll(logits, batch["labels"]).mean()
+                if not math.isfinite(float(lb.detach())):
+                    raise CheckpointError(f"the patched model's {loss} is not finite on scoring "
+                                          f"batch {bi} (a diverged patch?)")
+                del logits
+                lb.backward()
+                # A parameter outside the loss's graph gets no hook call: its gradient is 0.
+                kept = next((n for n, p in params.items() if p.grad is not None), None)
+                if kept is not None:
+                    raise RuntimeError(f"gradient of {kept} survived its saliency hook")
+            scores = acc.finalize()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved_rg[id(p)])
+        model.train(was_training)
+    return scores, len(batches)
+
+
+def magnitude_scores(patched: dict[str, torch.Tensor] | None, patched_dir: str | Path | None,
+                     backbone_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """|θ_X − θ| per tensor in fp32 (the `magnitude` score; no gradients).
+
+    patched: in-memory tensors by stored name (e.g. a merged LoRA model's state dict), or
+    None to read them from `patched_dir`'s safetensors. The backbone is read from its files.
+    """
+    from safetensors import safe_open
+
+    def locate(d):
+        loc = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    loc[k] = f
+        return loc
+
+    base_loc = locate(backbone_dir)
+    patch_loc = locate(patched_dir) if patched is None else None
+    out = {}
+    for n in names:
+        if n not in base_loc:
+            raise CheckpointError(f"tensor {n} is not in backbone {backbone_dir}")
+        with safe_open(str(base_loc[n]), framework="pt") as h:
+            b = h.get_tensor(n)
+        if patched is not None:
+            x = patched[n].detach().cpu()
+        else:
+            with safe_open(str(patch_loc[n]), framework="pt") as h:
+                x = h.get_tensor(n)
+        if x.shape != b.shape:
+            raise CheckpointError(f"tensor {n}: patch shape {tuple(x.shape)} but backbone "
+                                  f"{tuple(b.shape)}")
+        out[n] = (x.to(torch.float32) - b.to(torch.float32)).abs_()
+    return out
