@@ -19,16 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .floats import score_keys
+
 NUM_BINS = 1 << 16
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_LAUNCH = 1 << 30  # elements per launch: bounds every int32 counter below 2^31
 
-
-@triton.jit
-def score_keys(x):
-    """uint32 selection keys of a score tensor (any float dtype): bits of fp32(x), -0 -> 0."""
-    key = x.to(tl.float32).to(tl.uint32, bitcast=True)
-    return tl.where(key == 0x80000000, tl.zeros_like(key), key)
+__all__ = ["NUM_BINS", "radix_histogram", "default_copies", "score_keys"]
 
 
 @triton.jit

@@ -13,8 +13,8 @@ Every input is read once (patch values only where applied), arithmetic is fp32 r
 each load (the interpreter mis-computes bf16 arithmetic), scores are compared through their
 uint32 keys only, and FMA contraction is off, so values are bit-identical to the reference.
 A program handles a [ROWS, 4] tile whose rows are whole Philox counter blocks: one Philox
-evaluation per patch per four elements. Rounding to bf16/fp16 is done with integer ops (the
-interpreter's own float narrowing does not round to nearest even).
+evaluation per patch per four elements. Widening and narrowing use floats.py (exact in the
+interpreter too).
 """
 from __future__ import annotations
 
@@ -22,44 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .histogram import score_keys
+from .floats import narrow, score_keys, to_f32
 from .philox import as_i32, pick_word, retention_block_words
 
 MODE_DIFFERENCE, MODE_INTERSECTION, MODE_TOPK, MODE_NONE = 0, 1, 2, 3
 KEEP_ALL = 1 << 32  # keep_threshold meaning p == 1: nothing drawn
 INF_KEY = 0x7F800000
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def f32_to_bf16_rne(x):
-    """fp32 -> bf16, round to nearest even (NaN -> 0x7FC0, like torch on CPU)."""
-    u = x.to(tl.uint32, bitcast=True)
-    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    r = tl.where(x != x, 0x7FC0, r)
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def f32_to_f16_rne(x):
-    """fp32 -> fp16, round to nearest even with subnormals (NaN -> sign | 0x7E00, like torch)."""
-    u = x.to(tl.uint32, bitcast=True)
-    sign = (u >> 16) & 0x8000
-    a = u & 0x7FFFFFFF
-    # Normal fp16 range (|x| >= 2^-14): rebias the exponent (127 -> 15), round at bit 13.
-    nrm = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-    # Subnormal range: value / 2^-24 = mant24 * 2^(e - 126); shift right by s = 126 - e.
-    e = (a >> 23).to(tl.int32)
-    s = tl.minimum(tl.maximum(126 - e, 1), 25).to(tl.uint32)
-    m = (a & 0x7FFFFF) | 0x800000
-    q = m >> s
-    t = m >> (s - 1)  # q * 2 + the rounding bit
-    sticky = (m - (t << (s - 1))) != 0
-    sub = q + ((t & 1) & (sticky.to(tl.uint32) | (q & 1)))
-    h = tl.where(a >= 0x38800000, nrm, sub)
-    h = tl.where(a >= 0x477FF000, 0x7C00, h)  # >= 65520 rounds to inf
-    h = tl.where(a > 0x7F800000, 0x7E00, h)
-    return (h | sign).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -84,7 +53,7 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
     valid = (i >= 0) & (i < n)
     none = tl.zeros([ROWS, 4], tl.int1)
 
-    b = tl.load(base_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    b = to_f32(tl.load(base_ptr + i, mask=valid, other=0.0))
     if HAS_SE:
         if MODE == 3:
             in_se = valid
@@ -116,7 +85,7 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
         if DRAW:
             w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 0)
             a_se = a_se & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = tl.load(pse_ptr + i, mask=a_se, other=0.0).to(tl.float32)
+        d = to_f32(tl.load(pse_ptr + i, mask=a_se, other=0.0))
         if not DELTAS:
             d = d - b
         acc = tl.where(a_se, acc + c_se * d, acc)
@@ -127,20 +96,14 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
         if DRAW:
             w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 1)
             a_osm = a_osm & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = tl.load(posm_ptr + i, mask=a_osm, other=0.0).to(tl.float32)
+        d = to_f32(tl.load(posm_ptr + i, mask=a_osm, other=0.0))
         if not DELTAS:
             d = d - b
         acc = tl.where(a_osm, acc + c_osm * d, acc)
     else:
         a_osm = none
 
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        o = f32_to_bf16_rne(acc)
-    elif out_ptr.dtype.element_ty == tl.float16:
-        o = f32_to_f16_rne(acc)
-    else:
-        o = acc
-    tl.store(out_ptr + i, o, mask=valid)
+    tl.store(out_ptr + i, narrow(acc, out_ptr.dtype.element_ty), mask=valid)
     if MASKS:
         tl.store(mse_ptr + i, a_se.to(tl.uint8), mask=valid)
         tl.store(mosm_ptr + i, a_osm.to(tl.uint8), mask=valid)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .floats import to_f32
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -19,9 +21,9 @@ def _saliency_kernel(score_ptr, w_ptr, g_ptr, n, scale, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    # Cast right after each load: the interpreter mis-computes bf16 arithmetic.
-    w = tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+    # Widen right after each load (exactly: floats.to_f32); never compute in bf16.
+    w = to_f32(tl.load(w_ptr + i, mask=m, other=0.0))
+    g = to_f32(tl.load(g_ptr + i, mask=m, other=0.0))
     s = tl.load(score_ptr + i, mask=m, other=0.0)
     prod = w * g
     tl.store(score_ptr + i, s + prod * scale, mask=m)
