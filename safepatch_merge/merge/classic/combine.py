@@ -45,23 +45,49 @@ class Term:
     patch_id: int = 0
 
 
-def sparse_delta(base32: torch.Tensor, x: torch.Tensor, term: Term, *, seed: int, name: str,
-                 offset: int) -> torch.Tensor | None:
-    """float32 s_i = (θ_i − θ_base) ⊙ keep_i · factor_i of one flat chunk; None if nothing kept.
+def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: float,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool (n,) DARE keep mask of elements offset.. of tensor `name`: the Philox4x32-10
+    retention stream of DESIGN §1 (ops.retention_mask), drawn in blocks to bound scratch
+    memory, by the C++ kernel where the extension serves this device."""
+    thr = ops.keep_threshold(p)
+    if thr >= 1 << 32:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    words = _cpp_words(device)
+    for s in range(0, n, _PHILOX_BLOCK):
+        m = min(_PHILOX_BLOCK, n - s)
+        if words is not None:
+            out[s:s + m] = words(offset + s, m, seed, name, patch_id) < thr
+        else:
+            out[s:s + m] = ops.retention_mask(m, offset + s, seed, name, patch_id, p,
+                                              device=device)
+    return out
 
-    base32: float32 (n,); x: (n,) float32/bfloat16/float16; offset: the chunk's first element
-    within the tensor (the Philox counter)."""
-    if term.keep == KEEP_NONE:
+
+_PHILOX_BLOCK = 1 << 20
+
+
+def _cpp_words(device):
+    if torch.device(device).type != "cpu" or ops.backend_for(device)[0] != "cpp":
         return None
-    d = torch.sub(x, base32)  # promotes to float32: the delta of the exact input values
+    from ...ops import cpp_backend
+
+    return cpp_backend.philox_words
+
+
+def sparsify_(d: torch.Tensor, term: Term, *, seed: int, name: str, offset: int) -> torch.Tensor:
+    """In place on a flat float32 delta chunk: d ⊙ keep · factor (mergekit multiplies by the
+    0/1 mask, so dropped entries become ±0 exactly as there). offset: the chunk's first
+    element within the tensor (the Philox counter). Returns d."""
     if term.keep == KEEP_TRIM:
         ad = d.abs()
         keep = (ad >= term.threshold) if term.threshold > 0 else (ad > 0)
         del ad
         d.mul_(keep)
     elif term.keep == KEEP_RANDOM:
-        d.mul_(ops.retention_mask(d.numel(), offset, seed, name, term.patch_id, term.density,
-                                  device=d.device))
+        d.mul_(retention_keep(d.numel(), offset, seed, name, term.patch_id, term.density,
+                              device=d.device))
     if term.factor != 1.0:
         d.mul_(torch.tensor(term.factor, dtype=torch.float32))
     return d
@@ -71,29 +97,39 @@ def combine_chunk(base: torch.Tensor, xs: list[torch.Tensor], terms: list[Term],
                   consensus: bool, normalize: bool, lam: float, out_dtype: torch.dtype,
                   seed: int = 0, name: str = "", offset: int = 0) -> torch.Tensor:
     """Merged values of one chunk. base, xs[i]: same number of elements (any shape; flat
-    row-major order is what `offset` counts); returns a tensor of base's shape in out_dtype."""
-    shape = base.shape
+    row-major order is what `offset` counts), float32/bfloat16/float16; returns a tensor of
+    base's shape in out_dtype."""
     b = base.reshape(-1).to(torch.float32)
+    deltas = (None if t.keep == KEEP_NONE else torch.sub(x.reshape(-1), b)  # float32 delta
+              for x, t in zip(xs, terms))
+    return combine_deltas(b, deltas, terms, consensus=consensus, normalize=normalize, lam=lam,
+                          out_dtype=out_dtype, seed=seed, name=name, offset=offset
+                          ).reshape(base.shape)
+
+
+def combine_deltas(b: torch.Tensor, deltas, terms: list[Term], *, consensus: bool,
+                   normalize: bool, lam: float, out_dtype: torch.dtype, seed: int = 0,
+                   name: str = "", offset: int = 0) -> torch.Tensor:
+    """combine_chunk on float32 flat base values `b` and an iterable of float32 flat deltas
+    (one per term, None for KEEP_NONE terms), which are consumed and overwritten."""
     wds: list[torch.Tensor] = []
     ws: list[torch.Tensor] = []
-    for x, term in zip(xs, terms):
+    mixed = None
+    for d, term in zip(deltas, terms):
         w = torch.tensor(term.weight, dtype=torch.float32)
-        s = sparse_delta(b, x.reshape(-1), term, seed=seed, name=name, offset=offset)
-        if s is None:
-            if not consensus:  # its weight still counts in the linear divisor
-                ws.append(w)
-            continue
-        wds.append(s.mul_(w))
         ws.append(w)
-
-    if not wds:
-        mixed = None
-    elif consensus:
-        mixed, div = _elect_and_sum(wds, ws, need_div=normalize)
-    else:
-        mixed = wds[0]
-        for wd in wds[1:]:
-            mixed.add_(wd)
+        if term.keep == KEEP_NONE:
+            continue
+        wd = sparsify_(d, term, seed=seed, name=name, offset=offset).mul_(w)
+        if consensus:
+            wds.append(wd)
+        else:  # a running sum: one delta alive at a time
+            mixed = wd if mixed is None else mixed.add_(wd)
+        del d, wd
+    if consensus:
+        kept = [w for w, t in zip(ws, terms) if t.keep != KEEP_NONE]
+        mixed, div = _elect_and_sum(wds, kept, need_div=normalize) if wds else (None, None)
+    del wds
     if mixed is not None and normalize:
         if not consensus:
             div = torch.stack(ws).sum()
@@ -103,7 +139,7 @@ def combine_chunk(base: torch.Tensor, xs: list[torch.Tensor], terms: list[Term],
     if mixed is not None and lam != 1:
         mixed.mul_(lam)
     out = b if mixed is None else mixed.add_(b)  # b + mixed == mixed + b in IEEE arithmetic
-    return out.to(out_dtype).reshape(shape)
+    return out.to(out_dtype)
 
 
 def _elect_and_sum(wds: list[torch.Tensor], ws: list[torch.Tensor], need_div: bool):
@@ -111,7 +147,7 @@ def _elect_and_sum(wds: list[torch.Tensor], ws: list[torch.Tensor], need_div: bo
     elected = wds[0].clone()
     for wd in wds[1:]:
         elected.add_(wd)
-    positive = elected.ge_(0).to(torch.bool)
+    positive = elected >= 0
     del elected
     mixed = None
     div = None

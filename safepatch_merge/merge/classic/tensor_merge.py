@@ -19,7 +19,8 @@ import torch
 
 from ...errors import CheckpointError
 from .abs_sum import ExactAbsSum, l1_rescale_factor
-from .combine import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term, combine_chunk
+from .combine import (KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term, combine_chunk,
+                      combine_deltas, retention_keep)
 from .spec import SPARSIFY_MAGNITUDE, SPARSIFY_RANDOM, MethodSpec, TensorParams
 from .trim import KthLargest, NonFiniteDeltaError, trim_count
 
@@ -90,19 +91,21 @@ class TensorMerge:
                 continue
             if b is None:
                 b = base.reshape(-1).to(torch.float32)
-            ad = torch.sub(x.reshape(-1), b).abs_()
-            if m.keep == KEEP_TRIM:
-                if self.stage < 2:
-                    m.kth.add(ad)
-                    if self.stage == 0 and m.rescale:
-                        m.before.add(ad)
-                else:
-                    m.after.add(ad.mul_(ad >= m.threshold) if m.threshold > 0 else ad)
-            elif m.keep == KEEP_RANDOM:  # rescale, pass 0
-                m.before.add(ad)
-                keep = _retention(ad.numel(), offset, self.seed, self.name, m.index, m.density)
-                m.after.add(ad.mul_(keep))
-            del ad
+            self._observe_abs(m, torch.sub(x.reshape(-1), b).abs_(), offset)
+
+    def _observe_abs(self, m: _ModelState, ad: torch.Tensor, offset: int) -> None:
+        """Current pass on |d| of model m for one chunk (ad may be overwritten)."""
+        if m.keep == KEEP_TRIM:
+            if self.stage < 2:
+                m.kth.add(ad)
+                if self.stage == 0 and m.rescale:
+                    m.before.add(ad)
+            else:
+                m.after.add(ad.mul_(ad >= m.threshold) if m.threshold > 0 else ad)
+        elif m.keep == KEEP_RANDOM:  # rescale, pass 0
+            m.before.add(ad)
+            m.after.add(ad.mul_(retention_keep(ad.numel(), offset, self.seed, self.name,
+                                               m.index, m.density, device=ad.device)))
 
     def end_pass(self) -> None:
         """Close the current pass (after every chunk was observed)."""
@@ -140,14 +143,17 @@ class TensorMerge:
 
     def merge_whole(self, base: torch.Tensor, xs: list[torch.Tensor],
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """All passes and the merge on tensors held whole in memory."""
+        """All passes and the merge on tensors held whole in memory, computing each delta
+        once (same bits as the chunked protocol)."""
+        b = base.reshape(-1).to(torch.float32)
+        need = [m.keep != KEEP_NONE for m in self.models]
+        ds = [torch.sub(x.reshape(-1), b) if n else None for x, n in zip(xs, need)]
         while self.pending:
-            self.observe(base, xs, 0)
+            for m, d in zip(self.models, ds):
+                if self.stage <= m.last_pass():
+                    self._observe_abs(m, d.abs(), 0)
             self.end_pass()
-        return self.merge(base, xs, 0, out_dtype)
-
-
-def _retention(n: int, offset: int, seed: int, name: str, patch_id: int, p: float):
-    from ... import ops
-
-    return ops.retention_mask(n, offset, seed, name, patch_id, p)
+        return combine_deltas(b, ds, self.terms(), consensus=self.spec.consensus,
+                              normalize=self.params.normalize, lam=self.params.lam,
+                              out_dtype=out_dtype or base.dtype, seed=self.seed, name=self.name,
+                              offset=0).reshape(base.shape)
