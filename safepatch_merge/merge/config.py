@@ -161,7 +161,7 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
         allow_pickle=get_bool(raw, "allow_pickle", False, "config"),
         revision=rev,
         method_params={k: raw[k] for k in cls.config_keys if k in raw},
-        base_dir=Path(base_dir) if base_dir is not None else Path.cwd(), raw=raw,
+        base_dir=Path(base_dir).resolve() if base_dir is not None else Path.cwd(), raw=raw,
     )
     cls.validate(cfg)
     return cfg

@@ -42,6 +42,8 @@ from .methods import MergeMethod, get_method
 
 log = logging.getLogger("safepatch_merge.merge")
 
+# Smallest chunk the budget may force. SAFEPATCH_MERGE_MIN_CHUNK lowers it (tests use it to
+# make tiny models take many streaming steps).
 MIN_CHUNK = 4096
 MAX_CHUNK = 1 << 24  # elements; larger chunks only cost overlap
 _OUT_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -220,11 +222,12 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     baseline = current_rss()
     avail = budget - baseline
     per_elem = depth * per_elem_in + 3 * per_elem_out + scratch
-    chunk = min(MAX_CHUNK, max(MIN_CHUNK, avail // per_elem if avail > 0 else 0))
-    if avail < per_elem * MIN_CHUNK:
+    min_chunk = int(os.environ.get("SAFEPATCH_MERGE_MIN_CHUNK", MIN_CHUNK))
+    chunk = min(MAX_CHUNK, max(min_chunk, avail // per_elem if avail > 0 else 0))
+    if avail < per_elem * min_chunk:
         log.warning("--max-memory %s leaves no room beyond the %d MiB this process already "
                     "uses; running with minimal %d-element chunks", budget, baseline >> 20,
-                    MIN_CHUNK)
+                    min_chunk)
     whole = [n for n in base.tensors if roles_of[n] and method.whole_tensor(n)]
     est = baseline + chunk * per_elem + sum(
         base.tensors[n].numel * per_elem for n in whole if base.tensors[n].numel > chunk)

@@ -1,0 +1,238 @@
+"""The classic merges as streaming-engine methods (safepatch_merge.merge.methods protocol).
+
+Config section, same grammar as mergekit's (see mergekit_config.py and docs/classic_merges.md)::
+
+    method: ties                  # task_arithmetic | ties | dare_linear | dare_ties
+    backbone: PATH                # mergekit's base_model
+    models:
+      - model: PATH
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0, rescale: false, int8_mask: false}
+    seed: 0                       # DARE's Philox key (ours: mergekit draws from torch's RNG)
+
+Every float tensor of the backbone (after include/exclude) is merged; the rest is copied.
+Per-tensor facts (TIES's k-th largest |delta|, DARE's L1 rescale factor) need the whole
+tensor: a tensor the engine streams as one chunk gets them inside ``merge_chunk`` (read once);
+a tensor split into several chunks gets them in ``prepare``, streaming its chunks once per
+statistics pass (:class:`.tensor_merge.TensorMerge`) under the engine's memory budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ...errors import CheckpointError, ConfigError
+from ...io import Part, Prefetcher, item_bytes
+from ..methods import MergeMethod, register
+from .spec import METHODS, TensorParams
+from .tensor_merge import TensorMerge
+
+log = logging.getLogger("safepatch_merge.merge")
+
+FLOAT_ST = ("F32", "BF16", "F16")
+
+
+def _role(i: int) -> str:
+    return f"model_{i}"
+
+
+class ClassicMethod(MergeMethod):
+    """Base of the four registered classic methods (the subclass fixes `name`)."""
+
+    config_keys = ("models", "parameters", "seed")
+    card_tags = ("merge", "mergekit")
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from ..mergekit_config import parse_classic_section
+
+        mp = cfg.method_params
+        parse_classic_section(cls.name, cfg.backbone, mp.get("models"), mp.get("parameters"))
+        seed = mp.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+
+    def __init__(self, cfg):
+        from ..mergekit_config import parse_classic_section
+
+        super().__init__(cfg)
+        mp = cfg.method_params
+        self.spec = METHODS[self.name]
+        self.plan = parse_classic_section(self.name, cfg.backbone, mp.get("models"),
+                                          mp.get("parameters"))
+        self.seed = int(mp.get("seed", 0))
+        self.sources = [cfg.resolve(s) for s in self.plan.models]
+        self.params: dict[str, TensorParams] = {}
+        self.numel: dict[str, int] = {}
+        self.prepared: dict[str, TensorMerge] = {}
+        self.skipped_dtype: list[str] = []
+        self._kept = [[0, 0] for _ in self.sources]  # per model: sum of k, sum of N (trim)
+
+    # -- inputs -----------------------------------------------------------------------------
+    def input_sources(self) -> dict[str, str]:
+        return {_role(i): src for i, src in enumerate(self.sources)}
+
+    def check_inputs(self, ckpts, selected) -> None:
+        base = ckpts["base"]
+        for name in selected:
+            b = base.tensors[name]
+            if b.dtype not in FLOAT_ST:
+                if b.dtype == "F64":
+                    self.skipped_dtype.append(name)
+                continue
+            for i in range(len(self.sources)):
+                ck = ckpts[_role(i)]
+                info = ck.tensors.get(name)
+                where = f"{_role(i)} {ck.source}: tensor {name!r}"
+                if info is None:
+                    raise CheckpointError(f"{where} is missing (the backbone has it)")
+                if info.shape != b.shape:
+                    raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
+                                          f"backbone's is {list(b.shape)}")
+                if info.dtype not in FLOAT_ST:
+                    raise CheckpointError(f"{where} has dtype {info.dtype}; models must be "
+                                          "F32, BF16 or F16")
+            self.params[name] = self.plan.tensor_params(name)  # ConfigError names the key
+            self.numel[name] = b.numel
+        if self.skipped_dtype:
+            log.warning("%d float64 tensors are copied from the backbone unmerged (first: %s)",
+                        len(self.skipped_dtype), self.skipped_dtype[0])
+
+    def roles_for(self, name: str) -> tuple[str, ...]:
+        if name in self.params:
+            return tuple(_role(i) for i in range(len(self.sources)))
+        return ()
+
+    def scratch_bytes(self, backend_name: str) -> int:
+        """Temporary bytes per chunk element: base in fp32, one fp32 delta per model (TIES
+        keeps them all for the sign election), masks and sums; the plain-torch radix
+        histogram needs int64 keys on top."""
+        m = len(self.sources)
+        return 40 + 4 * m + (64 if backend_name == "reference" else 0)
+
+    # -- per-tensor statistics --------------------------------------------------------------
+    def _new(self, name: str, numel: int) -> TensorMerge:
+        return TensorMerge(self.spec, self.params[name], name, numel, self.seed,
+                           [f"{_role(i)} {s}" for i, s in enumerate(self.sources)])
+
+    def prepare(self, ctx) -> None:
+        base = ctx.ckpts["base"]
+        multi = []
+        for name in base.tensors:
+            if name not in self.params:
+                continue
+            info = base.tensors[name]
+            tm = self._new(name, info.numel)
+            self._count(tm)
+            if tm.pending and len(ctx.chunks(info.numel, _row(info.shape))) > 1:
+                multi.append(name)
+                self.prepared[name] = tm
+        roles = ["base"] + [_role(i) for i in range(len(self.sources))]
+        for stage in range(3):
+            names = [n for n in multi if self.prepared[n].pending]
+            if not names:
+                break
+
+            def observe(name, views, offset):
+                self.prepared[name].observe(views["base"], [views[r] for r in roles[1:]], offset)
+
+            _stream_roles(ctx, roles, names, observe, f"{self.name} statistics {stage + 1}")
+            for n in names:
+                self.prepared[n].end_pass()
+
+    def _count(self, tm: TensorMerge) -> None:
+        for i, m in enumerate(tm.models):
+            if m.kth is not None:
+                self._kept[i][0] += m.kth.k
+            elif m.keep == "none":
+                pass
+            else:
+                self._kept[i][0] += tm.numel
+            self._kept[i][1] += tm.numel
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge_chunk(self, name, inputs, offset, out_dtype):
+        xs = [inputs[_role(i)] for i in range(len(self.sources))]
+        tm = self.prepared.get(name) or self._new(name, self.numel[name])
+        if not tm.pending:  # elementwise from here: any chunk
+            return tm.merge(inputs["base"], xs, offset, out_dtype)
+        if offset != 0 or inputs["base"].numel() != self.numel[name]:
+            raise RuntimeError(f"tensor {name!r} arrived in chunks but was not prepared")
+        return tm.merge_whole(inputs["base"], xs, out_dtype)
+
+    def summary(self) -> dict:
+        params: dict = {"method": self.name, "seed": self.seed}
+        g = self.plan.global_params
+        for key in ("normalize", "rescale", "lambda", "int8_mask", "weight", "density"):
+            if key in g:
+                params[key] = _setting_str(g[key])
+        for key, default in (("normalize", self.spec.default_normalize),
+                             ("rescale", self.spec.default_rescale), ("lambda", 1.0)):
+            params.setdefault(key, f"{default} (mergekit default)")
+        for i, mp in enumerate(self.plan.model_params):
+            for key, s in mp.items():
+                params[f"{_role(i)}.{key}"] = _setting_str(s)
+        out = {"parameters": params, "models": dict(self.input_sources()),
+               "merged_tensors": len(self.params)}
+        if self.spec.sparsify == "magnitude":
+            out["trim_target_density"] = {
+                _role(i): (k / n if n else 0.0) for i, (k, n) in enumerate(self._kept)}
+        if self.skipped_dtype:
+            out["float64_tensors_copied"] = list(self.skipped_dtype)
+        return out
+
+
+def _setting_str(s) -> str:
+    if len(s.conds) == 1 and s.conds[0][0] is None:
+        return str(s.conds[0][1])
+    return "; ".join(f"{f or '*'}: {v}" for f, v in s.conds)
+
+
+def _row(shape) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str) -> None:
+    """Call fn(name, {role: 1-D chunk}, offset) for every chunk of `names`, with the same
+    chunks of every role together (EngineContext.stream does one role; a per-tensor delta
+    needs the base and each model side by side)."""
+    items, meta = [], []
+    for name in names:
+        infos = {r: ctx.ckpts[r].tensors[name] for r in roles}
+        numel = infos["base"].numel
+        for off, cnt in ctx.chunks(numel, _row(infos["base"].shape)):
+            items.append([Part(r, infos[r], off, cnt) for r in roles])
+            meta.append((name, off))
+    if not items:
+        return
+    from ..engine import _bar
+
+    slot = max(item_bytes(p) for p in items)
+    bar = _bar(sum(item_bytes(p) for p in items), desc, ctx.progress)
+    pf = Prefetcher(items, slot, ctx.depth, pin=ctx.device.type == "cuda")
+    try:
+        for item in pf:
+            name, off = meta[item.index]
+            views = item.views
+            if ctx.device.type != "cpu":
+                views = {k: v.to(ctx.device, non_blocking=True) for k, v in views.items()}
+            fn(name, views, off)
+            if ctx.device.type == "cuda":
+                torch.cuda.current_stream(ctx.device).synchronize()
+            bar.update(item_bytes(items[item.index]))
+            item.release()
+    finally:
+        pf.close()
+        bar.close()
+
+
+def _make(method_name: str) -> type[ClassicMethod]:
+    cls = type(f"{method_name.title().replace('_', '')}Method", (ClassicMethod,),
+               {"name": method_name, "card_tags": ("merge", "mergekit", method_name),
+                "__doc__": f"mergekit's {method_name} on the streaming engine."})
+    return register(cls)
+
+
+CLASSES = {name: _make(name) for name in METHODS}
