@@ -1,0 +1,26 @@
+// CUDA kernels of the safepatch ops (schemas in ../ops.cpp; semantics in brief OPS_ABI.md and
+// safepatch_merge/ops/reference.py). Registered for the CUDA dispatch key in register.cu.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace safepatch {
+namespace cuda {
+
+at::Tensor& saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
+                                 const at::Tensor& grad, double scale);
+
+at::Tensor radix_histogram(const at::Tensor& scores, int64_t prefix, int64_t digit);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
+    const at::Tensor& base, const c10::optional<at::Tensor>& patch_se,
+    const c10::optional<at::Tensor>& patch_osm, const c10::optional<at::Tensor>& score_se,
+    const c10::optional<at::Tensor>& score_osm, int64_t key_se, int64_t key_osm, int64_t mode,
+    double c_se, double c_osm, int64_t keep_threshold, int64_t seed, int64_t name_hash,
+    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks);
+
+}  // namespace cuda
+}  // namespace safepatch
