@@ -9,7 +9,8 @@ the extension schema (brief OPS_ABI.md, ``safepatch::masked_merge``):
     acc = fp32(base); if applied_se: acc = acc + c_se * d_se; if applied_osm: acc = acc + c_osm * d_osm
     d_X = fp32(patch_X) (deltas) or fp32(patch_X) - fp32(base);  out = acc rounded (RNE) to out dtype
 
-Every input is read once (patch values only where applied), arithmetic is fp32 right after
+Every input is read once, with vector loads (patch loads are masked by the tile bounds, not
+by the selection, which would split them into scalar loads), arithmetic is fp32 right after
 each load (the interpreter mis-computes bf16 arithmetic), scores are compared through their
 uint32 keys only, and FMA contraction is off, so values are bit-identical to the reference.
 A program handles a [ROWS, 4] tile whose rows are whole Philox counter blocks: one Philox
@@ -85,7 +86,7 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
         if DRAW:
             w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 0)
             a_se = a_se & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = to_f32(tl.load(pse_ptr + i, mask=a_se, other=0.0))
+        d = to_f32(tl.load(pse_ptr + i, mask=valid, other=0.0))
         if not DELTAS:
             d = d - b
         acc = tl.where(a_se, acc + c_se * d, acc)
@@ -96,7 +97,7 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
         if DRAW:
             w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 1)
             a_osm = a_osm & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = to_f32(tl.load(posm_ptr + i, mask=a_osm, other=0.0))
+        d = to_f32(tl.load(posm_ptr + i, mask=valid, other=0.0))
         if not DELTAS:
             d = d - b
         acc = tl.where(a_osm, acc + c_osm * d, acc)
