@@ -54,9 +54,11 @@ def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: 
     if thr >= 1 << 32:
         return torch.ones(n, dtype=torch.bool, device=device)
     out = torch.empty(n, dtype=torch.bool, device=device)
-    words = _cpp_words(device)
-    for s in range(0, n, _PHILOX_BLOCK):
-        m = min(_PHILOX_BLOCK, n - s)
+    # the C++ kernel takes patch ids 0 and 1 only (SafePatching's two patches)
+    words = _cpp_words(device) if patch_id in (0, 1) else None
+    block = _PHILOX_BLOCK if words is not None else _TORCH_PHILOX_BLOCK
+    for s in range(0, n, block):
+        m = min(block, n - s)
         if words is not None:
             out[s:s + m] = words(offset + s, m, seed, name, patch_id) < thr
         else:
@@ -66,6 +68,7 @@ def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: 
 
 
 _PHILOX_BLOCK = 1 << 20
+_TORCH_PHILOX_BLOCK = 1 << 14  # the plain-torch Philox makes ~20 int64 temporaries per element
 
 
 def _cpp_words(device):
