@@ -180,6 +180,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> MergeConfig:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if raw is None:
         raise ConfigError(f"{path}: empty config")
+    if isinstance(raw, dict) and "merge_method" in raw:  # a mergekit config, read as is
+        from .mergekit_config import load_mergekit_config
+
+        return load_mergekit_config(path, raw, overrides=overrides)
     if overrides:
         raw = {**raw, **overrides}
     return parse_config(raw, base_dir=path.parent)

@@ -296,9 +296,11 @@ def from_mergekit(raw: dict, where: str = "mergekit config") -> dict:
 
 
 def load_mergekit_config(path: str | Path, raw: dict | None = None,
-                         base_dir: str | Path | None = None):
+                         base_dir: str | Path | None = None, overrides: dict | None = None):
     """Parse a mergekit YAML file into a MergeConfig. Relative model paths resolve against
-    `base_dir`, default the current directory (as mergekit resolves them)."""
+    `base_dir`, default the current directory (as mergekit resolves them). `overrides`:
+    top-level keys of this package's own config form (e.g. ``seed``, ``output``) applied
+    after translation."""
     from .config import parse_config
 
     path = Path(path)
@@ -314,6 +316,9 @@ def load_mergekit_config(path: str | Path, raw: dict | None = None,
     if not is_mergekit_config(raw):
         raise ConfigError(f"{path}: not a mergekit config (no merge_method key)")
     native = from_mergekit(raw, str(path))
+    if overrides:
+        native.update(overrides)
     cfg = parse_config(native, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
-    cfg.raw = raw
+    # provenance and the resume plan id record the file as given (plus any overrides)
+    cfg.raw = {**raw, "safepatch_overrides": overrides} if overrides else raw
     return cfg
