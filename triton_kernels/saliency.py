@@ -17,9 +17,11 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _saliency_kernel(score_ptr, w_ptr, g_ptr, n, scale, BLOCK: tl.constexpr):
+def _saliency_kernel(score_ptr, w_ptr, g_ptr, n, scale, ROWS: tl.constexpr):
+    # [ROWS, 4] tiles: every input gets the same 4-wide vector layout whatever its dtype, so no
+    # register shuffles through shared memory between the fp32 and 16-bit loads.
     pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
+    i = (pid * ROWS + tl.arange(0, ROWS))[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = i < n
     # Widen right after each load (exactly: floats.to_f32); never compute in bf16.
     w = to_f32(tl.load(w_ptr + i, mask=m, other=0.0))
@@ -42,11 +44,11 @@ def saliency_accumulate_(score: torch.Tensor, weight: torch.Tensor, grad: torch.
     assert weight.is_contiguous() and grad.is_contiguous()
     assert weight.numel() == score.numel() == grad.numel()
     assert weight.device == score.device == grad.device
-    assert block > 0 and block & (block - 1) == 0, "block must be a power of two"
+    assert block >= 4 and block & (block - 1) == 0, "block must be a power of two >= 4"
     n = score.numel()
     if n == 0:
         return score
     grid = (triton.cdiv(n, block),)
-    _saliency_kernel[grid](score, weight, grad, n, float(scale), BLOCK=block,
+    _saliency_kernel[grid](score, weight, grad, n, float(scale), ROWS=block // 4,
                            num_warps=num_warps, enable_fp_fusion=False)
     return score

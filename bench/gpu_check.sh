@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One-shot check on a CUDA machine (H100/H200; no network; torch + triton + nvcc installed).
+# Run from anywhere inside a working tree of the repository:
+#
+#     OUT=/path/to/results bash bench/gpu_check.sh
+#
+# 1. records the machine (env.txt); 2. installs the package editable, offline (or maps
+# triton_kernels/ and csrc/ into the package with symlinks when pip cannot); 3. builds the
+# csrc extension with its CUDA sources for sm_90 only (build.txt); 4. runs the op tests with
+# compiled kernels on the GPU (pytest.txt); 5. runs bench/bench_ops.py --device cuda (bench.txt,
+# ops.csv) and bench/gpu_kernel_bars.py (bars.txt, kernel_bars.csv). summary.txt says what ran,
+# how long each stage took and its exit status. At most 8 files under $OUT, no folders.
+# Each stage has its own time limit so the whole script stays near 6 minutes.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu_check}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export SAFEPATCH_CACHE=${SAFEPATCH_CACHE:-/tmp/safepatch_ext_cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/safepatch_triton_cache}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export SAFEPATCH_VERBOSE_BUILD=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_INDEX=1
+unset TRITON_INTERPRET SAFEPATCH_BACKEND SAFEPATCH_NO_EXT
+T0=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+stage() {  # stage NAME LIMIT_S LOGFILE CMD...: run with a time limit, log status and duration
+  local name=$1 limit=$2 logf=$3
+  shift 3
+  local t=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >> "$logf" 2>&1
+  local rc=$?
+  echo "$(printf '%-10s' "$name") rc=$rc  $(( $(date +%s) - t ))s  (limit ${limit}s; log $(basename "$logf"))" | tee -a "$SUMMARY"
+  return $rc
+}
+
+# 1. machine
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
+  echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  git status --short 2>/dev/null | head -n 20
+} > "$OUT/env.txt" 2>&1
+
+# 2. package: editable install, else symlinks so safepatch_merge.{triton_kernels,csrc} import
+if ! stage install 45 "$OUT/build.txt" python3 -m pip install --no-deps --no-build-isolation -e . ; then
+  ln -sfn ../triton_kernels safepatch_merge/triton_kernels
+  ln -sfn ../csrc safepatch_merge/csrc
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "install failed: using symlinks + PYTHONPATH" | tee -a "$SUMMARY"
+fi
+
+# 3. the extension, CUDA sources included (compile errors land in build.txt)
+stage build 150 "$OUT/build.txt" python3 - <<'EOF'
+import logging, time
+import torch
+logging.basicConfig(level=logging.INFO)
+from safepatch_merge.ops import _extension
+t = time.time()
+ok = _extension.load()
+print(f"loaded={ok} cuda={_extension.has_cuda()} error={_extension.error()} seconds={time.time() - t:.1f}")
+for op in ("saliency_accumulate_", "radix_histogram", "masked_merge"):
+    print(op, "CUDA kernel registered:",
+          ok and torch._C._dispatch_has_kernel_for_dispatch_key(f"safepatch::{op}", "CUDA"))
+raise SystemExit(0 if ok and _extension.has_cuda() else 1)
+EOF
+
+# 4. op tests, compiled on the GPU (conftest leaves TRITON_INTERPRET unset when CUDA exists)
+TESTS=$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py 2>/dev/null | tr '\n' ' ')
+echo "tests: $TESTS" >> "$SUMMARY"
+stage pytest 150 "$OUT/pytest.txt" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 $TESTS
+tail -n 3 "$OUT/pytest.txt" | sed 's/^/  pytest: /' >> "$SUMMARY"
+
+# 5. benchmarks (bench_ops.py writes bench/results/ops.csv)
+if [ -f bench/bench_ops.py ]; then
+  stage bench_ops 100 "$OUT/bench.txt" python3 bench/bench_ops.py --device cuda
+  [ -f bench/results/ops.csv ] && cp bench/results/ops.csv "$OUT/ops.csv"
+else
+  echo "bench/bench_ops.py missing: skipped" | tee -a "$SUMMARY"
+fi
+stage bars 80 "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --csv "$OUT/kernel_bars.csv"
+grep -E "PASS|FAIL|copy bandwidth" "$OUT/bars.txt" | sed 's/^/  bars: /' >> "$SUMMARY"
+
+echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"
