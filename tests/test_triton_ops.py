@@ -332,3 +332,66 @@ def test_gpu_tensors_on_second_device_or_default():
     dev = torch.device("cuda", torch.cuda.device_count() - 1)
     x = _scores(10007, torch.float32, 1).to(dev)
     assert torch.equal(triton_backend.radix_histogram(x, 0, 0).cpu(), ref.radix_histogram(x.cpu(), 0, 0))
+
+
+# ---------------------------------------------------------------- CUDA C++ kernels (csrc/cuda)
+
+def _cuda_ext():
+    from safepatch_merge.ops import _extension
+
+    if not _extension.has_cuda():
+        pytest.fail(f"the extension has no CUDA kernels on this CUDA machine: {_extension.error()}")
+    return torch.ops.safepatch
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_cuda_ext_histogram(dtype):
+    ext = _cuda_ext()
+    x = _scores(3 * 57344 + 1001, dtype, 17)  # several rounds of the shared sub-histogram
+    for xs in (x, x[1:]):  # aligned (vector loads) and misaligned (scalar loads)
+        assert torch.equal(ext.radix_histogram(xs, 0, 0).cpu(), ref.radix_histogram(xs.cpu(), 0, 0))
+        prefix = int(ref.score_keys(xs[5000:5001].cpu())[0]) >> 16
+        assert torch.equal(ext.radix_histogram(xs, prefix, 1).cpu(), ref.radix_histogram(xs.cpu(), prefix, 1))
+    same = torch.full((200_003,), 0.375, dtype=dtype, device=DEV)  # one bin: 16-bit counters flush
+    h = ext.radix_histogram(same, 0, 0)
+    assert int(h.sum()) == 200_003 and int(h.max()) == 200_003
+
+
+@requires_cuda
+@pytest.mark.parametrize("wdt,gdt", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+def test_cuda_ext_saliency(wdt, gdt):
+    ext = _cuda_ext()
+    g = _gen(2)
+    score = torch.randn(10_003, generator=g).to(DEV)
+    w = torch.randn(10_003, generator=g).to(wdt).to(DEV)
+    grad = torch.randn(10_003, generator=g).to(gdt).to(DEV)
+    for sl in (slice(0, None), slice(1, None)):
+        want = ref.saliency_accumulate_(score[sl].clone(), w[sl], grad[sl], 0.7)
+        got = score[sl].clone()
+        ext.saliency_accumulate_(got, w[sl], grad[sl], 0.7)
+        assert torch.equal(got, want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ref.MODES)
+@pytest.mark.parametrize("offset", [0, 3, (1 << 33) + 2])
+@pytest.mark.parametrize("deltas", [True, False])
+def test_cuda_ext_merge(mode, offset, deltas):
+    ext = _cuda_ext()
+    ins = _merge_inputs(4099, 6, torch.bfloat16, torch.float32, torch.float16, deltas)
+    kw = _merge_kw(mode=mode, offset=offset, patches_are_deltas=deltas, out_dtype=torch.bfloat16)
+    want = ref.masked_merge(*ins, **kw)
+    s = kw["p"]
+    got = ext.masked_merge(*ins, ref.threshold_key(kw["t_se"]), ref.threshold_key(kw["t_osm"]), MODE_IDS[mode],
+                           kw["alpha"] / s, kw["beta"] / s, ref_philox.keep_threshold(s), kw["seed"] & 0xFFFFFFFF,
+                           ref_philox.fnv1a32(kw["name"]), offset, deltas, torch.bfloat16, True)
+    _check_merge(got, want, torch.bfloat16)
+    # Chunks that start off a Philox block boundary give the same masks and values.
+    cuts = [0, 1, 1030, 4099]
+    parts = [ext.masked_merge(*(t[a:b].contiguous() for t in ins), ref.threshold_key(kw["t_se"]),
+                              ref.threshold_key(kw["t_osm"]), MODE_IDS[mode], kw["alpha"] / s, kw["beta"] / s,
+                              ref_philox.keep_threshold(s), kw["seed"] & 0xFFFFFFFF, ref_philox.fnv1a32(kw["name"]),
+                              offset + a, deltas, torch.bfloat16, True) for a, b in zip(cuts, cuts[1:])]
+    for k in range(3):
+        assert torch.equal(torch.cat([p[k] for p in parts]), got[k])
