@@ -81,7 +81,7 @@ if [ -f bench/bench_ops.py ]; then
 else
   echo "bench/bench_ops.py missing: skipped" | tee -a "$SUMMARY"
 fi
-stage bars 80 "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --csv "$OUT/kernel_bars.csv"
+stage bars 120 "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --csv "$OUT/kernel_bars.csv"
 grep -E "PASS|FAIL|copy bandwidth" "$OUT/bars.txt" | sed 's/^/  bars: /' >> "$SUMMARY"
 
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"

@@ -91,7 +91,7 @@ def main() -> int:
     t_se = float(s_se[: 1 << 24].quantile(0.9))  # top ~10 % (quantile takes <= 2^24 elements)
     t_osm = float(s_osm[: 1 << 24].quantile(0.9))
     score = torch.zeros(n, device=dev)
-    w, gr = base, p_se
+    weight, gr = base, p_se
     merge_kw = dict(t_se=t_se, t_osm=t_osm, mode="difference", alpha=1.0, beta=0.5, p=0.5, rescale=True,
                     seed=1, name="model.layers.0.mlp.up_proj.weight", offset=0, patches_are_deltas=False,
                     out_dtype=torch.bfloat16)
@@ -101,7 +101,7 @@ def main() -> int:
         "radix_histogram": (4, lambda: ops.radix_histogram(s_se, 0, 0)),
         "radix_histogram[uniform]": (4, lambda: ops.radix_histogram(uni, 0, 0)),
         "radix_histogram[digit1]": (4, lambda: ops.radix_histogram(s_se, prefix, 1)),
-        "saliency_accumulate_": (12, lambda: ops.saliency_accumulate_(score, w, gr, 0.5)),
+        "saliency_accumulate_": (12, lambda: ops.saliency_accumulate_(score, weight, gr, 0.5)),
     }
     rows = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -111,7 +111,11 @@ def main() -> int:
         results = {}
         for be in backends():
             ops.set_backend(be)
-            ms = timed(fn, reps=3 if be == "reference" else 20, warmup=1 if be == "reference" else 3)
+            try:
+                ms = timed(fn, reps=3 if be == "reference" else 20, warmup=1 if be == "reference" else 3)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other backends
+                print(f"{op} {be}: FAILED {type(e).__name__}: {e}")
+                continue
             results[be] = ms
         ops.set_backend(None)
         ref_ms = results.get("reference")
@@ -129,6 +133,33 @@ def main() -> int:
                              device=name, commit=commit, timestamp=stamp))
             print(f"{op:28s} {be:10s} {ms:9.3f} ms {gbps:8.0f} GB/s {100 * frac:6.1f}% of copy "
                   f"{speed:7.1f}x ref  {verdict}")
+    # Launch-parameter sweep of the Triton kernels (tuning data for their defaults).
+    from safepatch_merge.triton_kernels import histogram as tk_hist
+    from safepatch_merge.triton_kernels import masked_merge as tk_merge
+    from safepatch_merge.triton_kernels import saliency as tk_sal
+
+    m_args = (base, p_se, p_osm, s_se, s_osm, reference.threshold_key(t_se), reference.threshold_key(t_osm),
+              0, 2.0, 1.0, 1 << 31, 1, 12345, 0, False, torch.bfloat16, False)
+    sweep = [("radix_histogram", 4, f"copies={c},block={b},warps={w}",
+              lambda c=c, b=b, w=w: tk_hist.radix_histogram(s_se, 0, 0, block=b, num_warps=w, copies=c))
+             for c in (1, 4, 16, 64) for b, w in ((4096, 8), (8192, 16))]
+    sweep += [("masked_merge", 16, f"rows={r},warps={w}",
+               lambda r=r, w=w: tk_merge.masked_merge(*m_args, rows=r, num_warps=w))
+              for r, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16))]
+    sweep += [("saliency_accumulate_", 12, f"block={b},warps={w}",
+               lambda b=b, w=w: tk_sal.saliency_accumulate_(score, weight, gr, 0.5, block=b, num_warps=w))
+              for b, w in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))]
+    for op, bpe, cfg, fn in sweep:
+        try:
+            ms = timed(fn, reps=10)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is data too
+            print(f"sweep {op} {cfg}: {type(e).__name__}: {e}")
+            continue
+        gbps = bpe * n / ms / 1e6
+        rows.append(dict(op=op, backend=f"triton[{cfg}]", n=n, ms=round(ms, 4), gbps=round(gbps, 1),
+                         copy_gbps=round(copy, 1), frac_of_copy=round(gbps / copy, 3), speedup_vs_reference="",
+                         bar="", verdict="", device=name, commit=commit, timestamp=stamp))
+        print(f"sweep {op:22s} {cfg:30s} {ms:9.3f} ms {gbps:8.0f} GB/s {100 * gbps / copy:6.1f}% of copy")
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
