@@ -81,14 +81,15 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
     s = p if rescale else 1.0
     coeff = {PATCH_SE: alpha / s, PATCH_OSM: beta / s}
 
-    def selected(score, patch):
+    def selected(score, patch, t):
         if patch is None:
             return torch.zeros(n, dtype=torch.bool, device=base.device)
         if mode == "none":
             return torch.ones(n, dtype=torch.bool, device=base.device)
-        return selection_mask(score.reshape(-1), t_se if score is score_se else t_osm)
+        return selection_mask(score.reshape(-1), t)
 
-    in_se, in_osm = selected(score_se, patch_se), selected(score_osm, patch_osm)
+    # Thresholds passed explicitly: the same tensor may serve as both scores.
+    in_se, in_osm = selected(score_se, patch_se, t_se), selected(score_osm, patch_osm, t_osm)
     if mode == "difference":
         m = {PATCH_SE: in_se & ~in_osm, PATCH_OSM: in_osm & ~in_se}
     elif mode == "intersection":
