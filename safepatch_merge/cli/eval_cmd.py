@@ -61,6 +61,8 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, "
                                                     "bfloat16, float16")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
+                                               "1 avoids thrashing on a busy shared host)")
     g.add_argument("--cache", help="generation cache file (default OUT/generations.jsonl)")
     j = p.add_argument_group("judging and utility")
     j.add_argument("--guard", help="local guard model dir (Llama-Guard-style causal LM or a "
@@ -103,7 +105,8 @@ def run(args) -> int:
                       utility=not args.no_utility, utility_file=args.utility_file,
                       utility_limit=args.utility_limit,
                       utility_max_tokens=args.utility_max_tokens, cache_path=args.cache,
-                      label=args.label, progress=not args.no_progress)
+                      label=args.label, threads=args.threads,
+                      progress=not args.no_progress)
     print(markdown_table(result), end="")
     print(f"wrote {args.out}/results.json and results.md ({result['wall_time_s']} s)")
     return 0

@@ -36,7 +36,7 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
              utility: bool = True, utility_file: str | Path | None = None,
              utility_limit: int | None = None, utility_max_tokens: int = 256,
              cache_path: str | Path | None = None, label: str | None = None,
-             progress: bool = True) -> dict:
+             threads: int | None = None, progress: bool = True) -> dict:
     """Evaluate one model directory; write results.json / results.md into `out_dir` and return
     the result dict.
 
@@ -44,8 +44,14 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
     (fixed subset, after deduplication). dedup_against: training files whose prompts are
     removed (normalised exact match, then difflib ratio >= fuzzy_threshold). guard: a local
     guard model directory or a GuardJudge. The generation cache (default
-    out_dir/generations.jsonl) makes a rerun resume per prompt."""
+    out_dir/generations.jsonl) makes a rerun resume per prompt. threads: CPU threads for
+    torch (on a busy shared host 1 can be ~10x faster than an oversubscribed default)."""
     t0 = time.time()
+    if threads is not None:
+        import torch
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     if not suites:
         raise ConfigError("no suites given")
@@ -104,6 +110,7 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
         "model_fingerprint": fp, "dtype": dtype_name,
         "device": str(next(model.parameters()).device),
         "settings": settings.key_fields() | {"batch_size": batch_size},
+        "torch_threads": torch.get_num_threads(),
         "limit": limit, "subset_seed": subset_seed, "judge": judge.name, "guard": guard_name,
         "dedup_against": [str(f) for f in dedup_against] or None,
         "dedup": [{"suite": d.suite, "before": d.before, "removed_exact": d.removed_exact,

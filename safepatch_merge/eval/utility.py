@@ -77,7 +77,9 @@ def reference_perplexity(model, tok, pairs: list[tuple[str, str]], batch_size: i
             labels[i, len(p):len(seq)] = torch.tensor(r)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-        logits = logits[:, :-1].float()
+        logits = logits[:, :-1]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the NLL in at least fp32
         tgt = labels[:, 1:].to(device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                               ignore_index=-100, reduction="none").view(tgt.shape)
