@@ -224,8 +224,8 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> None:
     ys = [100 * _nan(r["harmful"]) for r in pts]
     cs = [_nan(r["utility_ppl"]) for r in pts]
     have_c = any(c == c for c in cs)
-    sc = ax.scatter(xs, ys, c=cs if have_c else "tab:blue", cmap="viridis_r", s=36,
-                    edgecolors="k", linewidths=0.4, zorder=3)
+    colour = {"c": cs, "cmap": "viridis_r"} if have_c else {"color": "tab:blue"}
+    sc = ax.scatter(xs, ys, s=36, edgecolors="k", linewidths=0.4, zorder=3, **colour)
     if have_c:
         fig.colorbar(sc, ax=ax, label="utility: reference perplexity (lower is better)")
     front = sorted((100 * _nan(r["over_refusal"]), 100 * _nan(r["harmful"]))
@@ -259,7 +259,7 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> None:
 def sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, log_fn=print
           ) -> dict:
     """Merge and evaluate every grid point of `cfg` into `out_dir`; returns {"rows", "table",
-    "csv", "plot", "points"}. Finished points (by manifest) are skipped on a rerun."""
+    "csv", "plot", "points", "ran" (ids of the points merged and evaluated now)}. Finished points (by manifest) are skipped on a rerun."""
     from ..merge import merge
     from ..merge.config import parse_config
 
@@ -280,7 +280,7 @@ def sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, log_f
     ids = {k: dir_fingerprint(getattr(cfg, k)) for k in
            ("backbone", "patch_se", "patch_osm", "scores_se", "scores_osm") if getattr(cfg, k)}
     evkw = _eval_kwargs(cfg)
-    rows = []
+    rows, ran = [], []
     if cfg.eval_backbone:
         o = runner.run("backbone", "eval", {"model": ids["backbone"], "eval": evkw},
                        out / "backbone_eval",
@@ -302,6 +302,8 @@ def sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, log_f
         fresh = eman is not None and eman.get("key") == canonical_hash(einputs) and \
             (pdir / "eval").is_dir() and dir_fingerprint(pdir / "eval") == eman.get("output_id")
         if not fresh:
+            ran.append(pid)
+
             def do_merge(o: Path) -> dict:
                 res = merge(mcfg, o, backend=cfg.backend, device=cfg.merge_device,
                             max_memory=cfg.max_memory, overwrite=True, progress=False)
@@ -334,4 +336,4 @@ def sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, log_f
     doc = {"config": asdict(cfg), "rows": rows}
     write_atomic(out / "sweep.json", json.dumps(doc, indent=1, default=str) + "\n")
     return {"rows": rows, "table": table, "csv": str(out / "sweep.csv"),
-            "plot": str(out / "sweep.png"), "points": len(pts)}
+            "plot": str(out / "sweep.png"), "points": len(pts), "ran": ran}
