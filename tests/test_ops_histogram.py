@@ -1,0 +1,78 @@
+"""radix_histogram on every backend against the reference: all dtypes, both digits, special
+values (-0, zeros, denormals, negatives, inf, NaN), chunks adding up to the whole."""
+import pytest
+import torch
+
+from op_cases import FLOATS, backend, rand_scores, require_backend  # noqa: F401
+from safepatch_merge import ops
+from safepatch_merge.ops import reference as ref
+
+
+def _specials(dtype):
+    vals = [0.0, -0.0, 1e-40, 5.9e-8, 1.0, 0.5, 3.0e38, float("inf"), float("nan"), -1.0,
+            -float("inf"), 65504.0, 2.0 ** -14]
+    return torch.tensor(vals * 7, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_matches_reference(backend, dtype):
+    s = torch.cat([rand_scores((3001,), dtype, 1), _specials(dtype)])
+    h0 = ops.radix_histogram(s.to(backend.device), 0, 0)
+    assert h0.dtype == torch.int64 and h0.shape == (65536,) and h0.device == backend.device
+    want0 = ref.radix_histogram(s, 0, 0)
+    assert torch.equal(h0.cpu(), want0)
+    assert int(h0.sum()) == s.numel()
+    # digit 1 under the busiest bins, under bin 0 (zeros, -0, denormals) and an empty bin
+    prefixes = [int(b) for b in torch.topk(want0, 3).indices] + [0, 0x7FC0, 0xFFFF, 12345]
+    for prefix in prefixes:
+        h1 = ops.radix_histogram(s.to(backend.device), prefix, 1)
+        assert torch.equal(h1.cpu(), ref.radix_histogram(s, prefix, 1)), f"prefix {prefix:#x}"
+
+
+def test_minus_zero_counts_as_zero(backend):
+    s = torch.tensor([-0.0] * 5 + [0.0] * 3)
+    h = ops.radix_histogram(s.to(backend.device), 0, 0).cpu()
+    assert int(h[0]) == 8 and int(h.sum()) == 8
+    h1 = ops.radix_histogram(s.to(backend.device), 0, 1).cpu()
+    assert int(h1[0]) == 8
+
+
+def test_chunks_add_up(backend):
+    s = rand_scores((2999,), torch.float32, 2)
+    whole = ops.radix_histogram(s.to(backend.device), 0, 0).cpu()
+    parts = sum(ops.radix_histogram(s[a:b].to(backend.device), 0, 0).cpu()
+                for a, b in ((0, 1), (1, 1500), (1500, 2999)))
+    assert torch.equal(parts, whole)
+
+
+def test_empty_and_shapes(backend):
+    assert int(ops.radix_histogram(torch.empty(0, device=backend.device)).sum()) == 0
+    s = rand_scores((3, 7, 11), torch.bfloat16, 3)
+    assert torch.equal(ops.radix_histogram(s.to(backend.device)).cpu(), ref.radix_histogram(s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_many_workers(dtype):
+    """Large enough that the C++ kernel splits the work into per-thread histograms."""
+    require_backend("cpp", "cpu")
+    from safepatch_merge.ops import cpp_backend
+
+    s = rand_scores((1 << 20) + 3, dtype, 4)
+    want = ref.radix_histogram(s, 0, 0)
+    assert torch.equal(cpp_backend.radix_histogram(s, 0, 0), want)
+    prefix = int(torch.argmax(want))
+    assert torch.equal(cpp_backend.radix_histogram(s, prefix, 1), ref.radix_histogram(s, prefix, 1))
+
+
+def test_rejects_bad_arguments(backend):
+    s = torch.rand(10, device=backend.device)
+    with pytest.raises(ValueError, match="digit must be 0 or 1, got 2"):
+        ops.radix_histogram(s, 0, 2)
+    with pytest.raises(ValueError, match=r"prefix must be in \[0, 65535\] for digit 1, got 65536"):
+        ops.radix_histogram(s, 65536, 1)
+    with pytest.raises(TypeError, match="scores has dtype int32"):
+        ops.radix_histogram(s.int())
+    with pytest.raises(ValueError, match="scores must be contiguous"):
+        ops.radix_histogram(torch.rand(20, device=backend.device)[::2])
+    with pytest.raises(ValueError, match="scores has unsupported layout"):
+        ops.radix_histogram(torch.rand(10).to_sparse())
