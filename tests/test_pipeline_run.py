@@ -204,3 +204,21 @@ def test_config_defaults_and_overrides(tmp_path):
     assert st.derive["se"].learning_rate == 2e-5 and not st.derive["se"].lora
     assert st.derive["osm"].learning_rate == 1e-4 and st.derive["osm"].lora
     assert st.eval["suites"] == ["xstest"] and st.eval["enabled"] and st.eval["backbone"]
+
+
+@pytest.mark.parametrize("name", ["run_gpu.yaml", "run_continual.yaml"])
+def test_example_configs_parse(name):
+    from safepatch_merge.pipeline.config import load_run_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    cfg = load_run_config(path)
+    assert cfg.backbone == str((path.parent / "../models").resolve() / Path(cfg.backbone).name)
+    if name == "run_continual.yaml":
+        s1, s2 = cfg.stages
+        assert s2.derive["se"].max_steps == 20 and s1.derive["se"].max_steps == 40
+        assert s2.merge["parameters"] == {"top_rate_se": 0.05, "top_rate_osm": 0.1,
+                                          "alpha": 0.5, "beta": 1.0}
+    else:
+        (st,) = cfg.stages
+        assert st.derive["se"].nll_ceiling == 8.0 and st.derive["osm"].nll_floor == 0.5
+        assert st.eval["suites"] == ["xstest", "harmbench", "strongreject"]
