@@ -395,3 +395,33 @@ def test_cuda_ext_merge(mode, offset, deltas):
                               offset + a, deltas, torch.bfloat16, True) for a, b in zip(cuts, cuts[1:])]
     for k in range(3):
         assert torch.equal(torch.cat([p[k] for p in parts]), got[k])
+
+
+def test_scalar_arguments_equal_to_one():
+    # Compiled Triton makes int arguments equal to 1 compile-time constants unless told not
+    # to; every scalar the kernels bit-cast must survive the value 1 (seed, hash, prefix...).
+    def words(numel, offset, patch_id):  # reference words for key (1, 1), by hand
+        blk = torch.arange(offset, offset + numel) >> 2
+        w = torch.stack(ref_philox.philox4x32_10((blk, 0, patch_id, 0), (1, 1)), dim=-1)
+        return w[torch.arange(numel), (torch.arange(offset, offset + numel) & 3)]
+
+    got = tk_philox.retention_words(9, 1, 1, 1, 1, device=DEV).cpu()
+    assert torch.equal(got, words(9, 1, 1))
+
+    x = torch.tensor([2**-149 * (65536 + k) for k in range(5)] + [1.0], device=DEV)  # digit 0 == 1
+    h = tk_hist.radix_histogram(x, 1, 1)
+    assert torch.equal(h.cpu(), ref.radix_histogram(x.cpu(), 1, 1)) and int(h[:5].sum()) == 5
+
+    base, p_se, p_osm, s_se, s_osm = _merge_inputs(101, 13)
+    n = base.numel()
+    for keep in (1 << 31, 1):
+        out, a_se, a_osm = tk_merge.masked_merge(base, p_se, p_osm, s_se, s_osm, 1, 1, 2, 1.0, 1.0, keep,
+                                                 1, 1, 1, True, torch.float32, True)  # mode topk
+        want_se = (ref.score_keys(s_se.cpu()) > 0) & (words(n, 1, 0) < keep)  # key >= 1
+        want_osm = (ref.score_keys(s_osm.cpu()) > 0) & (words(n, 1, 1) < keep)
+        assert torch.equal(a_se.cpu(), want_se) and torch.equal(a_osm.cpu(), want_osm)
+        b = base.cpu().float()
+        want = torch.where(want_se, b + p_se.cpu().float(), b)
+        want = torch.where(want_osm, want + p_osm.cpu().float(), want)
+        assert torch.equal(out.cpu(), want)
+        assert bool(want_se.any() and want_osm.any()) == (keep > 1)  # keep 1: word 0 only, ~never

@@ -28,7 +28,8 @@ _MAX_LAUNCH = 1 << 30  # elements per launch: bounds every int32 counter below 2
 __all__ = ["NUM_BINS", "radix_histogram", "default_copies", "score_keys"]
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; `prefix` needs to stay a tensor.
+@triton.jit(do_not_specialize=["prefix"])
 def _histogram_kernel(x_ptr, hist_ptr, n, prefix, DIGIT: tl.constexpr, COPIES: tl.constexpr,
                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)

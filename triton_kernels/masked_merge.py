@@ -39,7 +39,8 @@ def _in_top(s_ptr, i, valid, key_t):
     return (key >= key_t.to(tl.uint32)) & (key > 0)
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; these scalars need to stay tensors.
+@triton.jit(do_not_specialize=["key_se", "key_osm", "keep_i32", "seed_i32", "hash_i32"])
 def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr, mse_ptr,
                          mosm_ptr, n, blk0, key_se, key_osm, c_se, c_osm, keep_i32, seed_i32,
                          hash_i32, HAS_SE: tl.constexpr, HAS_OSM: tl.constexpr,

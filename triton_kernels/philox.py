@@ -74,7 +74,8 @@ def pick_word(w0, w1, w2, w3, col):
                     tl.where(col == 1, w1[:, None], tl.where(col == 2, w2[:, None], w3[:, None])))
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; the key words need to stay tensors.
+@triton.jit(do_not_specialize=["seed_i32", "name_hash_i32"])
 def _retention_words_kernel(out_ptr, n, blk0, seed_i32, name_hash_i32,
                             PATCH_ID: tl.constexpr, SHIFT: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
