@@ -164,7 +164,8 @@ def test_convert_tiny_gguf_float32(tiny_gguf, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     gtok = AutoTokenizer.from_pretrained(gpath.parent, gguf_file=gpath.name)
     assert type(tok).__name__ == "GPT2Tokenizer"
-    for s in ["hello there", " the hell", "<|im_start|>user\nhi<|im_end|>", "ünï 日本", "a , b ."]:
+    texts = ["hello there", " the hell", "<|im_start|>user\nhi<|im_end|>", "ünï 日本", "a , b ."]
+    for s in texts:
         assert tok(s).input_ids == gtok(s).input_ids, s
         assert tok.decode(tok(s).input_ids) == s
     assert tok("hello").input_ids[:1] == [len(tok) - 2]  # the "hell" merge applies
