@@ -106,3 +106,14 @@ def test_settings_validation():
     with pytest.raises(ConfigError):
         GenerationSettings(top_p=0)
     assert GenerationSettings().greedy and not GenerationSettings(temperature=0.7).greedy
+
+
+def test_cache_lock_refuses_a_second_writer(tmp_path):
+    from safepatch_merge.errors import DataError
+    a = GenerationCache(tmp_path / "gen.jsonl")
+    with a.locked():
+        with pytest.raises(DataError, match="another evaluation"):
+            with GenerationCache(tmp_path / "gen.jsonl").locked():
+                pass
+    with GenerationCache(tmp_path / "gen.jsonl").locked():  # released afterwards
+        pass

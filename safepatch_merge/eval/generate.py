@@ -8,6 +8,7 @@ never reuses stale answers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from .suites import Prompt
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,28 @@ class GenerationCache:
                         continue  # torn write at the end of an interrupted run
                     if isinstance(rec, dict) and "key" in rec and "completion" in rec:
                         self.entries[rec["key"]] = rec
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the cache for a run: two evaluations appending to one
+        cache would both generate every prompt. A second one fails at once."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no lock
+            yield self
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(f"{self.path}: another evaluation is using this generation "
+                                "cache") from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)

@@ -73,8 +73,9 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     fp = model_fingerprint(model_path, dtype_name)
     cache = GenerationCache(cache_path or out_dir / "generations.jsonl")
-    gens = generate_completions(model, tok, prompts, settings, fp, cache, batch_size=batch_size,
-                                progress=progress)
+    with cache.locked():
+        gens = generate_completions(model, tok, prompts, settings, fp, cache,
+                                    batch_size=batch_size, progress=progress)
 
     judge, degen = RuleRefusalJudge(), DegenerationDetector()
     records = []
