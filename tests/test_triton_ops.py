@@ -6,6 +6,10 @@ odd and grids tiny (the interpreter runs programs one by one); kernels take smal
 sizes here so every test still spans several programs and partial tiles.
 """
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,7 +315,17 @@ def test_output_rounding_to_nearest_even():
         assert torch.equal(out.cpu().view(torch.int16), want.view(torch.int16)), out_dtype
 
 
-# ---------------------------------------------------------------- compiled-only (GPU)
+# ---------------------------------------------------------------- compiled code
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU every test above runs compiled kernels")
+def test_kernels_compile_for_hopper_without_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = env.get("TRITON_CACHE_DIR", str(Path.home() / ".triton" / "cache"))
+    script = Path(__file__).with_name("triton_aot.py")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 
 @requires_cuda
 def test_gpu_large_tensors_match_reference():
