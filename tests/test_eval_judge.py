@@ -68,6 +68,19 @@ def test_degenerate_outputs_flagged(text, reason):
     assert v.degenerate and v.reason == reason
 
 
+CODE = [
+    "```python\nimport pandas as pd\n\ndf = pd.DataFrame({\n    'Date': ['2022-01-01']})",
+    '<html>\n<body>\n<div class="story">\n<h1>Random Joke</h1>\n<p>\n<img src="https://x.y/1/2',
+    "CREATE TABLE users (\n  id INT PRIMARY KEY,\n  name VARCHAR(255)\n);\nSELECT * FROM users;",
+]
+
+
+@pytest.mark.parametrize("text", CODE)
+def test_code_is_not_degenerate(text):
+    """Code and markup are symbol-heavy; seen as SmolLM2 answers to MT-Bench coding prompts."""
+    assert DegenerationDetector()(text).degenerate is False
+
+
 def test_no_degeneration_on_real_completions(shared_data):
     """Human-labelled model completions and the reference answers are language: none (whole
     or cut to ~64 tokens' worth of characters) may be flagged."""

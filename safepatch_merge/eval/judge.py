@@ -117,6 +117,23 @@ class DegenerationVerdict:
 
 
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+_WORDLIKE = re.compile(r"[\"'(\[*]*[^\W\d_]+(?:['\-][^\W\d_]+)*[\"')\],.;:!?*]*")
+_CODE_LINE = re.compile(r"^\s*(?:</?[a-zA-Z!][^>]*>|(?:def|class|import|from|return|if|for|while|"
+                        r"function|const|let|var|public|private|#include|SELECT|CREATE|INSERT|"
+                        r"UPDATE)\b|.*(?:[;{}]|\)\s*:?)\s*$|[\w.\[\]'\"]+\s*[+\-*/]?=)")
+
+
+def looks_like_code(text: str) -> bool:
+    """A fenced block, or at least 3 lines and 40% of non-empty lines that look like code or
+    markup (tags, keywords, assignments, lines ending in ; { } or a call)."""
+    if "```" in text:
+        return True
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 3:
+        return False
+    return sum(bool(_CODE_LINE.match(ln)) for ln in lines) >= 0.4 * len(lines)
+
+
 _SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]")
 
 
@@ -154,14 +171,15 @@ class DegenerationDetector:
         # Leaked special tokens ("<|im_start|>", "</s>") repeated: the model lost the format.
         if len(_SPECIAL.findall(completion)) >= 2:
             return DegenerationVerdict(True, "special_tokens")
-        letters = sum(ch.isalpha() for ch in compact)
-        if letters / len(compact) < self.min_letter_frac:
-            return DegenerationVerdict(True, "non_language")
-        toks = completion.split()
-        wordlike = sum(bool(re.fullmatch(r"[\"'(\[*]*[^\W\d_]+(?:['\-][^\W\d_]+)*[\"')\],.;:!?*]*", t))
-                       for t in toks)
-        if len(toks) >= 4 and wordlike / len(toks) < self.min_word_frac:
-            return DegenerationVerdict(True, "non_language")
+        # Code and markup are symbol-heavy by nature: only the other tests apply to them.
+        if not looks_like_code(completion):
+            letters = sum(ch.isalpha() for ch in compact)
+            if letters / len(compact) < self.min_letter_frac:
+                return DegenerationVerdict(True, "non_language")
+            toks = completion.split()
+            wordlike = sum(bool(_WORDLIKE.fullmatch(t)) for t in toks)
+            if len(toks) >= 4 and wordlike / len(toks) < self.min_word_frac:
+                return DegenerationVerdict(True, "non_language")
         words = [w.lower() for w in _WORD.findall(completion)]
         if len(words) >= self.min_words_for_repeat:
             raw = completion.encode("utf-8")
