@@ -127,7 +127,7 @@ def test_streaming_plan_over_chunks_equals_in_memory(backend):
               "model.layers.0.b": rand_scores((998,), torch.float16, 12),
               "model.layers.1.a": rand_scores((1500,), torch.float32, 13)}
     dev = backend.device
-    chunks = {nm: [t[a:a + 400] for a in range(0, t.numel(), 400)] for nm, t in scores.items()}
+    chunks = {nm: [t[a:a + 700] for a in range(0, t.numel(), 700)] for nm, t in scores.items()}
     for gran in ("global", "layer"):
         groups = {}
         for nm in scores:
