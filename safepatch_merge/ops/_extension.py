@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,10 +136,16 @@ def _build_and_load() -> bool:
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     so = build_dir / f"{name}.so"
+    loaded = False
     if so.is_file() and not (build_dir / "lock").exists():
         # Same name = same sources, flags, torch and CPU: load without re-running ninja.
-        torch.ops.load_library(str(so))
-    else:
+        try:
+            torch.ops.load_library(str(so))
+            loaded = True
+        except OSError:  # e.g. a link cut short by a crash: build again from scratch
+            shutil.rmtree(build_dir, ignore_errors=True)
+            build_dir.mkdir(parents=True, exist_ok=True)
+    if not loaded:
         # Keep the first build short on small CI machines: ninja runs one job per core.
         os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
         cpp_extension.load(
