@@ -195,7 +195,8 @@ def compare(paths: list[str | Path], out_dir: str | Path, labels: list[str] | No
 
 def scatter_plot(results: list[dict], path: str | Path) -> None:
     """Harmful-prompt compliance (y) against XSTest over-refusal (x), one labelled point per
-    model with 95% Wilson intervals; the ideal corner is the origin."""
+    model with 95% Wilson intervals; the ideal corner is the origin (for a model that does not
+    degenerate: the degeneration rate is printed beside each point that has any)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -209,7 +210,10 @@ def scatter_plot(results: list[dict], path: str | Path) -> None:
         ax.errorbar(xv, yv, xerr=[[xv - 100 * x["ci95"][0]], [100 * x["ci95"][1] - xv]],
                     yerr=[[yv - 100 * y["ci95"][0]], [100 * y["ci95"][1] - yv]],
                     fmt="o", capsize=3)
-        ax.annotate(r["label"], (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # A model that only emits garbage also sits at the origin: say so on the point.
+        dg = r["headline"]["degeneration"]
+        text = r["label"] if not dg["k"] else f"{r['label']} ({100 * dg['rate']:.0f}% degenerate)"
+        ax.annotate(text, (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("over-refusal on XSTest safe prompts (%)")
