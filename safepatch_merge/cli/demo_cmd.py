@@ -77,7 +77,8 @@ def run(args) -> int:
     print()
     print("## before / after (95% Wilson intervals)")
     print(res["table"])
-    print("stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
+    print("stage times, wall s (CPU s): " + ", ".join(
+        f"{k} {v} ({res['cpu_seconds'].get(k, 0)})" for k, v in res["timings"].items()))
     print(f"patched model: {res['model']}")
     print(f"plot: {res['report']['plot']}")
     return 0

@@ -160,19 +160,21 @@ def demo_run_config(backbone: str, data: str, cfg: DemoConfig) -> dict:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool = False,
              progress: bool = True, log_fn=print) -> dict:
-    """Run the demo into `out_dir`; returns {"model", "report", "table", "timings", "run"}.
-    timings: wall seconds per phase (backbone, harmful data, each pipeline step, total)."""
+    """Run the demo into `out_dir`; returns {"model", "report", "table", "timings",
+    "cpu_seconds", "run"}. timings / cpu_seconds: wall and process CPU seconds per phase
+    (backbone, harmful data, each pipeline step, total); skipped steps count 0."""
     import torch
 
     cfg = cfg or DemoConfig()
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if cfg.backbone is None:
         from ..models.smollm2 import ensure_smollm2
 
@@ -184,6 +186,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
         if not (backbone / "config.json").is_file():
             raise ConfigError(f"--backbone {backbone}: not a model directory (no config.json)")
     timings["backbone"] = time.perf_counter() - t0
+    cpu["backbone"] = time.process_time() - c0
     log_fn(f"backbone: {backbone} ({timings['backbone']:.1f} s)")
 
     runner = StepRunner(out / "manifests", force=force, log=log_fn)
@@ -192,7 +195,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
                  "min_pairs": cfg.dh_min_pairs, "seed": cfg.seed}
     dh = runner.run("00-data", "harmful_pairs", dh_inputs, out / "harmful_data",
                     lambda o: generate_harmful_pairs(backbone, o, cfg, progress))
-    timings["harmful_data"] = dh.seconds
+    timings["harmful_data"], cpu["harmful_data"] = dh.seconds, dh.cpu_seconds
     rep = json.loads((out / "harmful_data/dh_report.json").read_text())
     log_fn(f"D_h: kept {rep['kept']} of {rep['prompts']} {rep['suite']} answers "
            f"(outcomes {rep['outcomes']})")
@@ -205,10 +208,13 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
     rec = run_pipeline(run_cfg, out / "run", force=force, progress=progress, log_fn=log_fn)
     for s in rec["steps"]:
         timings[f"{s['stage']}/{s['step']}"] = s["seconds"]
+        cpu[f"{s['stage']}/{s['step']}"] = s["cpu_seconds"]
     timings["total"] = time.perf_counter() - t_all
+    cpu["total"] = time.process_time() - c_all
     table = Path(rec["report"]["markdown"]).read_text(encoding="utf-8")
     summary = {"model": rec["final_model"], "report": rec["report"], "table": table,
                "timings": {k: round(v, 1) for k, v in timings.items()},
+               "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
                "harmful_data": rep, "config": asdict(cfg), "run": str(out / "run")}
     write_atomic(out / "demo.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary

@@ -79,6 +79,8 @@ class StepOutcome:
     output_id: str
     seconds: float
     reason: str = ""     # why it ran: no manifest / inputs changed / output changed
+    cpu_seconds: float = 0.0  # process CPU time (all threads): wall time on a shared machine
+    #                           says little, this says what the step cost
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -129,18 +131,18 @@ class StepRunner:
         mpath = self.manifest_path(stage, step)
         mpath.unlink(missing_ok=True)
         self.log(f"[{stage}] {step}: running ({reason})")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         extra = fn(output)
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         oid = dir_fingerprint(output)
         doc = {"format": MANIFEST_FORMAT, "stage": stage, "step": step, "key": key,
                "inputs": inputs, "output": str(output), "output_id": oid,
-               "seconds": round(secs, 3), "finished": now_iso(), "result": extra}
+               "seconds": round(secs, 3), "cpu_seconds": round(cpu, 3), "finished": now_iso(), "result": extra}
         mpath.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(mpath, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
-        out = StepOutcome(stage, step, "ran", key, str(output), oid, secs, reason)
+        out = StepOutcome(stage, step, "ran", key, str(output), oid, secs, reason, cpu)
         self.outcomes.append(out)
-        self.log(f"[{stage}] {step}: done in {secs:.1f} s")
+        self.log(f"[{stage}] {step}: done in {secs:.1f} s (CPU {cpu:.1f} s)")
         return out
 
 
