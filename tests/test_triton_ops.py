@@ -155,6 +155,11 @@ def test_histogram_all_equal_scores():
     x = torch.full((3001,), 0.125, device=DEV)
     got = tk_hist.radix_histogram(x, 0, 0, block=512, copies=2)
     assert int(got[0x3E00]) == 3001 and int(got.sum()) == 3001
+    z = torch.zeros(3001, device=DEV)  # bin 0 is counted by a block reduction
+    z[::2] = -0.0
+    z[5] = 2.0
+    for digit in (0, 1):
+        assert torch.equal(tk_hist.radix_histogram(z, 0, digit, block=512).cpu(), ref.radix_histogram(z.cpu(), 0, digit))
 
 
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
@@ -370,6 +375,11 @@ def test_cuda_ext_histogram(dtype):
     same = torch.full((200_003,), 0.375, dtype=dtype, device=DEV)  # one bin: 16-bit counters flush
     h = ext.radix_histogram(same, 0, 0)
     assert int(h.sum()) == 200_003 and int(h.max()) == 200_003
+    zeros = torch.zeros(200_003, dtype=dtype, device=DEV)  # bin 0 is warp-aggregated
+    zeros[::3] = -0.0
+    zeros[7] = 1.0
+    for digit in (0, 1):
+        assert torch.equal(ext.radix_histogram(zeros, 0, digit).cpu(), ref.radix_histogram(zeros.cpu(), 0, digit))
 
 
 @requires_cuda

@@ -9,7 +9,8 @@ Triton has no shared-memory atomics and ``tl.histogram`` keeps every bin in regi
 for a few hundred bins, not for 65,536), so counts go straight to global memory with relaxed
 int32 atomics. Hot bins (scores cluster in a few hundred digit-0 bins) would serialise on a
 few L2 slices, so the counts are spread over `copies` private histograms (program p adds into
-copy p % copies) that are summed into int64 at the end. Each launch covers at most 2^30
+copy p % copies) that are summed into int64 at the end; bin 0 (zero scores, often most of an
+embedding) is counted with one block reduction and one atomic per program. Each launch covers at most 2^30
 elements, so no int32 counter can overflow. The CUDA twin (csrc/cuda/histogram.cu) keeps
 per-block sub-histograms in shared memory instead.
 """
@@ -42,8 +43,12 @@ def _histogram_kernel(x_ptr, hist_ptr, n, prefix, DIGIT: tl.constexpr, COPIES: t
     else:
         b = key & 0xFFFF
         m = m & (hi == prefix.to(tl.uint32))
-    ptr = hist_ptr + (pid % COPIES) * 65536 + b.to(tl.int32)
-    tl.atomic_add(ptr, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")
+    # Bin 0 (zero scores: embedding rows never seen, pruned weights) can hold most of a
+    # tensor; one atomic per program for it instead of one per element on a single address.
+    hist = hist_ptr + (pid % COPIES) * 65536
+    zero = m & (b == 0)
+    tl.atomic_add(hist, tl.sum(zero.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(hist + b.to(tl.int32), tl.full([BLOCK], 1, tl.int32), mask=m & (b != 0), sem="relaxed")
 
 
 def default_copies(n: int, device: torch.device) -> int:

@@ -31,16 +31,24 @@ constexpr int kUnroll = 2;                    // 16-byte loads in flight per thr
 constexpr int64_t kRound = 7 * kThreads * kVecMax;  // 57344 <= 65535: counters cannot overflow
 static_assert(kRound % (kThreads * kVecMax) == 0 && kRound <= 65535, "16-bit counters");
 
+// Adds one key to the packed shared sub-histogram. Bin 0 (zero scores: often most of an
+// embedding's) is warp-aggregated, one shared atomic per warp instead of up to 32 on one word.
 __device__ __forceinline__ void count(uint32_t* sh, float s, int digit, uint32_t prefix) {
   const uint32_t key = key_of(s);
+  bool take = true;
   uint32_t bin;
   if (digit == 0) {
     bin = key >> 16;
   } else {
-    if ((key >> 16) != prefix) return;
+    take = (key >> 16) == prefix;
     bin = key & 0xFFFFu;
   }
-  atomicAdd(sh + (bin >> 1), 1u << ((bin & 1u) << 4));
+  const unsigned active = __activemask();
+  const unsigned zeros = __ballot_sync(active, take && bin == 0u);
+  if (take && bin != 0u) atomicAdd(sh + (bin >> 1), 1u << ((bin & 1u) << 4));
+  if (zeros != 0u && static_cast<int>(threadIdx.x & 31u) == __ffs(active) - 1) {
+    atomicAdd(sh, static_cast<uint32_t>(__popc(zeros)));  // bin 0: low half of word 0
+  }
 }
 
 // Elements [i, i + VEC) of a 16-byte chunk, widened to fp32.
