@@ -56,4 +56,5 @@ def test_generate_harmful_pairs_keeps_only_compliant_answers(tmp_path, monkeypat
 
 def test_demo_rejects_a_backbone_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="not a model directory"):
-        run_demo(tmp_path / "o", DemoConfig(backbone=str(tmp_path)), log_fn=lambda m: None)
+        run_demo(tmp_path / "o", DemoConfig(backbone=str(tmp_path), dh_model=str(tmp_path)),
+                 log_fn=lambda m: None)

