@@ -7,7 +7,7 @@ import argparse
 import json
 
 EPILOG = """examples:
-  safepatch run examples/run_smollm2_gpu.yaml runs/smollm2
+  safepatch run examples/run_gpu.yaml runs/qwen-0.5b
   safepatch run examples/run_continual.yaml runs/continual      # two stages
   safepatch run run.yaml runs/x                # again: finished steps are skipped
   safepatch run run.yaml runs/x --force        # redo every step
