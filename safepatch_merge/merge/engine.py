@@ -45,7 +45,7 @@ log = logging.getLogger("safepatch_merge.merge")
 # Smallest chunk the budget may force. SAFEPATCH_MERGE_MIN_CHUNK lowers it (tests use it to
 # make tiny models take many streaming steps).
 MIN_CHUNK = 4096
-MAX_CHUNK = 1 << 24  # elements; larger chunks only cost overlap
+MAX_CHUNK = 1 << 22  # elements; larger chunks only cost pipeline overlap
 _OUT_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _FLOAT_ST = ("F32", "BF16", "F16", "F64")
 
@@ -102,14 +102,20 @@ class EngineContext:
                desc: str = "") -> None:
         """Call fn(name, chunk, offset) for every chunk of tensors `names` of checkpoint `role`
         (chunk: 1-D, the checkpoint's dtype, on the engine's device), in the given order."""
-        ck = self.ckpts[role]
+        self.stream_entries([(role, n) for n in names],
+                            lambda r, name, chunk, off: fn(name, chunk, off), desc)
+
+    def stream_entries(self, entries: list[tuple[str, str]],
+                       fn: Callable[[str, str, torch.Tensor, int], None], desc: str = "") -> None:
+        """Call fn(role, name, chunk, offset) for every chunk of tensors (role, name), in order,
+        with read-ahead under the engine's memory budget."""
         items, meta = [], []
-        for name in names:
-            info = ck.tensors[name]
+        for role, name in entries:
+            info = self.ckpts[role].tensors[name]
             row = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
             for off, cnt in self.chunks(info.numel, row):
                 items.append([Part(role, info, off, cnt)])
-                meta.append((name, off))
+                meta.append((role, name, off))
         if not items:
             return
         slot = max(item_bytes(p) for p in items)
@@ -117,11 +123,11 @@ class EngineContext:
         pf = Prefetcher(items, slot, self.depth, pin=self.device.type == "cuda")
         try:
             for item in pf:
-                name, off = meta[item.index]
+                role, name, off = meta[item.index]
                 v = item.views[role]
                 if self.device.type != "cpu":
                     v = v.to(self.device, non_blocking=True)
-                fn(name, v, off)
+                fn(role, name, v, off)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 bar.update(item_bytes(items[item.index]))
@@ -239,7 +245,9 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         builder.open()
         ctx.work_dir = builder.work_dir
     try:
+        t1 = time.perf_counter()
         method.prepare(ctx)
+        log.debug("pre-pass: %.2f s", time.perf_counter() - t1)
         summary = method.summary()
         plan = {
             "method": cfg.method, "backend": backend_name, "device": str(dev),
@@ -254,7 +262,9 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         }
         if dry_run:
             return MergeResult(None, plan, time.perf_counter() - t0, summary=summary)
+        t1 = time.perf_counter()
         read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt, progress)
+        log.debug("streaming pass: %.2f s (chunk %d elements)", time.perf_counter() - t1, chunk)
         summary = method.summary()
         _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id)
     except SafepatchError:

@@ -26,7 +26,7 @@ from ..select import GRANULARITIES, group_of
 from . import defaults
 from .config import check_keys, get_bool, get_choice, get_float, get_str
 from .methods import MergeMethod, register
-from .thresholds import compute_thresholds, selection_summary
+from .thresholds import compute_thresholds_many, selection_summary
 
 log = logging.getLogger("safepatch_merge.merge")
 
@@ -156,10 +156,10 @@ class SafepatchMethod(MergeMethod):
     def prepare(self, ctx) -> None:
         if self.mode == "none":
             return
-        for side in self.patch_src:
-            names = [n for n in ctx.ckpts["base"].tensors if n in self.patched[side]]
-            sel = compute_thresholds(ctx, f"scores_{side}", names, self.rate[side],
-                                     self.granularity)
+        jobs = {side: (f"scores_{side}", [n for n in ctx.ckpts["base"].tensors
+                                          if n in self.patched[side]],
+                       self.rate[side], self.granularity) for side in self.patch_src}
+        for side, sel in compute_thresholds_many(ctx, jobs).items():
             self.selections[side] = selection_summary(sel)
             self.thresholds[side] = {g: s.threshold for g, s in sel.items()}
 
@@ -170,9 +170,12 @@ class SafepatchMethod(MergeMethod):
 
     def _check_finite(self, side: str, name: str, inputs: dict, offset: int) -> None:
         patch = inputs[f"patch_{side}"]
-        finite = torch.isfinite(patch)
-        if bool(finite.all()):
+        if patch.numel() == 0:
             return
+        lo, hi = torch.aminmax(patch)  # one fast pass; NaN and ±inf show in min or max
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return
+        finite = torch.isfinite(patch)
         bad = int((~finite).sum())
         src = self.patch_src[side]
         if self.nonfinite == "error":

@@ -78,50 +78,81 @@ def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[s
     return out
 
 
+class ThresholdJob:
+    """Exact thresholds of one score checkpoint: construct (loads and validates digit-0
+    histograms, may stream scores whose histograms are missing), stream :meth:`refinement`'s
+    (role, name) tensors through :meth:`add`, then :meth:`result`. Several jobs can share one
+    streaming pass (the merge refines SE and OSM scores together)."""
+
+    def __init__(self, ctx: "EngineContext", role: str, names: list[str], rate: float,
+                 granularity: str):
+        self.role, self.ckpt = role, ctx.ckpts[role]
+        self.cache_file = ctx.work_dir / "thresholds.json" if ctx.work_dir is not None else None
+        self.key = json.dumps([role, repr(float(rate)), granularity, names])
+        self.cached = None
+        if self.cache_file is not None and self.cache_file.is_file():
+            self.cached = json.loads(self.cache_file.read_text()).get(self.key)
+        self.prefix: dict[str, int] = {}
+        self.gname: dict[str, str] = {}
+        if self.cached is not None:
+            return
+        hist0 = load_histograms(ctx, role, names)
+        groups: dict[str, list[str]] = {}
+        totals: dict[str, torch.Tensor] = {}
+        for name in names:
+            try:
+                check_histogram(name, hist0[name])
+            except InvalidScoresError as e:
+                raise CheckpointError(f"{role} {self.ckpt.source}: {e}") from None
+            g = group_of(name, granularity)
+            groups.setdefault(g, []).append(name)
+            totals[g] = totals.get(g, torch.zeros(NUM_BINS, dtype=torch.int64)) + hist0[name]
+        bf16 = bool(names) and all(self.ckpt.tensors[n].dtype == "BF16" for n in names)
+        # Histograms were validated per tensor above; the plan sees one sum per group.
+        self.plan = ThresholdPlan(rate, {g: [g] for g in groups}, totals, low_digit_zero=bf16)
+        for g, prefix in self.plan.pending().items():
+            for n in groups[g]:
+                if int(hist0[n][prefix]):  # tensors without keys in the bin add nothing
+                    self.prefix[n], self.gname[n] = prefix, g
+
+    def refinement(self) -> list[tuple[str, str]]:
+        """(role, name) of the tensors the refinement pass must stream, in file order."""
+        return [(self.role, n) for n in self.ckpt.tensors if n in self.prefix]
+
+    def add(self, name: str, chunk: torch.Tensor) -> None:
+        self.plan.add_refinement(self.gname[name],
+                                 radix_histogram(chunk, self.prefix[name], 1).to("cpu"))
+
+    def result(self) -> dict[str, Selection]:
+        if self.cached is not None:
+            return {g: Selection(float(v[0]), *v[1:]) for g, v in self.cached.items()}
+        res = self.plan.result()
+        if self.cache_file is not None:
+            allc = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+            allc[self.key] = {g: [s.threshold, s.k, s.n, s.selected] for g, s in res.items()}
+            self.cache_file.write_text(json.dumps(allc))
+        return res
+
+
+def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple[str, list[str], float,
+                                                                        str]]
+                            ) -> dict[str, dict[str, Selection]]:
+    """{key: {group: Selection}} for jobs {key: (role, names, rate, granularity)}, with one
+    shared streaming refinement pass. Raises CheckpointError naming the tensor for negative,
+    NaN or inf scores."""
+    tj = {k: ThresholdJob(ctx, *v) for k, v in jobs.items()}
+    by_role = {j.role: j for j in tj.values()}
+    entries = [e for j in tj.values() for e in j.refinement()]
+    if entries:
+        ctx.stream_entries(entries, lambda role, name, chunk, off: by_role[role].add(name, chunk),
+                           desc="thresholds")
+    return {k: j.result() for k, j in tj.items()}
+
+
 def compute_thresholds(ctx: "EngineContext", role: str, names: list[str], rate: float,
                        granularity: str) -> dict[str, Selection]:
-    """{group: Selection} for top rate `rate` over tensors `names` of score checkpoint `role`.
-    Raises CheckpointError naming the tensor for negative / NaN / inf scores."""
-    ck: Checkpoint = ctx.ckpts[role]
-    cache_file = ctx.work_dir / "thresholds.json" if ctx.work_dir is not None else None
-    key = json.dumps([role, repr(float(rate)), granularity, names])
-    if cache_file is not None and cache_file.is_file():
-        cached = json.loads(cache_file.read_text()).get(key)
-        if cached is not None:
-            return {g: Selection(float(v[0]), *v[1:]) for g, v in cached.items()}
-    hist0 = load_histograms(ctx, role, names)
-    groups: dict[str, list[str]] = {}
-    totals: dict[str, torch.Tensor] = {}
-    for name in names:
-        try:
-            check_histogram(name, hist0[name])
-        except InvalidScoresError as e:
-            raise CheckpointError(f"{role} {ck.source}: {e}") from None
-        g = group_of(name, granularity)
-        groups.setdefault(g, []).append(name)
-        totals[g] = totals.get(g, torch.zeros(NUM_BINS, dtype=torch.int64)) + hist0[name]
-    del hist0
-    bf16 = bool(names) and all(ck.tensors[n].dtype == "BF16" for n in names)
-    # Histograms were validated per tensor above; the plan sees one summed histogram per group.
-    plan = ThresholdPlan(rate, {g: [g] for g in groups}, totals, low_digit_zero=bf16)
-    pending = plan.pending()
-    if pending:
-        todo = [n for g in pending for n in groups[g]]
-        prefix = {n: pending[g] for g in pending for n in groups[g]}
-        gname = {n: g for g in pending for n in groups[g]}
-        order = [n for n in ck.tensors if n in prefix]  # file order
-        assert len(order) == len(todo)
-
-        def add(name, chunk, offset):
-            plan.add_refinement(gname[name], radix_histogram(chunk, prefix[name], 1).to("cpu"))
-
-        ctx.stream(role, order, add, desc=f"thresholds {role}")
-    res = plan.result()
-    if cache_file is not None:
-        allc = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-        allc[key] = {g: [s.threshold, s.k, s.n, s.selected] for g, s in res.items()}
-        cache_file.write_text(json.dumps(allc))
-    return res
+    """{group: Selection} for top rate `rate` over tensors `names` of score checkpoint `role`."""
+    return compute_thresholds_many(ctx, {role: (role, names, rate, granularity)})[role]
 
 
 def selection_summary(sel: dict[str, Selection]) -> dict:
