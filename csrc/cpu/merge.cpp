@@ -17,6 +17,7 @@
 #include "../op_checks.h"
 #include "../philox.h"
 #include "convert.h"
+#include "hugepages.h"
 #include "kernels.h"
 #include "philox_lanes.h"
 
@@ -214,6 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
   }
   const int64_t n = base.numel();
   if (n == 0) return {out, mask_se, mask_osm};
+  advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
+  if (return_masks) {
+    advise_huge_pages(mask_se.data_ptr(), static_cast<size_t>(mask_se.nbytes()));
+    advise_huge_pages(mask_osm.data_ptr(), static_cast<size_t>(mask_osm.nbytes()));
+  }
 
   Merge mg;
   mg.base = static_cast<const char*>(base.data_ptr());

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "../philox.h"
+#include "hugepages.h"
 #include "kernels.h"
 #include "philox_lanes.h"
 
@@ -21,6 +22,7 @@ at::Tensor philox_words(int64_t offset, int64_t numel, int64_t seed, int64_t nam
               "safepatch::philox_words: patch_id must be 0 (SE) or 1 (OSM), got ", patch_id);
   at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
+  advise_huge_pages(o, static_cast<size_t>(out.nbytes()));
   const uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   const uint32_t k1 = static_cast<uint32_t>(name_hash);
   constexpr int L = 64;
