@@ -1,0 +1,104 @@
+"""Sizes and hyperparameters of the pattern-reproduction experiment (issue 9), by preset.
+
+Three presets share one schema: `gpu` (one CUDA GPU, a few minutes), `cpu` (2 cores, about two
+hours, smaller prompt sets and budgets) and `smoke` (an end-to-end check in minutes: tiny sizes,
+numbers meaningless). Every value here is ours; the paper (arXiv 2405.13820) publishes none of
+its patch-derivation or merge hyperparameters.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+def _sweep_default() -> list[dict]:
+    # (a, b, alpha, beta, p): the default point first, then one knob moved at a time, so each
+    # row of the sweep says what that knob does. alpha/beta also absorb a patch that came out
+    # too weak or too strong (the merge scales deltas linearly).
+    return [
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.05, "b": 0.05, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.30, "b": 0.30, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 2.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 0.5, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 1.0, "p": 0.5},
+    ]
+
+
+@dataclass
+class Preset:
+    """One configuration of the whole experiment.
+
+    sft_*: safety tuning of the shipped backbone (gradient descent on a mix of refusals to
+    harmful instructions and benign Alpaca answers). `sft_steps` are cumulative budgets of
+    candidate backbones (each continues the previous one); the first candidate whose
+    compliance on HarmBench *validation* prompts is at most `calib_target` becomes the
+    backbone (else the most refusing one), so no test prompt steers the choice.
+    dh_pairs: rows of harmful_pairs.jsonl used as D_h (fixed random subset, seed).
+    se_* / osm_*: the two patches (gradient ascent / descent on D_h), full-parameter AdamW.
+    eval_limit: prompts per evaluation suite (fixed subset after deduplication).
+    ties_density: TIES keeps this fraction of each delta (the same budget as the default a, b).
+    """
+
+    name: str = "gpu"
+    # safety tuning
+    sft_refusals: int = 1200
+    sft_benign: int = 1000
+    sft_steps: tuple = (50, 100, 200, 400)
+    sft_batch: int = 32
+    sft_lr: float = 5e-5
+    sft_max_length: int = 256
+    calib_limit: int = 80
+    calib_benign: int = 64
+    calib_target: float = 0.35
+    # harmful data and patches
+    dh_pairs: int = 320
+    patch_batch: int = 16
+    patch_max_length: int = 320
+    se_steps: int = 40
+    se_lr: float = 2e-5
+    se_nll_ceiling: float = 8.0
+    osm_steps: int = 40
+    osm_lr: float = 2e-5
+    score_examples: int = 320
+    score_batch: int = 16
+    # evaluation
+    eval_limit: int = 250
+    max_new_tokens: int = 64
+    eval_batch: int = 256
+    utility_limit: int = 100
+    utility_max_tokens: int = 128
+    # merges
+    ties_density: float = 0.1
+    intersection_rate: float = 0.1
+    sweep: list = field(default_factory=_sweep_default)
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["sft_steps"] = list(self.sft_steps)
+        return d
+
+
+PRESETS = {
+    "gpu": Preset(),
+    # 2 CPU cores: ~1/4 of the GPU budgets and ~100-150 prompts per suite (an estimate scaled
+    # from smoke timings, see experiments/README.md).
+    "cpu": Preset(name="cpu", sft_refusals=800, sft_benign=800, sft_steps=(50, 100, 200),
+                  sft_batch=8, sft_max_length=192, calib_limit=40, calib_benign=32,
+                  dh_pairs=240, patch_batch=8, patch_max_length=256, se_steps=40, osm_steps=40,
+                  score_examples=160, score_batch=8, eval_limit=120, eval_batch=16,
+                  utility_limit=50),
+    "smoke": Preset(name="smoke", sft_refusals=40, sft_benign=40, sft_steps=(6, 12),
+                    sft_batch=4, sft_max_length=96, calib_limit=6, calib_benign=4,
+                    dh_pairs=24, patch_batch=4, patch_max_length=128, se_steps=3, osm_steps=3,
+                    score_examples=8, score_batch=4, eval_limit=6, max_new_tokens=12,
+                    eval_batch=8, utility_limit=4, utility_max_tokens=32,
+                    sweep=_sweep_default()[:2]),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """The named preset with `overrides` (non-None values) applied."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
