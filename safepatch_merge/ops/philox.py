@@ -82,11 +82,15 @@ def retention_words(numel: int, offset: int, seed: int, name: str, patch_id: int
     """
     if offset < 0 or numel < 0:
         raise ValueError(f"offset and numel must be non-negative, got offset={offset}, numel={numel}")
-    i = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    blk = i >> 2
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    # One Philox call per block of four elements, then the words in element order.
+    first, last = offset >> 2, (offset + numel - 1) >> 2
+    blk = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     words = philox4x32_10((blk & _M32, blk >> 32, patch_id, 0), (seed & _M32, fnv1a32(name)))
-    w = torch.stack(words, dim=-1)  # (numel, 4)
-    return torch.gather(w, 1, (i & 3).unsqueeze(1)).squeeze(1)
+    w = torch.stack(words, dim=-1).reshape(-1)  # words of elements 4*first .. 4*last+3
+    start = offset - 4 * first
+    return w[start:start + numel].clone()
 
 
 def retention_mask(numel: int, offset: int, seed: int, name: str, patch_id: int, p: float,
