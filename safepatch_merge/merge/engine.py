@@ -329,12 +329,16 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
     copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def to_device(item):
-        if dev.type == "cpu":
-            return item.views, None
+        name = meta[item.index][1]
+        if dev.type == "cpu" or (not roles_of[name] and out_dt[name] == base.tensors[name].dtype):
+            return item.views, None  # CPU, or copied as is without touching the device
         with torch.cuda.stream(copy_stream):
             v = {k: t.to(dev, non_blocking=True) for k, t in item.views.items()}
             ev = torch.cuda.Event()
             ev.record(copy_stream)
+        compute = torch.cuda.current_stream(dev)
+        for t in v.values():
+            t.record_stream(compute)  # allocated on the copy stream, used on the compute one
         return v, ev
 
     def process(item, views, ev):
