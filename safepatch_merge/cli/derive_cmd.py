@@ -72,7 +72,8 @@ def add_parser(sub) -> None:
                    help="fp32 (default) | bf16-mixed (fp32 weights, bf16 autocast, CPU too) | "
                         "bf16 (bf16 weights)")
     t.add_argument("--save-dtype", default="auto",
-                   help="dtype of the written weights (default: the backbone's)")
+                   help="dtype of the written weights (default auto: the training dtype, "
+                        "float32 unless --precision bf16; bfloat16 rounds small updates away)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
-from ..models.loading import check_model_dir, load_causal_lm, load_tokenizer, merge_adapter
+from ..models.loading import (check_model_dir, load_causal_lm, load_tokenizer, merge_adapter,
+                              parse_dtype)
 from .dataset import PairCollator, data_identity, load_pairs, render_pairs, split_by_prompt
 from .loss import OBJECTIVE_SIGN, per_example_nll
 from .record import now_iso, versions, write_json
@@ -45,7 +46,9 @@ class DeriveConfig:
     objective: 'ga' (safety-enhancement patch) or 'gd' (over-safety-mitigation patch).
     precision: 'fp32' (fp32 weights and math), 'bf16-mixed' (fp32 weights, bf16 autocast on
     CPU or GPU), 'bf16' (bf16 weights; least memory, coarsest updates).
-    save_dtype: dtype of the written checkpoint; 'auto' = the backbone's stored dtype.
+    save_dtype: dtype of the written checkpoint; 'auto' = the dtype the weights were trained
+    in (float32 unless precision is 'bf16'), because rounding a patch to bfloat16 erases the
+    updates smaller than its resolution (~0.4% of a weight); 'bfloat16' halves the disk.
     nll_ceiling (GA) / nll_floor (GD): stop once the NLL on `stop_on` reaches it (nats/token).
     """
 
@@ -109,12 +112,7 @@ class DeriveConfig:
             raise ConfigError("stop_on heldout needs a held-out split (heldout > 0)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-
-
-def _stored_dtype(model_dir: Path) -> str:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return str(name).replace("torch.", "")
+        parse_dtype(self.save_dtype)  # ConfigError on an unknown name
 
 
 def _crossed(nll: float, cfg: DeriveConfig) -> bool:
@@ -299,7 +297,11 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
                 if stop_reason is not None:  # the weights that reached the limit are kept
                     optimizer.zero_grad(set_to_none=True)
                     break
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                # the prepared model's parameters: FSDP clips through its own wrapper; under
+                # DeepSpeed clipping is the engine's (set gradient_clipping in its config) and
+                # no norm comes back
+                gn = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = float(gn) if gn is not None else None
                 note(step, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
                 optimizer.step()
                 scheduler.step()
@@ -329,10 +331,7 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
-    save_dtype = _stored_dtype(backbone) if cfg.save_dtype == "auto" else cfg.save_dtype
-    from ..models.loading import parse_dtype
-
-    sdt = parse_dtype(save_dtype)
+    sdt = train_dtype if cfg.save_dtype == "auto" else parse_dtype(cfg.save_dtype)
     record = None
     if accelerator.is_main_process:
         held_nlls = [r["heldout_nll"] for r in rows if r.get("heldout_nll") is not None]

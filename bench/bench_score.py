@@ -1,0 +1,226 @@
+"""Cost of SNIP scoring vs a plain forward+backward, and its peak memory vs keeping all grads.
+
+Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by default):
+  fwdbwd         plain forward+backward with the loss Σ_b (n_b/N)·L_b (gradients accumulate in
+                 .grad, as training with accumulation does) — the time baseline;
+  snip           safepatch_merge.score.snip.snip_scores: post-accumulate-grad hooks, fused
+                 saliency_accumulate_, each gradient freed in its hook, |·| at the end;
+  snip_allgrads  the same score by plain autograd keeping every gradient (accumulated over
+                 the batches), then fp32 |θ ⊙ g| buffers — the memory baseline.
+Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up.
+Peak memory: each way in a fresh process; on CPU the peak RSS above the RSS just before the
+work (VmHWM reset through /proc/self/clear_refs), on CUDA max_memory_allocated above the
+allocation before the work. Results are appended to bench/results/score_bench.csv.
+
+    python bench/bench_score.py                       # CPU, fp32, SmolLM2 (built offline)
+    python bench/bench_score.py --device cuda --dtype bfloat16 --batch-size 8 --max-length 512
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "score_bench.csv"
+
+
+def _status() -> dict:
+    s = Path("/proc/self/status").read_text()
+    return {k: int(re.search(k + r":\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Reset the peak counter; return the current usage (bytes) it is measured against."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status()["VmRSS"]
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status()["VmHWM"]
+
+
+def _setup(args):
+    from safepatch_merge.derive.dataset import load_pairs, render_pairs
+    from safepatch_merge.models.loading import load_causal_lm, load_tokenizer
+    from safepatch_merge.paths import shared_data_dir
+    from safepatch_merge.score.snip import checkpoint_tensor_names, scored_parameters
+
+    device = torch.device(args.device)
+    model = load_causal_lm(args.model, args.dtype, device)
+    tok = load_tokenizer(args.model)
+    pairs = load_pairs(shared_data_dir() / "train" / "harmful_pairs.jsonl")[:: 7][: args.num_examples]
+    ex, _ = render_pairs(pairs, tok, args.max_length)
+    params = scored_parameters(model, checkpoint_tensor_names(args.model))
+    return device, model, tok, ex, params
+
+
+def _batches(ex, pad_id, bs, device):
+    from safepatch_merge.derive.dataset import PairCollator
+
+    col = PairCollator(pad_id)
+    return [({k: v.to(device) for k, v in col(ex[i:i + bs]).items()}, len(ex[i:i + bs]))
+            for i in range(0, len(ex), bs)]
+
+
+def run_fwdbwd(model, batches, n_total, params, keep_scores=False):
+    from safepatch_merge.derive.loss import per_example_nll
+
+    for b, n in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = per_example_nll(logits, b["labels"]).mean() * (n / n_total)
+        del logits
+        loss.backward()
+    scores = None
+    if keep_scores:  # plain SNIP: every gradient alive, then fp32 score buffers
+        with torch.no_grad():
+            scores = {k: (p.detach().float() * p.grad.float()).abs_() for k, p in params.items()}
+    for p in model.parameters():
+        p.grad = None
+    return scores
+
+
+def run_snip(model, ex, pad_id, params, bs):
+    from safepatch_merge.score.snip import snip_scores
+
+    return snip_scores(model, ex, pad_id, params, batch_size=bs)[0]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker_memory(args) -> dict:
+    device, model, tok, ex, params = _setup(args)
+    batches = _batches(ex, tok.pad_token_id, args.batch_size, device)
+    base = _reset_peak(device)
+    if args.worker == "fwdbwd":
+        run_fwdbwd(model, batches, len(ex), params)
+    elif args.worker == "snip_allgrads":
+        run_fwdbwd(model, batches, len(ex), params, keep_scores=True)
+    else:
+        run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
+    _sync(device)
+    return {"mode": args.worker, "peak_bytes_above_start": _peak(device) - base}
+
+
+def timing(args) -> dict:
+    device, model, tok, ex, params = _setup(args)
+    batches = _batches(ex, tok.pad_token_id, args.batch_size, device)
+    t = {"fwdbwd": [], "snip": []}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for mode in ("fwdbwd", "snip"):
+            _sync(device)
+            t0 = time.perf_counter()
+            if mode == "fwdbwd":
+                run_fwdbwd(model, batches, len(ex), params)
+            else:
+                run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            print(f"round {r} {mode}: {dt:.2f} s", file=sys.stderr, flush=True)
+            if r:
+                t[mode].append(dt)
+    tokens = sum(int(b["attention_mask"].sum()) for b, _ in batches)
+    n_params = sum(p.numel() for p in params.values())
+    return {"times": t, "tokens": tokens, "batches": [n for _, n in batches],
+            "scored_parameters": n_params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model dir (default: SmolLM2-135M-Instruct, built offline)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--num-examples", type=int, default=3, help="scoring set size (last batch shorter)")
+    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--random-weights", metavar="DIR",
+                    help="use (and create if absent) a random-weight SmolLM2-shaped model in DIR "
+                         "instead of the real one (machines that cannot fetch it)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", choices=("fwdbwd", "snip", "snip_allgrads"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random_weights and not args.worker:
+        sys.path.insert(0, str(HERE))
+        from random_model import write_random_smollm2
+
+        args.model = str(write_random_smollm2(args.random_weights))
+    if args.model is None:
+        from safepatch_merge.models.smollm2 import ensure_smollm2
+
+        args.model = str(ensure_smollm2())
+    if args.worker:
+        print("RESULT " + json.dumps(worker_memory(args)))
+        return
+
+    tm = timing(args)
+    mem = {}
+    for mode in ("fwdbwd", "snip", "snip_allgrads"):
+        cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
+               args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+               "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
+               "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+        mem[mode] = json.loads(line[7:])["peak_bytes_above_start"]
+
+    med = {k: statistics.median(v) for k, v in tm["times"].items()}
+    from safepatch_merge.ops import backend_for
+
+    dev = torch.device(args.device)
+    row = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, cwd=HERE).stdout.strip(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                  f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
+        "model": Path(args.model).name, "dtype": args.dtype, "ops_backend": backend_for(dev)[0],
+        "batches": "+".join(map(str, tm["batches"])), "max_length": args.max_length,
+        "tokens": tm["tokens"], "scored_parameters": tm["scored_parameters"],
+        "repeats": args.repeats,
+        "fwdbwd_s": round(med["fwdbwd"], 4), "snip_s": round(med["snip"], 4),
+        "time_ratio": round(med["snip"] / med["fwdbwd"], 4),
+        "peak_fwdbwd_MB": round(mem["fwdbwd"] / 1e6, 1), "peak_snip_MB": round(mem["snip"] / 1e6, 1),
+        "peak_allgrads_MB": round(mem["snip_allgrads"] / 1e6, 1),
+        "memory_ratio_vs_allgrads": round(mem["snip"] / mem["snip_allgrads"], 4),
+        "torch": torch.__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    print(json.dumps(row, indent=1))
+    print(f"times fwdbwd {tm['times']['fwdbwd']} snip {tm['times']['snip']}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
