@@ -18,16 +18,47 @@ namespace {
 // Below this many elements per worker a private 512 KiB histogram costs more than it saves.
 constexpr int64_t kMinPerWorker = 1 << 18;
 
+// digit 0: four interleaved 32-bit sub-histograms, so runs of equal keys (the common case:
+// scores share few exponents) do not serialise on one counter; flushed into the int64 bins
+// before any sub-count could wrap. digit 1: only the elements under `prefix` are counted, so
+// a vectorised test skips the blocks without any (the vast majority).
 template <typename T>
 void count_slice(const typename T::raw* __restrict__ s, int64_t lo, int64_t hi, int64_t prefix,
                  int64_t digit, int64_t* __restrict__ hist) {
   if (digit == 0) {
-    for (int64_t i = lo; i < hi; ++i) hist[score_key_from_bits(T::key_bits(s[i])) >> 16] += 1;
+    std::vector<uint32_t> sub(static_cast<size_t>(4 * kNumBins), 0);
+    uint32_t* __restrict__ h = sub.data();
+    constexpr int64_t kFlush = int64_t(1) << 31;  // < 2^32 increments per sub-histogram
+    for (int64_t f0 = lo; f0 < hi; f0 += kFlush) {
+      const int64_t f1 = std::min(hi, f0 + kFlush);
+      int64_t i = f0;
+      for (; i + 4 <= f1; i += 4) {
+        h[score_key_from_bits(T::key_bits(s[i])) >> 16] += 1;
+        h[kNumBins + (score_key_from_bits(T::key_bits(s[i + 1])) >> 16)] += 1;
+        h[2 * kNumBins + (score_key_from_bits(T::key_bits(s[i + 2])) >> 16)] += 1;
+        h[3 * kNumBins + (score_key_from_bits(T::key_bits(s[i + 3])) >> 16)] += 1;
+      }
+      for (; i < f1; ++i) h[score_key_from_bits(T::key_bits(s[i])) >> 16] += 1;
+      for (int64_t b = 0; b < kNumBins; ++b) {
+        hist[b] += static_cast<int64_t>(h[b]) + h[kNumBins + b] + h[2 * kNumBins + b] +
+                   h[3 * kNumBins + b];
+      }
+      std::fill(sub.begin(), sub.end(), 0u);
+    }
   } else {
     const uint32_t want = static_cast<uint32_t>(prefix);
-    for (int64_t i = lo; i < hi; ++i) {
-      const uint32_t k = score_key_from_bits(T::key_bits(s[i]));
-      if ((k >> 16) == want) hist[k & 0xFFFFu] += 1;
+    constexpr int64_t kBlock = 64;
+    for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+      const int64_t b1 = std::min(hi, b0 + kBlock);
+      uint32_t any = 0;
+      for (int64_t i = b0; i < b1; ++i) {
+        any |= static_cast<uint32_t>((score_key_from_bits(T::key_bits(s[i])) >> 16) == want);
+      }
+      if (!any) continue;
+      for (int64_t i = b0; i < b1; ++i) {
+        const uint32_t k = score_key_from_bits(T::key_bits(s[i]));
+        if ((k >> 16) == want) hist[k & 0xFFFFu] += 1;
+      }
     }
   }
 }
