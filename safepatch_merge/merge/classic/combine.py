@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import ops
+from . import fused
 
 KEEP_ALL = "all"
 KEEP_NONE = "none"
@@ -102,6 +103,15 @@ def combine_chunk(base: torch.Tensor, xs: list[torch.Tensor], terms: list[Term],
     """Merged values of one chunk. base, xs[i]: same number of elements (any shape; flat
     row-major order is what `offset` counts), float32/bfloat16/float16; returns a tensor of
     base's shape in out_dtype."""
+    n = base.numel()
+    if fused.enabled(n):
+        masks = [retention_keep(n, offset, seed, name, t.patch_id, t.density, device=base.device)
+                 if t.keep == KEEP_RANDOM else None for t in terms]
+        out = fused.merge(base.reshape(-1), [x.reshape(-1) for x in xs], terms,
+                          consensus=consensus, normalize=normalize, lam=lam,
+                          out_dtype=out_dtype, masks=masks)
+        if out is not None:
+            return out.reshape(base.shape)
     b = base.reshape(-1).to(torch.float32)
     deltas = (None if t.keep == KEEP_NONE else torch.sub(x.reshape(-1), b)  # float32 delta
               for x, t in zip(xs, terms))

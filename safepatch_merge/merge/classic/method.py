@@ -26,6 +26,7 @@ import torch
 from ...errors import CheckpointError, ConfigError
 from ...io import Part, Prefetcher, item_bytes
 from ..methods import MergeMethod, register
+from . import fused
 from .spec import METHODS, TensorParams
 from .tensor_merge import TensorMerge
 
@@ -99,6 +100,37 @@ class ClassicMethod(MergeMethod):
         if self.skipped_dtype:
             log.warning("%d float64 tensors are copied from the backbone unmerged (first: %s)",
                         len(self.skipped_dtype), self.skipped_dtype[0])
+        self._warm_kernels(ckpts)
+
+    def _warm_kernels(self, ckpts) -> None:
+        """Compile the fused kernels now, on a few elements, so the memory they take is part
+        of the baseline the engine sizes its chunks from (it measures before merging)."""
+        big = [n for n in self.params if self.numel[n] >= fused.MIN_FUSED]
+        if not big or not fused.enabled(self.numel[big[0]]):
+            return
+        name = big[0]
+        b = ckpts["base"].tensors[name]
+        out_dt = b.torch_dtype if self.cfg.output.dtype == "auto" else getattr(
+            torch, self.cfg.output.dtype)
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(64, generator=g).to(b.torch_dtype)
+        xs = [(base.float() + torch.randn(64, generator=g)).to(ckpts[_role(i)].tensors[name]
+                                                                .torch_dtype)
+              for i in range(len(self.sources))]
+        tm = self._new(name, self.numel[name])
+        for m in tm.models:  # the real tensor's kinds of terms, on a stand-in threshold
+            if m.kth is not None:
+                m.threshold = 0.5
+            if m.rescale:
+                m.factor = 1.5
+        for m, x in zip(tm.models, xs):
+            if m.last_pass() >= 0 and fused.abs_delta(x, base) is None:
+                return
+        terms = [m.term() for m in tm.models]
+        masks = [torch.ones(64, dtype=torch.bool) if t.keep == "random" else None for t in terms]
+        fused.merge(base, xs, terms, consensus=self.spec.consensus,
+                    normalize=self.params[name].normalize, lam=self.params[name].lam,
+                    out_dtype=out_dt, masks=masks)
 
     def roles_for(self, name: str) -> tuple[str, ...]:
         if name in self.params:

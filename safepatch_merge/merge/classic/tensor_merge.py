@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import CheckpointError
+from . import fused
 from .abs_sum import ExactAbsSum, l1_rescale_factor
 from .combine import (KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term, combine_chunk,
                       combine_deltas, retention_keep)
@@ -89,9 +90,14 @@ class TensorMerge:
         for m, x in zip(self.models, xs):
             if self.stage > m.last_pass():
                 continue
-            if b is None:
-                b = base.reshape(-1).to(torch.float32)
-            self._observe_abs(m, torch.sub(x.reshape(-1), b).abs_(), offset)
+            x = x.reshape(-1)
+            ad = fused.abs_delta(x, base.reshape(-1)) if fused.enabled(x.numel()) else None
+            if ad is None:
+                if b is None:
+                    b = base.reshape(-1).to(torch.float32)
+                ad = torch.sub(x, b).abs_()
+            self._observe_abs(m, ad, offset)
+            del ad
 
     def _observe_abs(self, m: _ModelState, ad: torch.Tensor, offset: int) -> None:
         """Current pass on |d| of model m for one chunk (ad may be overwritten)."""
@@ -145,6 +151,20 @@ class TensorMerge:
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """All passes and the merge on tensors held whole in memory, computing each delta
         once (same bits as the chunked protocol)."""
+        if fused.enabled(base.numel()):
+            # |d| once per model that needs statistics (kept across its passes), then one
+            # fused merge pass that recomputes d in registers: no float32 delta is stored.
+            ads = {m.index: fused.abs_delta(x.reshape(-1), base.reshape(-1))
+                   for m, x in zip(self.models, xs) if self.stage <= m.last_pass()}
+            if all(a is not None for a in ads.values()):
+                while self.pending:
+                    for m in self.models:
+                        if self.stage <= m.last_pass():
+                            # (only a model's last pass overwrites its |d|)
+                            self._observe_abs(m, ads[m.index], 0)
+                    self.end_pass()
+                del ads
+                return self.merge(base, xs, 0, out_dtype)
         b = base.reshape(-1).to(torch.float32)
         need = [m.keep != KEEP_NONE for m in self.models]
         ds = [torch.sub(x.reshape(-1), b) if n else None for x, n in zip(xs, need)]

@@ -1,0 +1,134 @@
+"""Fused CPU/GPU kernels (torch.compile / Inductor) of the classic merges' elementwise work.
+
+In eager torch every step of :func:`.combine.combine_deltas` is a pass over memory (some 30
+for TIES); on large chunks that, not arithmetic, is the cost. Here the same operations, in
+the same order and float32 precision, are compiled into one loop per chunk (and |x − b| into
+one pass before the radix histograms), so the results are the eager results bit for bit
+(tests/test_classic_fused.py). Used for chunks of at least MIN_FUSED elements; small tensors
+stay eager (compiling is slower than running them).
+
+SAFEPATCH_CLASSIC_COMPILE=0 disables compilation, =1 forces it even for small chunks. A
+compile failure (no C++ compiler, unsupported platform) is logged once and the eager path is
+used from then on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("safepatch_merge.merge")
+
+MIN_FUSED = 1 << 20
+_kernels: dict = {}
+_state = {"failed": False}
+
+
+def enabled(numel: int) -> bool:
+    """Whether a chunk of `numel` elements takes the compiled path."""
+    mode = os.environ.get("SAFEPATCH_CLASSIC_COMPILE", "auto").strip().lower()
+    if mode in ("0", "false", "no", "off") or _state["failed"]:
+        return False
+    if mode in ("1", "true", "yes", "on"):
+        return True
+    return numel >= MIN_FUSED
+
+
+def _compiled(key, build):
+    fn = _kernels.get(key)
+    if fn is None:
+        fn = _kernels[key] = torch.compile(build(), dynamic=True)
+    return fn
+
+
+def _run(key, build, *args):
+    try:
+        return _compiled(key, build)(*args)
+    except Exception as e:  # noqa: BLE001 - any compile problem: fall back to eager
+        if not _state["failed"]:
+            log.warning("classic merges: torch.compile unavailable (%s: %s); using eager "
+                        "torch", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _state["failed"] = True
+        return None
+
+
+def abs_delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    """float32 |float32(x) − float32(base)| in one pass, or None (use eager)."""
+    def build():
+        def f(x, b):
+            return (x.float() - b.float()).abs()
+        return f
+    return _run(("absdelta",), build, x, base)
+
+
+def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
+          normalize: bool, lam: float, out_dtype: torch.dtype, masks: list) -> torch.Tensor | None:
+    """The fused equivalent of combine_deltas on flat chunks; None if compilation failed.
+
+    base, xs: flat chunks in their own dtypes. masks[i]: bool keep mask of a KEEP_RANDOM term
+    (else None)."""
+    from .combine import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM
+
+    kinds = tuple("none" if t.keep == KEEP_NONE else
+                  "trim" if t.keep == KEEP_TRIM and t.threshold > 0 else
+                  "trim0" if t.keep == KEEP_TRIM else
+                  "random" if t.keep == KEEP_RANDOM else "all" for t in terms)
+    scaled = tuple(t.factor != 1.0 for t in terms)
+    f32 = torch.float32
+    thr = [torch.tensor(t.threshold, dtype=f32) for t in terms]
+    fac = [torch.tensor(t.factor, dtype=f32) for t in terms]
+    ws = [torch.tensor(t.weight, dtype=f32) for t in terms]
+    lin_div = torch.stack(ws).sum() if ws else torch.ones((), dtype=f32)
+    if lin_div.abs() < 1e-8:
+        lin_div = torch.ones((), dtype=f32)
+    lam_t = torch.tensor(lam, dtype=f32)
+    key = ("merge", kinds, scaled, consensus, normalize, lam != 1, out_dtype)
+    mask_args = [m if m is not None else torch.ones((), dtype=torch.bool) for m in masks]
+
+    def build():
+        def f(base, xs, thr, fac, ws, masks, lin_div, lam_t):
+            b = base.float()
+            wds = []
+            mixed = None
+            for i, kind in enumerate(kinds):
+                if kind == "none":
+                    continue
+                d = xs[i].float() - b
+                if kind == "trim":
+                    d = d * (d.abs() >= thr[i])
+                elif kind == "trim0":
+                    d = d * (d.abs() > 0)
+                elif kind == "random":
+                    d = d * masks[i]
+                if scaled[i]:
+                    d = d * fac[i]
+                wd = d * ws[i]
+                if consensus:
+                    wds.append((wd, ws[i]))
+                else:
+                    mixed = wd if mixed is None else mixed + wd
+            if consensus and wds:
+                elected = wds[0][0]
+                for wd, _ in wds[1:]:
+                    elected = elected + wd
+                positive = elected >= 0
+                div = None
+                for wd, w in wds:
+                    agree = torch.where(positive, wd > 0, wd < 0)
+                    part = wd * agree
+                    mixed = part if mixed is None else mixed + part
+                    wpart = agree.float() * w
+                    div = wpart if div is None else div + wpart
+                if normalize:
+                    mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+            elif mixed is not None and normalize:
+                mixed = mixed / lin_div
+            if mixed is None:
+                return b.to(out_dtype)
+            if lam != 1:
+                mixed = mixed * lam_t
+            return (mixed + b).to(out_dtype)
+        return f
+
+    return _run(key, build, base, list(xs), thr, fac, ws, mask_args, lin_div, lam_t)
