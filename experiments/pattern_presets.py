@@ -81,17 +81,17 @@ class Preset:
 
 PRESETS = {
     "gpu": Preset(),
-    # 2 CPU cores: ~1/4 of the GPU budgets and ~100-150 prompts per suite (an estimate scaled
-    # from smoke timings, see experiments/README.md).
-    "cpu": Preset(name="cpu", sft_refusals=800, sft_benign=800, sft_steps=(50, 100, 200),
-                  sft_batch=8, sft_max_length=192, calib_limit=40, calib_benign=32,
-                  dh_pairs=240, patch_batch=8, patch_max_length=256, se_steps=40, osm_steps=40,
-                  score_examples=160, score_batch=8, eval_limit=120, eval_batch=16,
+    # 2 CPU cores: a fraction of the GPU budgets and 100 prompts per suite, sized by a FLOP
+    # estimate for about two hours (see experiments/README.md; not measured end to end).
+    "cpu": Preset(name="cpu", sft_refusals=800, sft_benign=800, sft_steps=(30, 60, 120),
+                  sft_batch=8, sft_max_length=160, calib_limit=40, calib_benign=32,
+                  dh_pairs=240, patch_batch=8, patch_max_length=192, se_steps=25, osm_steps=25,
+                  score_examples=96, score_batch=8, eval_limit=100, eval_batch=16,
                   utility_limit=50),
-    "smoke": Preset(name="smoke", sft_refusals=40, sft_benign=40, sft_steps=(6, 12),
-                    sft_batch=4, sft_max_length=96, calib_limit=6, calib_benign=4,
-                    dh_pairs=24, patch_batch=4, patch_max_length=128, se_steps=3, osm_steps=3,
-                    score_examples=8, score_batch=4, eval_limit=6, max_new_tokens=12,
+    "smoke": Preset(name="smoke", sft_refusals=16, sft_benign=16, sft_steps=(2, 4),
+                    sft_batch=2, sft_max_length=64, calib_limit=4, calib_benign=4,
+                    dh_pairs=16, patch_batch=2, patch_max_length=64, se_steps=2, osm_steps=2,
+                    score_examples=4, score_batch=2, eval_limit=6, max_new_tokens=12,
                     eval_batch=8, utility_limit=4, utility_max_tokens=32,
                     sweep=_sweep_default()[:2]),
 }

@@ -110,6 +110,17 @@ def markdown(record: dict) -> str:
         for side, d in pt.items():
             lines.append(f"- {side}: {d.get('steps')} steps, stop: {d.get('stop_reason')}, "
                          f"train NLL {d.get('nll_first')} → {d.get('nll_last')} (nats/token)")
+    ov = record.get("score_overlap")
+    if ov and "error" not in ov:
+        lines += ["", "## Overlap of the two top sets (what the difference set removes)", "",
+                  f"N = {ov['n']} scored parameters; T_X = top-k by SNIP score, one global "
+                  "threshold.", "", "| rate | k | SE selected | OSM selected | |T_SE ∩ T_OSM| | "
+                  "∩ / k |", "|---|---|---|---|---|---|"]
+        for r, d in ov.items():
+            if r == "n":
+                continue
+            lines.append(f"| {r} | {d['k']} | {d['se_selected']} | {d['osm_selected']} | "
+                         f"{d['intersection']} | {d['intersection_over_k']:.3f} |")
     tm = record.get("timings")
     if tm:
         lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
@@ -127,7 +138,7 @@ def plot(record: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 6), dpi=110)
     for name, v in record.get("variants", {}).items():
         if v.get("status") != "done":
             continue
@@ -138,15 +149,20 @@ def plot(record: dict, path: Path) -> bool:
         err_x = [[hx - 100 * h["ci95"][0]], [100 * h["ci95"][1] - hx]]
         err_y = [[xy - 100 * x["ci95"][0]], [100 * x["ci95"][1] - xy]]
         c = KIND_COLOURS.get(v.get("kind"), "tab:orange")
-        ax.errorbar(hx, xy, xerr=err_x, yerr=err_y, fmt="o", color=c, ms=5, lw=0.8, capsize=2)
-        ax.annotate(name, (hx, xy), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                    color=c)
+        i = len(ax.containers) + 1
+        ax.errorbar(hx, xy, xerr=err_x, yerr=err_y, fmt="o", color=c, ms=5, lw=0.8, capsize=2,
+                    label=f"{i}: {name}")
+        # numbers, not names, beside the points: coinciding points stay readable via the legend
+        ax.annotate(str(i), (hx, xy), textcoords="offset points", xytext=(4, 3 + 7 * (i % 3)),
+                    fontsize=7, color=c)
     ax.set_xlabel("compliance on harmful prompts, % (HarmBench + StrongREJECT)")
     ax.set_ylabel("over-refusal on XSTest safe prompts, %")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.set_title("SmolLM2-135M (safety-tuned backbone): lower left is better", fontsize=10)
+    if ax.containers:
+        ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -144,9 +144,12 @@ class Experiment:
 
     # ------------------------------------------------------------------ helpers
     def step(self, stage: str, name: str, inputs: dict, output: Path, fn):
-        t0 = time.monotonic()
         outcome = self.runner.run(stage, name, inputs, output, fn)
-        self.timings[f"{stage}/{name}"] = round(time.monotonic() - t0, 1)
+        # A skipped step reports the seconds it took when it ran (from its manifest).
+        m = self.runner.read_manifest(stage, name) or {}
+        self.timings[f"{stage}/{name}"] = round(float(m.get("seconds") or outcome.seconds), 1)
+        if outcome.status == "skipped":
+            self.record.setdefault("cached_steps", []).append(f"{stage}/{name}")
         return outcome
 
     def derive_cfg(self, **kw):
@@ -410,6 +413,23 @@ class Experiment:
             self.finish()
             raise
         shipped_id = dir_fingerprint(shipped)
+        try:  # a diagnostic for the analysis; never worth failing the run for
+            t0 = time.monotonic()
+            rates = sorted({float(x) for s in self.p.sweep for x in (s["a"], s["b"])})
+            key = {"scores": self.score_ids, "rates": rates}
+            cache = self.out / "score_overlap.json"
+            old = json.loads(cache.read_text()) if cache.is_file() else {}
+            if old.get("key") == key:
+                self.record["score_overlap"] = old["overlap"]
+            else:
+                self.record["score_overlap"] = score_overlap(
+                    self.scores["se"], self.scores["osm"], rates, self.device)
+                cache.write_text(json.dumps({"key": key, "overlap": self.record["score_overlap"]},
+                                            indent=1) + "\n")
+                self.timings["score_overlap"] = round(time.monotonic() - t0, 1)
+            log.info("score overlap: %s", json.dumps(self.record["score_overlap"]))
+        except Exception as e:
+            log.warning("score overlap failed: %s", e)
         for v in self.variants(shipped):
             if self.budget.exceeded():
                 self.stopped = True
@@ -430,8 +450,19 @@ class Experiment:
                 self.record["variants"][v["name"]] = {
                     "status": "failed", "kind": v["kind"], "params": v.get("params"),
                     "method": v.get("method"), "error": f"{type(e).__name__}: {e}"}
+            self._free_memory()
             self.write_partial_report()
         return self.finish()
+
+    @staticmethod
+    def _free_memory() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def resolve_model(self) -> Path:
         if self.args.model_dir:
@@ -455,6 +486,46 @@ class Experiment:
         self.write_partial_report()
         log.info("report: %s", self.results_dir)
         return self.record
+
+
+def score_overlap(se_dir: Path, osm_dir: Path, rates: list[float], device: str) -> dict:
+    """How much the top sets of the two patches overlap: for each rate r, |T_SE ∩ T_OSM| / k
+    with T_X = the k = ceil(r·N) highest-scoring parameters of X (S > 0; one global threshold,
+    as the merge's default granularity; ties at the threshold counted in). This is what the
+    difference-set merge removes from each side."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    def flat(d: Path) -> tuple[list[str], torch.Tensor]:
+        parts = {}
+        for f in sorted(d.glob("*.safetensors")):
+            if f.name == "histograms.safetensors":
+                continue
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    parts[k] = h.get_tensor(k).float().reshape(-1)
+        names = sorted(parts)
+        return names, torch.cat([parts[n] for n in names]).to(device)
+
+    n_se, s_se = flat(se_dir)
+    n_osm, s_osm = flat(osm_dir)
+    if n_se != n_osm:
+        return {"error": "score directories cover different tensors"}
+    n = s_se.numel()
+    out = {"n": n}
+    for r in rates:
+        k = max(1, math.ceil(round(r * n, 6)))
+        masks = []
+        for s in (s_se, s_osm):
+            t = torch.kthvalue(s, n - k + 1).values
+            masks.append((s >= t) & (s > 0))
+        inter = int((masks[0] & masks[1]).sum())
+        out[f"{r:g}"] = {"k": k, "se_selected": int(masks[0].sum()),
+                         "osm_selected": int(masks[1].sum()), "intersection": inter,
+                         "intersection_over_k": inter / k}
+    return out
 
 
 def _curve_summary(out: Path, rec: dict) -> dict:
