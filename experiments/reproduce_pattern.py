@@ -479,10 +479,34 @@ class Experiment:
         self.record["stopped_by_budget"] = self.stopped
         write_report(self.record, self.results_dir)
 
+    def export_completions(self) -> None:
+        """completions.jsonl.gz in the results dir: every evaluated completion with its
+        verdict (for checking the judge and reading what the models said)."""
+        import gzip
+
+        path = self.results_dir / "completions.jsonl.gz"
+        tmp = path.with_name(path.name + ".partial")
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for name, v in self.record["variants"].items():
+                res = self.out / "evals" / name / "results.json"
+                if v.get("status") != "done" or not res.is_file():
+                    continue
+                for r in json.loads(res.read_text())["records"]:
+                    f.write(json.dumps({"variant": name, **{k: r.get(k) for k in (
+                        "suite", "id", "harmful", "prompt", "completion", "n_new_tokens",
+                        "hit_eos", "outcome", "refusal_rule", "degeneration_reason")}},
+                        ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
     def finish(self) -> dict:
         from safepatch_merge.derive.record import now_iso
 
         self.record["finished"] = now_iso()
+        try:
+            self.export_completions()
+        except Exception as e:  # the table matters more than this export
+            log.warning("completions export failed: %s", e)
         self.write_partial_report()
         log.info("report: %s", self.results_dir)
         return self.record
