@@ -45,7 +45,10 @@ class DemoConfig:
     dh_suite / dh_prompts / dh_max_new_tokens: the packaged harmful suite dh_model answers
     to make D_h, how many of its prompts (a fixed subset), and the answer length (tokens).
     eval_*: suites, prompts per suite, new tokens per answer, utility reference answers.
-    se_* / osm_*: steps and learning rates of the two patches (full-parameter AdamW).
+    se_* / osm_*: steps and learning rates of the two patches (full-parameter AdamW). On
+    SmolLM2 with 4 steps, se_lr 2e-5 barely moved the merged model (response NLL on D_h 1.22 ->
+    1.26 at α = 1); 1e-4 is the stronger default (α = 5 on the 2e-5 patch, about the same
+    update under Adam's first steps, gave 1.87 with reference perplexity 4.62 -> 5.26).
     top_rate_* / alpha / beta: the SafePatching merge (merge/defaults.py documents ours).
     """
 
@@ -64,7 +67,7 @@ class DemoConfig:
     batch_size: int = 8
     max_length: int = 160
     se_steps: int = 4
-    se_lr: float = 2e-5
+    se_lr: float = 1e-4
     osm_steps: int = 4
     osm_lr: float = 2e-5
     train_batch_size: int = 4
