@@ -164,6 +164,13 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
+def dtype_kwarg(torch_dtype) -> dict:
+    """`dtype=` for from_pretrained on transformers >= 4.56, `torch_dtype=` before."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) from a local Hugging Face model directory, for inference: eval mode,
     left padding, a pad token (eos when the tokenizer has none). Never runs remote code."""
@@ -177,7 +184,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False, dtype=torch_dtype)
+                                                     trust_remote_code=False,
+                                                     **dtype_kwarg(torch_dtype))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
     model.to(device).eval()

@@ -249,12 +249,13 @@ class CausalLMGuard:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..errors import CheckpointError
+        from .generate import dtype_kwarg
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
                                                      trust_remote_code=False)
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, trust_remote_code=False,
-                dtype=dtype or torch.float32).to(device).eval()
+                **dtype_kwarg(dtype or torch.float32)).to(device).eval()
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot load guard model ({str(e).splitlines()[0]})"
                                   ) from None
@@ -298,12 +299,13 @@ class ClassifierGuard:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from ..errors import CheckpointError
+        from .generate import dtype_kwarg
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
                                                      trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, local_files_only=True, trust_remote_code=False,
-                dtype=torch.float32).to(device).eval()
+                **dtype_kwarg(torch.float32)).to(device).eval()
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot load guard classifier "
                                   f"({str(e).splitlines()[0]})") from None
