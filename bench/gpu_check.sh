@@ -10,7 +10,8 @@
 # compiled kernels on the GPU (pytest.txt); 5. runs bench/bench_ops.py --device cuda (bench.txt,
 # ops.csv) and bench/gpu_kernel_bars.py (bars.txt, kernel_bars.csv). summary.txt says what ran,
 # how long each stage took and its exit status. At most 8 files under $OUT, no folders.
-# Each stage has its own time limit (590 s in all; typically about 6 minutes end to end).
+# Each stage has its own time limit (590 s in all; typically about 6 minutes end to end);
+# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS} override them (seconds) to fit a shorter lease.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -46,7 +47,7 @@ stage() {  # stage NAME LIMIT_S LOGFILE CMD...: run with a time limit, log statu
 } > "$OUT/env.txt" 2>&1
 
 # 2. package: editable install, else symlinks so safepatch_merge.{triton_kernels,csrc} import
-if ! stage install 30 "$OUT/build.txt" python3 -m pip install --no-deps --no-build-isolation -e . ; then
+if ! stage install ${LIMIT_INSTALL:-30} "$OUT/build.txt" python3 -m pip install --no-deps --no-build-isolation -e . ; then
   ln -sfn ../triton_kernels safepatch_merge/triton_kernels
   ln -sfn ../csrc safepatch_merge/csrc
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,7 +55,7 @@ if ! stage install 30 "$OUT/build.txt" python3 -m pip install --no-deps --no-bui
 fi
 
 # 3. the extension, CUDA sources included (compile errors land in build.txt)
-stage build 170 "$OUT/build.txt" python3 - <<'EOF'
+stage build ${LIMIT_BUILD:-170} "$OUT/build.txt" python3 - <<'EOF'
 import logging, time
 import torch
 logging.basicConfig(level=logging.INFO)
@@ -71,17 +72,17 @@ EOF
 # 4. op tests, compiled on the GPU (conftest leaves TRITON_INTERPRET unset when CUDA exists)
 TESTS=$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py 2>/dev/null | tr '\n' ' ')
 echo "tests: $TESTS" >> "$SUMMARY"
-stage pytest 200 "$OUT/pytest.txt" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 $TESTS
+stage pytest ${LIMIT_PYTEST:-200} "$OUT/pytest.txt" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 $TESTS
 tail -n 3 "$OUT/pytest.txt" | sed 's/^/  pytest: /' >> "$SUMMARY"
 
 # 5. benchmarks (bench_ops.py writes bench/results/ops.csv)
 if [ -f bench/bench_ops.py ]; then
-  stage bench_ops 110 "$OUT/bench.txt" python3 bench/bench_ops.py --device cuda
+  stage bench_ops ${LIMIT_BENCH:-110} "$OUT/bench.txt" python3 bench/bench_ops.py --device cuda
   [ -f bench/results/ops.csv ] && cp bench/results/ops.csv "$OUT/ops.csv"
 else
   echo "bench/bench_ops.py missing: skipped" | tee -a "$SUMMARY"
 fi
-stage bars 80 "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --skip-reference --csv "$OUT/kernel_bars.csv"
+stage bars ${LIMIT_BARS:-80} "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --skip-reference --csv "$OUT/kernel_bars.csv"
 grep -E "PASS|FAIL|copy bandwidth" "$OUT/bars.txt" | sed 's/^/  bars: /' >> "$SUMMARY"
 
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"
