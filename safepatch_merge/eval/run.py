@@ -60,8 +60,14 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
     if dedup_against:
         texts = [t for f in dedup_against for t in load_training_prompts(f)]
         index = TrainingIndex(texts)
+    seen: dict[str, str] = {}
     for name in dict.fromkeys(suites):
         ps = load_suite(name, user_harmful=user_harmful)
+        if ps and ps[0].suite in seen:
+            raise ConfigError(f"suites {seen[ps[0].suite]} and {name} would both be reported as "
+                              f"'{ps[0].suite}'; rename one file")
+        if ps:
+            seen[ps[0].suite] = name
         if index is not None:
             ps, rep = deduplicate(ps, index, fuzzy_threshold)
             dedup_reports.append(rep)
