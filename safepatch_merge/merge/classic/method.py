@@ -138,11 +138,15 @@ class ClassicMethod(MergeMethod):
         return ()
 
     def scratch_bytes(self, backend_name: str) -> int:
-        """Temporary bytes per chunk element: base in fp32, one fp32 delta per model (TIES
-        keeps them all for the sign election), masks and sums; the plain-torch radix
-        histogram needs int64 keys on top."""
+        """Temporary bytes per chunk element. Eager: base in fp32, one fp32 delta per model
+        (TIES keeps them all for the sign election), masks and sums. Fused kernels (chunks of
+        >= fused.MIN_FUSED elements): one fp32 |d| per model and the output. The plain-torch
+        radix histogram needs int64 keys on top."""
         m = len(self.sources)
-        return 40 + 4 * m + (64 if backend_name == "reference" else 0)
+        hist = 64 if backend_name == "reference" else 0
+        if fused.enabled(fused.MIN_FUSED):  # fused kernels: one float32 |d| per model
+            return 16 + 5 * m + hist          # plus keep masks; no float32 deltas stored
+        return 40 + 4 * m + hist
 
     # -- per-tensor statistics --------------------------------------------------------------
     def _new(self, name: str, numel: int) -> TensorMerge:
