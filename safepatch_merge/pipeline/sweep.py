@@ -206,7 +206,8 @@ def _table(rows: list[dict]) -> str:
     lines.append("")
     lines.append(f"n = {n_h} harmful prompts, {n_o} XSTest safe prompts per point; 95% Wilson "
                  "intervals in brackets; ★ = Pareto-optimal (lower compliance and lower "
-                 "over-refusal), backbone included as a reference point.")
+                 "over-refusal)" + (", backbone included as a reference point."
+                                    if rows[0]["id"] == "backbone" else "."))
     return "\n".join(lines) + "\n"
 
 
