@@ -7,8 +7,9 @@ Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by defa
                  saliency_accumulate_, each gradient freed in its hook, |·| at the end;
   snip_allgrads  the same score by plain autograd keeping every gradient (accumulated over
                  the batches), then fp32 |θ ⊙ g| buffers — the memory baseline.
-Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up.
-Peak memory: each way in a fresh process; on CPU the peak RSS above the RSS just before the
+Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up, as
+wall time and as process CPU time (steadier on a shared machine).
+Peak memory: each way in a fresh process (beside the timing on CPU, one by one on CUDA); on CPU the peak RSS above the RSS just before the
 work (VmHWM reset through /proc/self/clear_refs), on CUDA max_memory_allocated above the
 allocation before the work. Results are appended to bench/results/score_bench.csv.
 
@@ -127,22 +128,24 @@ def timing(args) -> dict:
     device, model, tok, ex, params = _setup(args)
     batches = _batches(ex, tok.pad_token_id, args.batch_size, device)
     t = {"fwdbwd": [], "snip": []}
+    cpu = {"fwdbwd": [], "snip": []}
     for r in range(args.repeats + 1):  # round 0 warms up
         for mode in ("fwdbwd", "snip"):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mode == "fwdbwd":
                 run_fwdbwd(model, batches, len(ex), params)
             else:
                 run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
             _sync(device)
-            dt = time.perf_counter() - t0
-            print(f"round {r} {mode}: {dt:.2f} s", file=sys.stderr, flush=True)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            print(f"round {r} {mode}: wall {dt:.2f} s, cpu {dc:.2f} s", file=sys.stderr, flush=True)
             if r:
                 t[mode].append(dt)
+                cpu[mode].append(dc)
     tokens = sum(int(b["attention_mask"].sum()) for b, _ in batches)
     n_params = sum(p.numel() for p in params.values())
-    return {"times": t, "tokens": tokens, "batches": [n for _, n in batches],
+    return {"times": t, "cpu_times": cpu, "tokens": tokens, "batches": [n for _, n in batches],
             "scored_parameters": n_params}
 
 
@@ -177,18 +180,29 @@ def main() -> None:
         print("RESULT " + json.dumps(worker_memory(args)))
         return
 
-    tm = timing(args)
-    mem = {}
+    # Peak memory: one fresh process per way. On CPU they run beside the timing (each
+    # measures only its own RSS; timing is also reported as CPU time); on CUDA one by one.
+    procs = {}
     for mode in ("fwdbwd", "snip", "snip_allgrads"):
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
                args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
-               "--threads", str(args.threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+               "--threads", str(args.threads or 1)]
+        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
+        if args.device == "cuda":
+            procs[mode].wait()
+    tm = timing(args)
+    mem = {}
+    for mode, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"memory worker {mode} failed (exit {proc.returncode})")
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
         mem[mode] = json.loads(line[7:])["peak_bytes_above_start"]
 
     med = {k: statistics.median(v) for k, v in tm["times"].items()}
+    medc = {k: statistics.median(v) for k, v in tm["cpu_times"].items()}
     from safepatch_merge.ops import backend_for
 
     dev = torch.device(args.device)
@@ -204,6 +218,8 @@ def main() -> None:
         "repeats": args.repeats,
         "fwdbwd_s": round(med["fwdbwd"], 4), "snip_s": round(med["snip"], 4),
         "time_ratio": round(med["snip"] / med["fwdbwd"], 4),
+        "fwdbwd_cpu_s": round(medc["fwdbwd"], 4), "snip_cpu_s": round(medc["snip"], 4),
+        "cpu_time_ratio": round(medc["snip"] / medc["fwdbwd"], 4),
         "peak_fwdbwd_MB": round(mem["fwdbwd"] / 1e6, 1), "peak_snip_MB": round(mem["snip"] / 1e6, 1),
         "peak_allgrads_MB": round(mem["snip_allgrads"] / 1e6, 1),
         "memory_ratio_vs_allgrads": round(mem["snip"] / mem["snip_allgrads"], 4),
@@ -218,7 +234,8 @@ def main() -> None:
             w.writeheader()
         w.writerow(row)
     print(json.dumps(row, indent=1))
-    print(f"times fwdbwd {tm['times']['fwdbwd']} snip {tm['times']['snip']}")
+    print(f"wall fwdbwd {tm['times']['fwdbwd']} snip {tm['times']['snip']}")
+    print(f"cpu fwdbwd {tm['cpu_times']['fwdbwd']} snip {tm['cpu_times']['snip']}")
 
 
 if __name__ == "__main__":

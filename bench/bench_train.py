@@ -38,9 +38,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--random-weights", metavar="DIR",
                     help="use (and create if absent) a random-weight SmolLM2-shaped model in DIR")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from safepatch_merge.derive.train import DeriveConfig, derive_patch
     from safepatch_merge.paths import shared_data_dir
 
@@ -78,7 +81,10 @@ def main() -> None:
             "trainable_parameters": rec["trainable_parameters"],
             "batch_size": args.batch_size, "max_length": args.max_length,
             "steps": rec["steps"], "tokens": th["tokens"], "seconds": round(th["seconds"], 3),
-            "tokens_per_s": round(th["tokens_per_s"], 1), "train_dtype": th["train_dtype"],
+            "tokens_per_s": round(th["tokens_per_s"], 1),
+            "cpu_seconds": round(th["cpu_seconds"], 3), "threads": th["threads"],
+            "tokens_per_cpu_s": round(th["tokens"] / th["cpu_seconds"], 1),
+            "train_dtype": th["train_dtype"],
             "mixed_precision": th["mixed_precision"], "torch": torch.__version__,
         })
         print(json.dumps(rows[-1]))

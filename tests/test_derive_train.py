@@ -143,3 +143,24 @@ def test_errors(setup, tmp_path):
     with pytest.raises(ConfigError, match="clipping"):
         derive_patch(bb, data, tmp_path / "x", DeriveConfig(objective="ga", max_grad_norm=0))
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_precisions_in_one_process(setup, tmp_path):
+    """fp32 then bf16 autocast then bf16 weights in one process (accelerate's state is reset);
+    the checkpoint is saved in the training dtype unless asked otherwise."""
+    bb, data = setup
+    recs = {}
+    for prec in ("fp32", "bf16-mixed", "bf16"):
+        recs[prec] = derive_patch(bb, data, tmp_path / prec, progress=False,
+                                  config=DeriveConfig(objective="gd", precision=prec,
+                                                      **{**BASE, "max_steps": 2}))
+    assert recs["bf16-mixed"]["throughput"]["mixed_precision"] == "bf16"
+    assert recs["fp32"]["throughput"]["mixed_precision"] == "no"
+    for prec, want in (("fp32", torch.float32), ("bf16-mixed", torch.float32), ("bf16", torch.bfloat16)):
+        w = load_file(tmp_path / prec / "model.safetensors")["model.norm.weight"]
+        assert w.dtype == want, prec
+        assert recs[prec]["final_heldout_nll"] < recs[prec]["initial_heldout_nll"], prec
+    rec = derive_patch(bb, data, tmp_path / "bf16out", progress=False,
+                       config=DeriveConfig(objective="gd", save_dtype="bfloat16", **{**BASE, "max_steps": 1}))
+    assert rec["save_dtype"] == "bfloat16"
+    assert load_file(tmp_path / "bf16out" / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16

@@ -214,6 +214,12 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
     if held_pairs and not held_ex:
         raise DataError(f"{data}: no held-out example fits max_length={cfg.max_length}")
 
+    # AcceleratorState is a process-wide singleton that refuses a second mixed-precision or
+    # device setting, so a second derive in one process (SE then OSM, other precision) would
+    # fail; reset it (the process group, PartialState, is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
         gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
@@ -264,11 +270,11 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
 
     held0 = _evaluate(model, held_loader, accelerator) if held_ex else None
     note(0, heldout_nll=held0)
-    step, epoch, examples, tokens, train_time = 0, 0, 0, 0, 0.0
+    step, epoch, examples, tokens, train_time, cpu_time = 0, 0, 0, 0, 0.0, 0.0
     stop_reason = None
     acc_nll, acc_n = torch.zeros((), device=accelerator.device), 0
     bar = _progress(cfg.max_steps, progress and accelerator.is_local_main_process, cfg.objective)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while stop_reason is None:
         if cfg.epochs is not None and epoch >= cfg.epochs:
             stop_reason = "epochs"
@@ -310,8 +316,9 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
             note(step, examples=examples, tokens=tokens)
             if held_ex and step % cfg.eval_every == 0:
                 train_time += time.perf_counter() - t0
+                cpu_time += time.process_time() - c0
                 note(step, heldout_nll=_evaluate(model, held_loader, accelerator))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if cfg.stop_on == "heldout" and _crossed(curve[step]["heldout_nll"], cfg):
                     stop_reason = "nll_ceiling" if cfg.objective == "ga" else "nll_floor"
             bar.update(1)
@@ -321,6 +328,7 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
             if stop_reason is not None:
                 break
     train_time += time.perf_counter() - t0
+    cpu_time += time.process_time() - c0
     bar.close()
     if held_ex and curve.get(step, {}).get("heldout_nll") is None:
         note(step, heldout_nll=_evaluate(model, held_loader, accelerator))
@@ -354,6 +362,9 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
                                      if r.get("train_nll") is not None), None),
             "throughput": {"tokens": tokens, "examples": examples, "seconds": train_time,
                            "tokens_per_s": tokens / train_time if train_time > 0 else None,
+                           # this process's CPU seconds: steadier than wall time on a shared host
+                           "cpu_seconds": cpu_time,
+                           "threads": torch.get_num_threads(),
                            "device": str(accelerator.device),
                            "num_processes": accelerator.num_processes,
                            "mixed_precision": accelerator.mixed_precision,
