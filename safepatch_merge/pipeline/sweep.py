@@ -241,7 +241,8 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> None:
                        s=160, color="tab:orange", edgecolors="k", zorder=5, label="backbone")
     for r, x, y in zip(pts, xs, ys):
         if r["pareto"]:
-            ax.annotate(r["id"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            ax.annotate(point_label(r), (x, y), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.set_xlabel("over-refusal on XSTest safe prompts (%)")
