@@ -5,8 +5,11 @@ Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by defa
                  .grad, as training with accumulation does) — the time baseline;
   snip           safepatch_merge.score.snip.snip_scores: post-accumulate-grad hooks, fused
                  saliency_accumulate_, each gradient freed in its hook, |·| at the end;
-  snip_allgrads  the same score by plain autograd keeping every gradient (accumulated over
-                 the batches), then fp32 |θ ⊙ g| buffers — the memory baseline.
+  allgrads_per_batch  the same arithmetic without hooks: each backward keeps all gradients,
+                 then the fused op adds (n_b/N)·θ⊙g into the fp32 buffers — memory baseline 1;
+  allgrads_sum   plain autograd keeping every gradient, accumulated in .grad over the batches
+                 (Σ_b (n_b/N)·g_b), then fp32 |θ ⊙ g| buffers at the end — memory baseline 2
+                 (equal scores because θ is fixed; needs fp32 gradients to keep precision).
 Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up, as
 wall time and as process CPU time (steadier on a shared machine).
 Peak memory: each way in a fresh process (beside the timing on CPU, one by one on CUDA); on CPU the peak RSS above the RSS just before the
@@ -35,6 +38,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "score_bench.csv"
+MODES = ("fwdbwd", "snip", "allgrads_per_batch", "allgrads_sum")
 
 
 def _status() -> dict:
@@ -99,6 +103,27 @@ def run_fwdbwd(model, batches, n_total, params, keep_scores=False):
     return scores
 
 
+def run_allgrads_per_batch(model, batches, n_total, params):
+    """The hooks' arithmetic without hooks: each batch's backward keeps all its gradients,
+    then the same fused op adds (n_b/N)·θ⊙g into fp32 buffers that live across batches."""
+    from safepatch_merge.derive.loss import per_example_nll
+    from safepatch_merge.ops import saliency_accumulate_, saliency_finalize_
+
+    scores = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
+    for b, n in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = per_example_nll(logits, b["labels"]).mean()
+        del logits
+        loss.backward()
+        with torch.no_grad():
+            for k, p in params.items():
+                saliency_accumulate_(scores[k], p.detach(), p.grad, n / n_total)
+                p.grad = None
+    for s in scores.values():
+        saliency_finalize_(s)
+    return scores
+
+
 def run_snip(model, ex, pad_id, params, bs):
     from safepatch_merge.score.snip import snip_scores
 
@@ -113,11 +138,22 @@ def _sync(device):
 def worker_memory(args) -> dict:
     device, model, tok, ex, params = _setup(args)
     batches = _batches(ex, tok.pad_token_id, args.batch_size, device)
+    # warm-up on one short example: fault in the kernels' code pages before measuring, then
+    # hand freed heap back to the OS so the baseline is the model and the data only
+    run_fwdbwd(model, _batches(ex[:1], tok.pad_token_id, 1, device), 1, params)
+    if device.type == "cpu":
+        import ctypes
+        import gc
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _reset_peak(device)
     if args.worker == "fwdbwd":
         run_fwdbwd(model, batches, len(ex), params)
-    elif args.worker == "snip_allgrads":
+    elif args.worker == "allgrads_sum":
         run_fwdbwd(model, batches, len(ex), params, keep_scores=True)
+    elif args.worker == "allgrads_per_batch":
+        run_allgrads_per_batch(model, batches, len(ex), params)
     else:
         run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
     _sync(device)
@@ -163,7 +199,7 @@ def main() -> None:
                     help="use (and create if absent) a random-weight SmolLM2-shaped model in DIR "
                          "instead of the real one (machines that cannot fetch it)")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--worker", choices=("fwdbwd", "snip", "snip_allgrads"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +219,7 @@ def main() -> None:
     # Peak memory: one fresh process per way. On CPU they run beside the timing (each
     # measures only its own RSS; timing is also reported as CPU time); on CUDA one by one.
     procs = {}
-    for mode in ("fwdbwd", "snip", "snip_allgrads"):
+    for mode in MODES:
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
                args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
@@ -221,8 +257,10 @@ def main() -> None:
         "fwdbwd_cpu_s": round(medc["fwdbwd"], 4), "snip_cpu_s": round(medc["snip"], 4),
         "cpu_time_ratio": round(medc["snip"] / medc["fwdbwd"], 4),
         "peak_fwdbwd_MB": round(mem["fwdbwd"] / 1e6, 1), "peak_snip_MB": round(mem["snip"] / 1e6, 1),
-        "peak_allgrads_MB": round(mem["snip_allgrads"] / 1e6, 1),
-        "memory_ratio_vs_allgrads": round(mem["snip"] / mem["snip_allgrads"], 4),
+        "peak_allgrads_per_batch_MB": round(mem["allgrads_per_batch"] / 1e6, 1),
+        "peak_allgrads_sum_MB": round(mem["allgrads_sum"] / 1e6, 1),
+        "memory_ratio_vs_allgrads_per_batch": round(mem["snip"] / mem["allgrads_per_batch"], 4),
+        "memory_ratio_vs_allgrads_sum": round(mem["snip"] / mem["allgrads_sum"], 4),
         "torch": torch.__version__,
     }
     out = Path(args.out)
