@@ -3,6 +3,7 @@
     python bench/bench_ops.py                      # CPU, all threads, 64M elements
     python bench/bench_ops.py --device cuda        # triton, cpp (CUDA) and reference on a GPU
     python bench/bench_ops.py --numel 16777216 --reps 5 --ops masked_merge
+    python bench/bench_ops.py --cpu-time           # 1 thread, CPU time: robust to other load
 
 Each op runs through the public ``safepatch_merge.ops`` function with one backend forced
 (``ops.set_backend``), after warm-up; the median of ``--reps`` runs is reported as achieved
@@ -69,12 +70,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_clock = time.perf_counter
+
+
 def seconds(fn, device: torch.device) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def paired_medians(fn, nbytes: int, device: torch.device, copy_bytes: int, reps: int,
@@ -155,7 +159,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--csv", default=str(REPO / "bench" / "results" / "ops.csv"))
     ap.add_argument("--note", default="", help="free text stored with every row")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="CPU only: one thread, timed by the thread's CPU time instead of the wall "
+                         "clock (what each op costs, robust to other load on a shared machine)")
     a = ap.parse_args(argv)
+    global _clock
+    if a.cpu_time:
+        if a.device != "cpu":
+            ap.error("--cpu-time needs --device cpu")
+        _clock = time.thread_time
+        a.threads = 1
+        a.note = ("clock=thread-cpu-time; " + a.note).strip("; ")
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -15,6 +15,9 @@ DTYPES = [  # (base, patch_se, patch_osm, scores, out)
     (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
     (torch.float32, torch.float16, torch.bfloat16, torch.bfloat16, torch.float32),
     (torch.float16, torch.float32, torch.float16, torch.float16, torch.float16),
+    # one dtype for base, patches and out, one for both scores (the C++ single-pass kernel)
+    (torch.float16, torch.float16, torch.float16, torch.bfloat16, torch.float16),
+    (torch.float32, torch.float32, torch.float32, torch.float16, torch.float32),
 ]
 
 
@@ -40,7 +43,7 @@ def _check(got, want, what=""):
 
 @pytest.mark.parametrize("mode", ref.MODES)
 @pytest.mark.parametrize("deltas", [True, False], ids=["deltas", "full"])
-@pytest.mark.parametrize("dts", DTYPES, ids=["bf16", "mixed32", "fp16"])
+@pytest.mark.parametrize("dts", DTYPES, ids=["bf16", "mixed32", "fp16", "fp16-bf16s", "fp32-fp16s"])
 def test_matches_reference(backend, mode, deltas, dts):
     case = _case(dts, deltas)
     t_se, t_osm = _thresholds(case)

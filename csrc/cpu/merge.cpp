@@ -28,7 +28,13 @@ namespace {
 constexpr int kLanes = 128;              // Philox blocks per tile
 constexpr int64_t kTile = 4 * kLanes;    // elements per tile
 constexpr int64_t kGrain = 64 * kTile;   // elements per parallel work item (at least)
-constexpr int64_t kPrefetchTiles = 2;  // how far ahead, in tiles
+#ifndef SAFEPATCH_PREFETCH_TILES
+#define SAFEPATCH_PREFETCH_TILES 2
+#endif
+#ifndef SAFEPATCH_PREFETCH_LOCALITY
+#define SAFEPATCH_PREFETCH_LOCALITY 0
+#endif
+constexpr int64_t kPrefetchTiles = SAFEPATCH_PREFETCH_TILES;  // how far ahead, in tiles
 
 using LoadFn = void (*)(const void*, int64_t, float*);
 using KeyFn = void (*)(const void*, int64_t, uint32_t, uint32_t*);
@@ -87,7 +93,11 @@ struct Tile {
   alignas(64) uint32_t applied[2][kTile];
   alignas(64) uint32_t words[kTile];
   alignas(64) float acc[kTile];
+  alignas(64) uint32_t keep_words[2][kTile];  // fused path; stay 0 (= kept) when p == 1
 };
+
+struct Merge;
+using FusedFn = void (*)(const Merge&, Tile&, int64_t, int64_t);
 
 struct Merge {
   const char* base;
@@ -101,6 +111,7 @@ struct Merge {
   bool deltas;
   uint32_t seed, name_hash, keep;
   int64_t offset;
+  FusedFn fused = nullptr;  // single-pass kernel for the common dtype combinations
 
   // Asks for the inputs of elements j .. j+n-1 ahead of use: six concurrent streams per
   // thread are more than the hardware prefetchers keep far enough ahead.
@@ -108,7 +119,7 @@ struct Merge {
     auto lines = [&](const char* p, int64_t esize) {
       if (p == nullptr) return;
       const char* a = p + j * esize;
-      for (int64_t o = 0; o < n * esize; o += 64) __builtin_prefetch(a + o, 0, 0);
+      for (int64_t o = 0; o < n * esize; o += 64) __builtin_prefetch(a + o, 0, SAFEPATCH_PREFETCH_LOCALITY);
     };
     lines(base, base_esize);
     for (int p = 0; p < 2; ++p) {
@@ -120,6 +131,10 @@ struct Merge {
 
   // Elements j .. j+n-1 of the chunk (absolute indices offset+j ..), inside one aligned tile.
   void tile(Tile& t, int64_t j, int64_t n) const {
+    if (fused != nullptr) {
+      fused(*this, t, j, n);
+      return;
+    }
     const uint64_t a0 = static_cast<uint64_t>(offset + j);
     const uint64_t tile0 = a0 / kTile * kTile;
     const int64_t sh = static_cast<int64_t>(a0 - tile0);
@@ -194,6 +209,126 @@ struct Merge {
   }
 };
 
+
+// Single-pass tile for the common case: both patches present, scores used (mode difference,
+// intersection or topk), base / patches / out of one dtype V, both scores of one dtype S.
+// Pass 1 turns the scores into M_SE, M_OSM; Philox then fills the retention words of the tile's
+// blocks (only for a patch with something selected); pass 2 reads base and patches once,
+// computes in fp32 and writes the output. Same arithmetic as the generic path, bit for bit.
+template <typename V, typename S, bool Deltas>
+void fused_tile(const Merge& mg, Tile& t, int64_t j, int64_t n) {
+  const uint64_t a0 = static_cast<uint64_t>(mg.offset + j);
+  const uint64_t tile0 = a0 / kTile * kTile;
+  const int64_t sh = static_cast<int64_t>(a0 - tile0);
+  const auto* __restrict__ s0 = reinterpret_cast<const typename S::raw*>(mg.x[0].score) + j;
+  const auto* __restrict__ s1 = reinterpret_cast<const typename S::raw*>(mg.x[1].score) + j;
+  uint32_t* __restrict__ m0 = t.applied[0];
+  uint32_t* __restrict__ m1 = t.applied[1];
+  const uint32_t t0 = mg.x[0].key_t, t1 = mg.x[1].key_t;
+  uint32_t any0 = 0, any1 = 0;
+  switch (mg.mode) {
+    case kDifference:
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t k0 = score_key_from_bits(S::key_bits(s0[k]));
+        const uint32_t k1 = score_key_from_bits(S::key_bits(s1[k]));
+        const uint32_t i0 = static_cast<uint32_t>(k0 >= t0) & static_cast<uint32_t>(k0 > 0);
+        const uint32_t i1 = static_cast<uint32_t>(k1 >= t1) & static_cast<uint32_t>(k1 > 0);
+        const uint32_t a0 = i0 & ~i1;
+        const uint32_t a1 = i1 & ~i0;
+        m0[k] = a0;
+        m1[k] = a1;
+        any0 |= a0;
+        any1 |= a1;
+      }
+      break;
+    case kIntersection:
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t k0 = score_key_from_bits(S::key_bits(s0[k]));
+        const uint32_t k1 = score_key_from_bits(S::key_bits(s1[k]));
+        const uint32_t i0 = static_cast<uint32_t>(k0 >= t0) & static_cast<uint32_t>(k0 > 0);
+        const uint32_t i1 = static_cast<uint32_t>(k1 >= t1) & static_cast<uint32_t>(k1 > 0);
+        const uint32_t a = i0 & i1;
+        m0[k] = a;
+        any0 |= a;
+      }
+      std::memcpy(m1, m0, sizeof(uint32_t) * n);
+      any1 = any0;
+      break;
+    default:  // topk
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t k0 = score_key_from_bits(S::key_bits(s0[k]));
+        const uint32_t k1 = score_key_from_bits(S::key_bits(s1[k]));
+        const uint32_t a0 = static_cast<uint32_t>(k0 >= t0) & static_cast<uint32_t>(k0 > 0);
+        const uint32_t a1 = static_cast<uint32_t>(k1 >= t1) & static_cast<uint32_t>(k1 > 0);
+        m0[k] = a0;
+        m1[k] = a1;
+        any0 |= a0;
+        any1 |= a1;
+      }
+  }
+  const bool draw = mg.x[0].draw;  // the same for both patches (p is shared)
+  if (draw && any0) philox_words_lanes<kLanes>(tile0 >> 2, mg.seed, mg.name_hash, 0, t.keep_words[0]);
+  if (draw && any1) philox_words_lanes<kLanes>(tile0 >> 2, mg.seed, mg.name_hash, 1, t.keep_words[1]);
+  const uint32_t thr = draw ? mg.keep : 1u;  // words stay 0 without drawing: 0 < 1 keeps
+  const uint32_t* __restrict__ w0 = t.keep_words[0] + sh;
+  const uint32_t* __restrict__ w1 = t.keep_words[1] + sh;
+  const auto* __restrict__ b = reinterpret_cast<const typename V::raw*>(mg.base) + j;
+  const auto* __restrict__ p0 = reinterpret_cast<const typename V::raw*>(mg.x[0].data) + j;
+  const auto* __restrict__ p1 = reinterpret_cast<const typename V::raw*>(mg.x[1].data) + j;
+  auto* __restrict__ o = reinterpret_cast<typename V::raw*>(mg.out) + j;
+  const float c0 = mg.x[0].coeff, c1 = mg.x[1].coeff;
+  for (int64_t k = 0; k < n; ++k) {
+    const float bv = V::load(b[k]);
+    float d0 = V::load(p0[k]);
+    float d1 = V::load(p1[k]);
+    if (!Deltas) {
+      d0 = d0 - bv;
+      d1 = d1 - bv;
+    }
+    const uint32_t a0k = m0[k] & static_cast<uint32_t>(w0[k] < thr);
+    const uint32_t a1k = m1[k] & static_cast<uint32_t>(w1[k] < thr);
+    m0[k] = a0k;
+    m1[k] = a1k;
+    float acc = bv;
+    const float v0 = acc + c0 * d0;
+    acc = a0k ? v0 : acc;
+    const float v1 = acc + c1 * d1;
+    acc = a1k ? v1 : acc;
+    o[k] = V::store(acc);
+  }
+  for (int p = 0; p < 2; ++p) {
+    bool* mo = mg.x[p].mask_out;
+    if (mo == nullptr) continue;
+    const uint32_t* __restrict__ m = t.applied[p];
+    for (int64_t k = 0; k < n; ++k) mo[j + k] = m[k] != 0;
+  }
+}
+
+template <typename V, typename S>
+FusedFn fused_for(bool deltas) {
+  return deltas ? &fused_tile<V, S, true> : &fused_tile<V, S, false>;
+}
+
+template <typename V>
+FusedFn fused_for_scores(c10::ScalarType score, bool deltas) {
+  return dispatch_float(score, "score", [&](auto st) { return fused_for<V, decltype(st)>(deltas); });
+}
+
+// The fused kernel for these inputs, or nullptr when only the generic path handles them.
+FusedFn choose_fused(const at::Tensor& base, const c10::optional<at::Tensor>& patch_se,
+                     const c10::optional<at::Tensor>& patch_osm,
+                     const c10::optional<at::Tensor>& score_se,
+                     const c10::optional<at::Tensor>& score_osm, int64_t mode, bool deltas,
+                     c10::ScalarType out_dtype) {
+  if (mode == kNone || !patch_se.has_value() || !patch_osm.has_value()) return nullptr;
+  const c10::ScalarType v = base.scalar_type();
+  if (patch_se->scalar_type() != v || patch_osm->scalar_type() != v || out_dtype != v) return nullptr;
+  if (score_se->scalar_type() != score_osm->scalar_type()) return nullptr;
+  return dispatch_float(v, "base", [&](auto vt) {
+    return fused_for_scores<decltype(vt)>(score_se->scalar_type(), deltas);
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
@@ -261,8 +396,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
     }
   }
 
+  mg.fused = choose_fused(base, patch_se, patch_osm, score_se, score_osm, mode, deltas, out_dtype);
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     Tile t;
+    std::memset(t.keep_words, 0, sizeof(t.keep_words));
     int64_t j = lo;
     while (j < hi) {
       const int64_t a = offset + j;
