@@ -39,6 +39,7 @@ def test_no_ext_disables(monkeypatch):
 
 
 def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("SAFEPATCH_NO_EXT", raising=False)
     broken = tmp_path / "csrc"
     (broken / "cpu").mkdir(parents=True)
     (broken / "ops.cpp").write_text("#error deliberately broken source\n")
