@@ -1,13 +1,14 @@
-"""Fused CPU/GPU kernels (torch.compile / Inductor) of the classic merges' elementwise work.
+"""Fused kernels of the classic merges' elementwise work: C++ loops on CPU
+(:mod:`.cpu_kernels`), torch.compile (Inductor) elsewhere.
 
 In eager torch every step of :func:`.combine.combine_deltas` is a pass over memory (some 30
 for TIES); on large chunks that, not arithmetic, is the cost. Here the same operations, in
-the same order and float32 precision, are compiled into one loop per chunk (and |x − b| into
-one pass before the radix histograms), so the results are the eager results bit for bit
+the same order and float32 precision, run as one loop per chunk (and |x − b| as one pass
+before the radix histograms), so the results are the eager results bit for bit
 (tests/test_classic_fused.py). Used for chunks of at least MIN_FUSED elements; small tensors
-stay eager (compiling is slower than running them).
+stay eager (building or compiling is slower than running them).
 
-SAFEPATCH_CLASSIC_COMPILE=0 disables compilation, =1 forces it even for small chunks. A
+SAFEPATCH_CLASSIC_COMPILE=0 disables both, =1 forces them even for small chunks. A build or
 compile failure (no C++ compiler, unsupported platform) is logged once and the eager path is
 used from then on.
 """
@@ -21,6 +22,8 @@ import torch
 log = logging.getLogger("safepatch_merge.merge")
 
 MIN_FUSED = 1 << 20
+# c10::ScalarType codes of the output dtypes (the C++ kernel's out_dtype argument)
+_SCALAR_TYPE = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
 _kernels: dict = {}
 _state = {"failed": False}
 
@@ -53,8 +56,20 @@ def _run(key, build, *args):
         return None
 
 
+def _cpu(t: torch.Tensor):
+    if t.device.type != "cpu":
+        return None
+    from . import cpu_kernels
+
+    return cpu_kernels.load()
+
+
 def abs_delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
     """float32 |float32(x) − float32(base)| in one pass, or None (use eager)."""
+    mod = _cpu(x)
+    if mod is not None:
+        return mod.abs_delta(x.contiguous(), base.contiguous())
+
     def build():
         def f(x, b):
             return (x.float() - b.float()).abs()
@@ -83,8 +98,19 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
     if lin_div.abs() < 1e-8:
         lin_div = torch.ones((), dtype=f32)
     lam_t = torch.tensor(lam, dtype=f32)
-    key = ("merge", kinds, scaled, consensus, normalize, lam != 1, out_dtype)
     mask_args = [m if m is not None else torch.ones((), dtype=torch.bool) for m in masks]
+    mod = _cpu(base)
+    if mod is not None:
+        from .cpu_kernels import KIND_ALL, KIND_NONE, KIND_RANDOM, KIND_TRIM, KIND_TRIM0
+
+        ids = {"none": KIND_NONE, "all": KIND_ALL, "trim": KIND_TRIM, "trim0": KIND_TRIM0,
+               "random": KIND_RANDOM}
+        return mod.merge(base.contiguous(), [x.contiguous() for x in xs],
+                         [ids[k] for k in kinds], [t.threshold for t in terms],
+                         [t.factor for t in terms], [t.weight for t in terms],
+                         [m.contiguous() for m in mask_args], consensus, normalize,
+                         float(lin_div), float(lam), _SCALAR_TYPE[out_dtype])
+    key = ("merge", kinds, scaled, consensus, normalize, lam != 1, out_dtype)
 
     def build():
         def f(base, xs, thr, fac, ws, masks, lin_div, lam_t):
