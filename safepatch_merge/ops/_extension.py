@@ -146,13 +146,19 @@ def _build_and_load() -> bool:
             shutil.rmtree(build_dir, ignore_errors=True)
             build_dir.mkdir(parents=True, exist_ok=True)
     if not loaded:
-        # Keep the first build short on small CI machines: ninja runs one job per core.
+        # Keep the first build short on small CI machines: ninja runs one job per core
+        # (set only for this build, unless the user chose MAX_JOBS).
+        had_jobs = "MAX_JOBS" in os.environ
         os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
-        cpp_extension.load(
-            name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-            extra_cuda_cflags=cuflags, extra_ldflags=ldflags, extra_include_paths=[str(root)],
-            build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda,
-            verbose=os.environ.get("SAFEPATCH_VERBOSE_BUILD", "") == "1")
+        try:
+            cpp_extension.load(
+                name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                extra_cuda_cflags=cuflags, extra_ldflags=ldflags, extra_include_paths=[str(root)],
+                build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda,
+                verbose=os.environ.get("SAFEPATCH_VERBOSE_BUILD", "") == "1")
+        finally:
+            if not had_jobs:
+                os.environ.pop("MAX_JOBS", None)
     if not hasattr(torch.ops.safepatch, "masked_merge"):
         raise RuntimeError(f"{so} loaded but registered no safepatch ops")
     return with_cuda and torch._C._dispatch_has_kernel_for_dispatch_key(
