@@ -6,8 +6,10 @@
 //   out = acc rounded (nearest even) to out_dtype
 // Work goes in tiles of kTile elements aligned to absolute element indices (offset + i), so a
 // tile's Philox blocks are whole: one Philox call per four elements, shared by every chunking.
-// Each tile is converted to fp32 / key buffers first (one small loop per input and dtype),
-// then combined in branch-free loops the compiler vectorises.
+// Common case (both patches, mode difference / intersection / topk, one dtype for base, patches
+// and out, one for both scores): fused_tile, two vectorised passes per tile. Anything else:
+// the generic path, which converts each input to fp32 / key buffers first (one small loop per
+// input and dtype) and combines them in branch-free loops. Both round exactly alike.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -28,6 +30,7 @@ namespace {
 constexpr int kLanes = 128;              // Philox blocks per tile
 constexpr int64_t kTile = 4 * kLanes;    // elements per tile
 constexpr int64_t kGrain = 64 * kTile;   // elements per parallel work item (at least)
+// Software prefetch distance and locality (compile-time knobs for tuning on other CPUs).
 #ifndef SAFEPATCH_PREFETCH_TILES
 #define SAFEPATCH_PREFETCH_TILES 2
 #endif
