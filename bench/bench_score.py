@@ -12,7 +12,8 @@ Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by defa
                  (equal scores because θ is fixed; needs fp32 gradients to keep precision).
 Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up, as
 wall time and as process CPU time (steadier on a shared machine).
-Peak memory: each way in a fresh process (beside the timing on CPU, one by one on CUDA); on CPU the peak RSS above the RSS just before the
+Peak memory: each way in a fresh process (beside the timing on CPU, one by one on CUDA; on
+CPU with MALLOC_MMAP_THRESHOLD_=131072 so RSS follows live tensors); on CPU the peak RSS above the RSS just before the
 work (VmHWM reset through /proc/self/clear_refs), on CUDA max_memory_allocated above the
 allocation before the work. Results are appended to bench/results/score_bench.csv.
 
@@ -78,6 +79,11 @@ def _setup(args):
     return device, model, tok, ex, params
 
 
+def _setup_light(args):
+    """Examples and parameter count without keeping a model in this process for long."""
+    return _setup(args)
+
+
 def _batches(ex, pad_id, bs, device):
     from safepatch_merge.derive.dataset import PairCollator
 
@@ -109,7 +115,7 @@ def run_allgrads_per_batch(model, batches, n_total, params):
     from safepatch_merge.derive.loss import per_example_nll
     from safepatch_merge.ops import saliency_accumulate_, saliency_finalize_
 
-    scores = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
+    scores = {}  # made after the first backward, as late as possible
     for b, n in batches:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = per_example_nll(logits, b["labels"]).mean()
@@ -117,6 +123,8 @@ def run_allgrads_per_batch(model, batches, n_total, params):
         loss.backward()
         with torch.no_grad():
             for k, p in params.items():
+                if k not in scores:
+                    scores[k] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 saliency_accumulate_(scores[k], p.detach(), p.grad, n / n_total)
                 p.grad = None
     for s in scores.values():
@@ -199,6 +207,7 @@ def main() -> None:
                     help="use (and create if absent) a random-weight SmolLM2-shaped model in DIR "
                          "instead of the real one (machines that cannot fetch it)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--skip-timing", action="store_true", help="peak memory only")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -224,11 +233,14 @@ def main() -> None:
                args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
                "--threads", str(args.threads or 1)]
+        # a fixed mmap threshold: glibc then maps every tensor >= 128 KiB on its own and
+        # unmaps it when freed, so peak RSS follows live tensors, not heap fragmentation
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                       text=True)
+                                       text=True, env=env)
         if args.device == "cuda":
             procs[mode].wait()
-    tm = timing(args)
+    tm = timing(args) if not args.skip_timing else None
     mem = {}
     for mode, proc in procs.items():
         out, _ = proc.communicate()
@@ -237,6 +249,13 @@ def main() -> None:
         line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
         mem[mode] = json.loads(line[7:])["peak_bytes_above_start"]
 
+    if tm is None:  # memory only: same batches, timing fields left empty
+        _, _, tok, ex, params = _setup_light(args)
+        bt = [len(ex[i:i + args.batch_size]) for i in range(0, len(ex), args.batch_size)]
+        tm = {"times": {"fwdbwd": [float("nan")], "snip": [float("nan")]},
+              "cpu_times": {"fwdbwd": [float("nan")], "snip": [float("nan")]},
+              "tokens": sum(len(e.input_ids) for e in ex), "batches": bt,
+              "scored_parameters": sum(p.numel() for p in params.values())}
     med = {k: statistics.median(v) for k, v in tm["times"].items()}
     medc = {k: statistics.median(v) for k, v in tm["cpu_times"].items()}
     from safepatch_merge.ops import backend_for

@@ -89,17 +89,20 @@ class SnipAccumulator:
         self.params = params
         self.accumulation = accumulation
         self.scale = 1.0
-        self.scores = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                       for n, p in params.items()}
+        # Buffers are made by each parameter's first hook call, so during the first backward
+        # they appear as the activations are freed, like gradients do, not all up front.
+        self.scores: dict[str, torch.Tensor] = {}
         self.fired: Counter = Counter()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(n))
                          for n, p in params.items()]
 
     def _hook(self, name: str):
-        score = self.scores[name]
-
         def hook(p: torch.Tensor) -> None:
             with torch.no_grad():
+                score = self.scores.get(name)
+                if score is None:
+                    score = self.scores[name] = torch.zeros(p.shape, dtype=torch.float32,
+                                                            device=p.device)
                 w, g = p.detach().contiguous(), p.grad.contiguous()
                 if self.accumulation == "signed":
                     saliency_accumulate_(score, w, g, self.scale)
@@ -117,8 +120,12 @@ class SnipAccumulator:
         self._handles = []
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        """Remove hooks; take |·| of signed sums in place; return {name: fp32 score}."""
+        """Remove hooks; take |·| of signed sums in place; return {name: fp32 score} for every
+        parameter (zeros where no gradient ever reached it), in the order of `params`."""
         self.remove()
+        self.scores = {n: self.scores[n] if n in self.scores else
+                       torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                       for n, p in self.params.items()}
         if self.accumulation == "signed":
             for s in self.scores.values():
                 saliency_finalize_(s)
