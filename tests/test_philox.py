@@ -104,3 +104,32 @@ def test_cpp_words_rejects_bad_arguments(cpp):
         torch.ops.safepatch.philox_words(0, 4, 0, 0, 2)
     with pytest.raises(RuntimeError, match="name_hash must be a uint32"):
         torch.ops.safepatch.philox_words(0, 4, 0, 1 << 32, 0)
+
+
+def test_reference_stays_on_the_tensors_device():
+    """Int counter words must follow the tensor words' device (a CUDA run once mixed CPU and CUDA
+    tensors here). The meta device refuses CPU operands just like CUDA does, so it catches a
+    mix on a machine without a GPU."""
+    blk = torch.arange(5, dtype=torch.int64, device="meta")
+    words = philox.philox4x32_10((blk, blk >> 32, 1, 0), (3, 4))
+    assert all(w.device.type == "meta" and w.dtype == torch.int64 and w.shape == (5,) for w in words)
+    assert philox.retention_words(10, 5, 1, "x", 1, device="meta").device.type == "meta"
+    assert philox.retention_mask(10, 5, 1, "x", 1, 0.5, device="meta").dtype == torch.bool
+    # ints only: CPU tensors; tensors on several devices: a clear error
+    assert philox.philox4x32_10((1, 2, 3, 4), (5, 6))[0].device.type == "cpu"
+    with pytest.raises(ValueError, match="several devices"):
+        philox.philox4x32_10((blk, torch.zeros(5, dtype=torch.int64), 0, 0), (0, 0))
+
+
+def test_reference_merge_stays_on_the_tensors_device():
+    from safepatch_merge.ops import reference as ref
+
+    base = torch.empty(37, dtype=torch.bfloat16, device="meta")
+    score = torch.empty(37, device="meta")
+    out, m_se, m_osm = ref.masked_merge(base, base, base, score, score, t_se=0.5, t_osm=0.5,
+                                        mode="difference", alpha=1.0, beta=1.0, p=0.5,
+                                        rescale=True, seed=1, name="w", offset=3,
+                                        patches_are_deltas=True, out_dtype=torch.float16,
+                                        return_masks=True)
+    assert out.device.type == m_se.device.type == m_osm.device.type == "meta"
+    assert out.dtype == torch.float16 and m_se.dtype == torch.bool and out.shape == (37,)

@@ -58,10 +58,17 @@ def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_10(ctr: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Philox4x32 with 10 rounds (Salmon et al. 2011; Random123's `philox4x32_R(10, ...)`).
 
-    ctr: four int64 tensors (broadcastable, values in [0, 2^32)) or ints; key: two uint32 ints.
-    Returns four int64 tensors with the output words, values in [0, 2^32).
+    ctr: four int64 tensors (broadcastable, values in [0, 2^32), on one device) or ints;
+    key: two uint32 ints. Returns four int64 tensors with the output words, values in
+    [0, 2^32), on the device of the tensor counter words (CPU when all four are ints).
     """
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in ctr)
+    # Int words go to the tensors' device: a CPU tensor broadcast against CUDA ones would mix
+    # devices in the rounds below.
+    devices = {c.device for c in ctr if isinstance(c, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"philox4x32_10: counter words on several devices: {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) for c in ctr)
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0, k1 = key[0] & _M32, key[1] & _M32
     for r in range(10):
