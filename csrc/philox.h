@@ -79,9 +79,14 @@ SAFEPATCH_HD uint32_t retention_word(uint64_t i, uint32_t seed, uint32_t name_ha
   return w[i & 3];
 }
 
-// Bits of a float as the selection key (DESIGN §1): -0 maps to 0, so key 0 means "zero score".
+// Bits of a float as the selection key (DESIGN §1): -0 maps to 0, so key 0 means "zero score";
+// every NaN (either sign, any payload) maps to the one key 0x7FC00000. Widening fp16/bf16 NaNs
+// to fp32 may or may not quiet them depending on the code path (CPU vs GPU conversions), so
+// raw NaN bits would land in different histogram bins per backend; NaN is an invalid score and
+// only needs to show in bins >= 0x7F80, so one canonical key keeps all backends bit-identical.
 SAFEPATCH_HD uint32_t score_key_from_bits(uint32_t bits) {
-  return bits == 0x80000000u ? 0u : bits;
+  const uint32_t k = bits == 0x80000000u ? 0u : bits;
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : k;
 }
 
 }  // namespace safepatch

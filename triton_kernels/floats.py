@@ -22,9 +22,12 @@ def to_f32(x):
 
 @triton.jit
 def score_keys(x):
-    """uint32 selection keys of a loaded score tensor (any float dtype): bits of fp32(x), -0 -> 0."""
+    """uint32 selection keys of a loaded score tensor (any float dtype): bits of fp32(x), -0 -> 0,
+    every NaN -> 0x7FC00000 (one canonical key on every backend; see reference.score_keys)."""
     key = to_f32(x).to(tl.uint32, bitcast=True)
-    return tl.where(key == 0x80000000, tl.zeros_like(key), key)
+    key = tl.where(key == 0x80000000, tl.zeros_like(key), key)
+    is_nan = (key & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, tl.full(key.shape, 0x7FC00000, tl.uint32), key)
 
 
 @triton.jit

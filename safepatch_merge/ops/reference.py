@@ -3,7 +3,9 @@
 Conventions shared by all backends (DESIGN §1-§2):
 
 * Score keys. A score s (fp32, bf16 or fp16) is compared through the 32-bit pattern of
-  float32(s), read as an unsigned integer; -0 maps to key 0. Non-negative floats order like
+  float32(s), read as an unsigned integer; -0 maps to key 0 and every NaN (any sign or
+  payload) to the one key 0x7FC00000 (widening fp16 NaNs quiets them on some code paths and
+  not on others, so raw NaN bits would differ by backend). Non-negative floats order like
   their keys, so thresholds, histograms and masks are exact integer operations and agree
   bit for bit across devices (no denormal flushing can change a comparison). Negative scores
   have keys >= 2^31 and inf/NaN keys >= 0x7F800000: digit-0 histograms expose them for free.
@@ -24,12 +26,15 @@ from .philox import PATCH_OSM, PATCH_SE, retention_mask
 NUM_BINS = 1 << 16
 MODES = ("difference", "intersection", "topk", "none")
 _SIGN = 0x80000000
+_INF_KEY = 0x7F800000
+_NAN_KEY = 0x7FC00000  # the one key of every NaN score
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 tensor (same shape) of the uint32 keys of float32(scores); -0 -> 0."""
+    """int64 tensor (same shape) of the uint32 keys of float32(scores); -0 -> 0, NaN -> 0x7FC00000."""
     k = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(k == _SIGN, torch.zeros_like(k), k)
+    k = torch.where(k == _SIGN, torch.zeros_like(k), k)
+    return torch.where((k & 0x7FFFFFFF) > _INF_KEY, torch.full_like(k, _NAN_KEY), k)
 
 
 def threshold_key(t: float) -> int:
