@@ -60,3 +60,39 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
             ops.backend_for("cpu")
         finally:
             ops.set_backend(None)
+
+
+def test_automatic_choice_per_op_and_device(monkeypatch):
+    """On CUDA, radix_histogram prefers the CUDA C++ kernel (10x the Triton one's bandwidth on
+    an H200), the other ops prefer Triton; each falls back down its order when unavailable."""
+    monkeypatch.delenv("SAFEPATCH_BACKEND", raising=False)
+    ops.set_backend(None)
+    avail = {"reference", "cpp", "triton"}
+    monkeypatch.setattr(ops, "_backend_module",
+                        lambda name, device: name if name in avail else None)
+    assert ops.backend_for("cuda", "radix_histogram")[0] == "cpp"
+    assert ops.backend_for("cuda", "masked_merge")[0] == "triton"
+    assert ops.backend_for("cuda", "saliency_accumulate_")[0] == "triton"
+    assert ops.backend_for("cuda")[0] == "triton"
+    assert ops.backend_for("cpu", "radix_histogram")[0] == "cpp"
+    avail.discard("cpp")  # extension built without CUDA sources
+    assert ops.backend_for("cuda", "radix_histogram")[0] == "triton"
+    assert ops.backend_for("cpu", "radix_histogram")[0] == "reference"
+    avail.discard("triton")
+    assert ops.backend_for("cuda", "radix_histogram")[0] == "reference"
+    avail.update({"cpp", "triton"})
+    ops.set_backend("triton")  # a forced backend serves every op
+    try:
+        assert ops.backend_for("cuda", "radix_histogram")[0] == "triton"
+    finally:
+        ops.set_backend(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_histogram_runs_on_the_cuda_extension():
+    if not cpp_backend.available("cuda"):
+        pytest.skip(f"the extension has no CUDA kernels here ({_extension.error()})")
+    if ops._requested():
+        pytest.skip("a backend is forced")
+    assert ops.backend_for("cuda", "radix_histogram")[0] == "cpp"
+    assert ops.backend_for("cuda", "masked_merge")[0] == "triton"
