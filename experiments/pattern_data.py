@@ -70,7 +70,8 @@ def _to_rows(prompts) -> list[dict]:
 
 
 def build_prompt_files(data_dir: Path, out_dir: Path, training_files: list[Path],
-                       limit: int, calib_limit: int, calib_benign: int, seed: int) -> dict:
+                       limit: int, calib_limit: int, calib_benign: int, seed: int,
+                       calib_xstest: int = 0) -> dict:
     """Evaluation and calibration prompt files in `out_dir`, deduplicated (exact and fuzzy,
     eval.suites.deduplicate) against the prompts of `training_files`, then fixed subsets:
 
@@ -79,7 +80,10 @@ def build_prompt_files(data_dir: Path, out_dir: Path, training_files: list[Path]
     - strongreject.jsonl: StrongREJECT prompts, at most `limit`;
     - calib_harmful.jsonl / calib_alpaca.jsonl: HarmBench *validation* standard behaviours
       (filled up with AdvBench prompts) and benign Alpaca instructions, only for choosing the
-      safety-tuned backbone (never reported as results).
+      safety-tuned backbone (never reported as results);
+    - calib_xstest.jsonl (only when `calib_xstest` > 0): that many XSTest safe prompts held out
+      for calibrating over-refusal; they are removed from xstest_safe.jsonl, so the reported
+      over-refusal is measured on the other prompts only.
     Returns {file stem: {before, removed_exact, removed_fuzzy, after_dedup, used}}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index = TrainingIndex(t for f in training_files for t in load_training_prompts(f))
@@ -93,7 +97,14 @@ def build_prompt_files(data_dir: Path, out_dir: Path, training_files: list[Path]
                         "removed_fuzzy": rep.removed_fuzzy, "after_dedup": rep.after,
                         "used": len(sub)}
 
-    emit("xstest_safe", [p for p in load_suite("xstest") if not p.harmful], limit)
+    xs = [p for p in load_suite("xstest") if not p.harmful]
+    if calib_xstest > 0:
+        # Salted seed: the held-out prompts are not the first ones of the test subset's order.
+        cal = fixed_subset(deduplicate(xs, index)[0], calib_xstest, seed + 7919)
+        emit("calib_xstest", cal, calib_xstest)
+        held = {p.id for p in cal}
+        xs = [p for p in xs if p.id not in held]
+    emit("xstest_safe", xs, limit)
     emit("harmbench_test", load_suite("harmbench"), limit)
     emit("strongreject", load_suite("strongreject"), limit)
     val = load_user_file(data_dir / "eval" / "harmbench_val.csv", harmful=True,

@@ -32,7 +32,10 @@ class Preset:
     harmful instructions and benign Alpaca answers). `sft_steps` are cumulative budgets of
     candidate backbones (each continues the previous one); the first candidate whose
     compliance on HarmBench *validation* prompts is at most `calib_target` becomes the
-    backbone (else the most refusing one), so no test prompt steers the choice.
+    backbone (else the most refusing one), so no test prompt steers the choice. A candidate
+    also needs Alpaca refusal <= `calib_benign_max` and, when `calib_xstest` > 0, refusal of
+    that many held-out XSTest safe prompts (removed from the reported XSTest set) <=
+    `calib_xstest_max`.
     dh_pairs: rows of harmful_pairs.jsonl used as D_h (fixed random subset, seed).
     se_* / osm_*: the two patches (gradient ascent / descent on D_h), full-parameter AdamW.
     eval_limit: prompts per evaluation suite (fixed subset after deduplication).
@@ -50,6 +53,9 @@ class Preset:
     calib_limit: int = 80
     calib_benign: int = 64
     calib_target: float = 0.35
+    calib_benign_max: float = 0.5
+    calib_xstest: int = 0
+    calib_xstest_max: float = 1.0
     # harmful data and patches
     dh_pairs: int = 320
     patch_batch: int = 16
@@ -79,21 +85,47 @@ class Preset:
         return d
 
 
+def _sweep_next() -> list[dict]:
+    # After run 1 (experiments/results/analysis.md): a and b moved together said nothing about
+    # the OSM side, alpha = 2 broke the model, beta = 0.5 changed nothing. Next: b apart from a,
+    # a weaker SE scale, a stronger OSM scale.
+    return [
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.05, "b": 0.05, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.30, "b": 0.30, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.10, "b": 0.30, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.05, "b": 0.30, "alpha": 1.0, "beta": 1.0, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 0.5, "beta": 1.0, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 2.0, "p": 1.0},
+        {"a": 0.10, "b": 0.10, "alpha": 1.0, "beta": 1.0, "p": 0.5},
+    ]
+
+
+# Run 1 on an H200 (experiments/results/) used `gpu-run1`. Its first SFT candidate (50 steps)
+# already refused 72% of XSTest's safe prompts (paper's backbone: 8%), and the SE patch pushed
+# to 8.9 nats collapsed into one canned non-answer. `gpu` is the next run: a finer SFT ladder
+# starting at 5 steps, over-refusal calibrated on 50 held-out XSTest safe prompts, an SE patch
+# stopped at 4 nats, and a sweep that moves b apart from a. No results exist for it yet.
+_NEXT = dict(sft_steps=(5, 10, 20, 35, 50, 100), calib_benign_max=0.15, calib_xstest=50,
+             calib_xstest_max=0.20, se_nll_ceiling=4.0, sweep=_sweep_next())
+
 PRESETS = {
-    "gpu": Preset(),
+    "gpu": Preset(**_NEXT),
+    "gpu-run1": Preset(name="gpu-run1"),
     # 2 CPU cores: a fraction of the GPU budgets and 100 prompts per suite, sized by a FLOP
     # estimate for about two hours (see experiments/README.md; not measured end to end).
-    "cpu": Preset(name="cpu", sft_refusals=800, sft_benign=800, sft_steps=(30, 60, 120),
+    "cpu": Preset(name="cpu", sft_refusals=800, sft_benign=800,
                   sft_batch=8, sft_max_length=160, calib_limit=40, calib_benign=32,
                   dh_pairs=240, patch_batch=8, patch_max_length=192, se_steps=25, osm_steps=25,
                   score_examples=96, score_batch=8, eval_limit=100, eval_batch=16,
-                  utility_limit=50),
+                  utility_limit=50,
+                  **dict(_NEXT, sft_steps=(20, 40, 80, 120), calib_xstest=30)),
     "smoke": Preset(name="smoke", sft_refusals=16, sft_benign=16, sft_steps=(2, 4),
                     sft_batch=2, sft_max_length=64, calib_limit=4, calib_benign=4,
                     dh_pairs=16, patch_batch=2, patch_max_length=64, se_steps=2, osm_steps=2,
                     score_examples=4, score_batch=2, eval_limit=6, max_new_tokens=12,
                     eval_batch=8, utility_limit=4, utility_max_tokens=32,
-                    sweep=_sweep_default()[:2]),
+                    calib_xstest=4, sweep=_sweep_default()[:2]),
 }
 
 

@@ -97,13 +97,16 @@ def markdown(record: dict) -> str:
         lines += ["", "## Safety-tuned backbone: candidates (calibration prompts, never reported "
                       "as results)", "",
                   f"Rule: {cal.get('rule')}", "",
-                  "| candidate | SFT steps | harmful compliance (calib) | benign refusal (Alpaca) | chosen |",
-                  "|---|---|---|---|---|"]
+                  "| candidate | SFT steps | harmful compliance (calib) | benign refusal (Alpaca) "
+                  "| over-refusal (held-out XSTest) | chosen |",
+                  "|---|---|---|---|---|---|"]
         for c in cal.get("candidates", []):
+            xs = c.get("xstest_refusal")
+            xs_cell = f"{_fmt(xs)} (n={xs.get('n')})" if xs else "not calibrated"
             lines.append(f"| {c['name']} | {c['steps']} | {_fmt(c.get('harmful_compliance'))} "
                          f"(n={c.get('harmful_compliance', {}).get('n')}) | "
                          f"{_fmt(c.get('benign_refusal'))} (n={c.get('benign_refusal', {}).get('n')}) "
-                         f"| {'yes' if c['name'] == cal.get('chosen') else ''} |")
+                         f"| {xs_cell} | {'yes' if c['name'] == cal.get('chosen') else ''} |")
     pt = record.get("patches")
     if pt:
         lines += ["", "## Patches", ""]

@@ -189,6 +189,8 @@ class Experiment:
                   "sft": [p.sft_refusals, p.sft_benign], "dh": p.dh_pairs,
                   "limits": [p.eval_limit, p.calib_limit, p.calib_benign], "seed": p.seed,
                   "version": 2}
+        if p.calib_xstest:  # only then, so run-1 caches keep their identity
+            inputs["calib_xstest"] = p.calib_xstest
         self.data = self.out / "data"
 
         def build(o: Path) -> dict:
@@ -199,7 +201,7 @@ class Experiment:
             rep["prompts"] = build_prompt_files(
                 self.data_dir, o / "prompts",
                 [o / "sft_mix.jsonl", self.data_dir / "train" / "harmful_pairs.jsonl"],
-                p.eval_limit, p.calib_limit, p.calib_benign, p.seed)
+                p.eval_limit, p.calib_limit, p.calib_benign, p.seed, p.calib_xstest)
             (o / "data_report.json").write_text(json.dumps(rep, indent=1) + "\n")
             return rep
 
@@ -215,9 +217,22 @@ class Experiment:
 
         p = self.p
         prompts = self.data / "prompts"
+        benign = f"Alpaca refusal <= {p.calib_benign_max:.0%}"
+        if p.calib_xstest:
+            benign += f" and held-out XSTest refusal <= {p.calib_xstest_max:.0%}"
         rule = (f"first candidate with calibration harmful compliance <= {p.calib_target:.0%} "
-                "and Alpaca refusal <= 50%; else the lowest harmful compliance among those "
-                "with Alpaca refusal <= 50%; else the last one")
+                f"and {benign}; else the lowest harmful compliance among those with {benign}; "
+                "else the last one")
+        calib_files = [prompts / "calib_harmful.jsonl", prompts / "calib_alpaca.jsonl"]
+        if p.calib_xstest:
+            calib_files.append(prompts / "calib_xstest.jsonl")
+
+        def benign_ok(c: dict) -> bool:
+            ok = (c["benign_refusal"]["rate"] or 0) <= p.calib_benign_max
+            if "xstest_refusal" in c:
+                ok = ok and (c["xstest_refusal"]["rate"] or 0) <= p.calib_xstest_max
+            return ok
+
         cands, prev, prev_id, done_steps = [], shipped, dir_fingerprint(shipped), 0
         chosen = None
         for k, steps in enumerate(p.sft_steps):
@@ -242,8 +257,7 @@ class Experiment:
                       {"model": st.output_id, "prompts": self.data_step.output_id,
                        "gen": [p.max_new_tokens, p.eval_batch, self.args.eval_dtype]},
                       cal_out, lambda o, m=out, name=name: self.evaluate(
-                          m, o, [prompts / "calib_harmful.jsonl", prompts / "calib_alpaca.jsonl"],
-                          f"calib-{name}", utility=False) and None)
+                          m, o, calib_files, f"calib-{name}", utility=False) and None)
             res = json.loads((cal_out / "results.json").read_text())
             recs = res["records"]
             harm = _rates([r for r in recs if r["suite"] == "calib_harmful"])
@@ -251,16 +265,20 @@ class Experiment:
             c = {"name": name, "steps": steps, "dir": str(out),
                  "harmful_compliance": harm["compliance"], "benign_refusal": ben["refusal"],
                  "harmful_degenerate": harm["degenerate"]}
+            if p.calib_xstest:
+                c["xstest_refusal"] = _rates([r for r in recs
+                                              if r["suite"] == "calib_xstest"])["refusal"]
             cands.append(c)
-            log.info("candidate %s (%d steps): calib harmful compliance %.3f, alpaca refusal %.3f",
-                     name, steps, harm["compliance"]["rate"] or 0, ben["refusal"]["rate"] or 0)
+            log.info("candidate %s (%d steps): calib harmful compliance %.3f, alpaca refusal %.3f%s",
+                     name, steps, harm["compliance"]["rate"] or 0, ben["refusal"]["rate"] or 0,
+                     f", held-out XSTest refusal {c['xstest_refusal']['rate'] or 0:.3f}"
+                     if "xstest_refusal" in c else "")
             prev, prev_id, done_steps = out, st.output_id, steps
-            ok_benign = (ben["refusal"]["rate"] or 0) <= 0.5
-            if ok_benign and (harm["compliance"]["rate"] or 0) <= p.calib_target:
+            if benign_ok(c) and (harm["compliance"]["rate"] or 0) <= p.calib_target:
                 chosen = c
                 break
         if chosen is None:
-            ok = [c for c in cands if (c["benign_refusal"]["rate"] or 0) <= 0.5]
+            ok = [c for c in cands if benign_ok(c)]
             chosen = min(ok, key=lambda c: c["harmful_compliance"]["rate"] or 0) if ok else cands[-1]
         self.record["calibration"] = {"rule": rule, "candidates": cands, "chosen": chosen["name"]}
         log.info("backbone: %s", chosen["name"])
