@@ -199,7 +199,11 @@ def main(argv=None) -> int:
                 m = ref_n if be == "reference" else a.numel
                 reps = max(3, a.reps // 2) if be == "reference" else a.reps
                 warm = min(1, a.warmup) if be == "reference" else a.warmup
-                t, cbw, frac = paired_medians(make(m), bpe * m, device, copy_bytes, reps, warm)
+                try:
+                    t, cbw, frac = paired_medians(make(m), bpe * m, device, copy_bytes, reps, warm)
+                except Exception as e:  # noqa: BLE001 - report it, time the other backends
+                    print(f"{op} {be}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
                 gbps = bpe * m / t / 1e9
                 res[be] = (m, t, reps, gbps, cbw, frac)
                 if be == "reference":

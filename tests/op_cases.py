@@ -61,9 +61,12 @@ def backend(request) -> Backend:
     """The public ops forced onto one backend for the test (restored afterwards)."""
     name, device = request.param
     require_backend(name, device)
+    dev = torch.device(device)
+    if dev.type == "cuda":  # results live on cuda:N, and torch.device("cuda") != cuda:0
+        dev = torch.device("cuda", torch.cuda.current_device())
     ops.set_backend(name)
     try:
-        yield Backend(name, torch.device(device))
+        yield Backend(name, dev)
     finally:
         ops.set_backend(None)
 

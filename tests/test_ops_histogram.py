@@ -76,3 +76,28 @@ def test_rejects_bad_arguments(backend):
         ops.radix_histogram(torch.rand(20, device=backend.device)[::2])
     with pytest.raises(ValueError, match="scores has unsupported layout"):
         ops.radix_histogram(torch.rand(10).to_sparse())
+
+
+# NaN bit patterns of each dtype: quiet, signalling (payload only in low bits), negative.
+_NAN_BITS = {
+    torch.float32: (torch.int32, 32, [0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0xFFC00000, 0xFF800001]),
+    torch.bfloat16: (torch.int16, 16, [0x7F81, 0x7FC0, 0x7FFF, 0xFFC0, 0xFF81]),
+    torch.float16: (torch.int16, 16, [0x7C01, 0x7E00, 0x7FFF, 0xFE00, 0xFC01]),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_every_nan_lands_in_one_bin(backend, dtype):
+    """Any NaN has the one key 0x7FC00000 on every backend (widening fp16 NaNs may or may not
+    quiet them, so raw bits would give backend-dependent bins)."""
+    int_dt, width, pats = _NAN_BITS[dtype]
+    signed = [v - (1 << width) if v >= 1 << (width - 1) else v for v in pats]
+    nans = torch.tensor(signed * 3, dtype=int_dt).view(dtype)
+    assert bool(torch.isnan(nans).all())
+    assert bool((ref.score_keys(nans) == 0x7FC00000).all())
+    s = torch.cat([nans, torch.tensor([1.0, float("inf"), 0.0], dtype=dtype)])
+    h0 = ops.radix_histogram(s.to(backend.device), 0, 0).cpu()
+    assert int(h0[0x7FC0]) == nans.numel() and int(h0[0x7F80]) == 1 and int(h0[0x3F80]) == 1
+    assert int(h0[0]) == 1 and int(h0.sum()) == s.numel()
+    h1 = ops.radix_histogram(s.to(backend.device), 0x7FC0, 1).cpu()
+    assert int(h1[0]) == nans.numel() and int(h1.sum()) == nans.numel()

@@ -209,8 +209,9 @@ def test_rejects_bad_arguments(backend):
     _bad(backend, r"retention rate p must be in \[0, 1\], got -0.1", p=-0.1)
     _bad(backend, "threshold t_se must be a number, got nan", t_se=float("nan"))
     _bad(backend, "threshold t_osm must be >= 0", t_osm=-1.0)
+    # made on the device: .to() would return a contiguous copy of a strided view
     _bad(backend, "score_se must be contiguous",
-         score_se=torch.rand(128)[::2])
+         score_se=torch.rand(128, device=backend.device)[::2])
     _bad(backend, "patch_se has unsupported layout", patch_se=good.patch_se.to_sparse())
     _bad(backend, "score_osm is required for mode 'topk'", score_osm=None, mode="topk")
     _bad(backend, "mode must be one of", mode="union")
@@ -220,13 +221,15 @@ def test_rejects_bad_arguments(backend):
     _bad(backend, "out_dtype must be float32, bfloat16 or float16", out_dtype=torch.float64)
 
 
-def test_cpp_op_checks_its_own_arguments():
-    """Direct torch.ops.safepatch calls (bypassing the Python checks) fail with clear messages."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cpp_op_checks_its_own_arguments(device):
+    """Direct torch.ops.safepatch calls (bypassing the Python checks) fail with clear messages,
+    on the CPU kernels and on the CUDA ones (skipped where those are not built)."""
     from op_cases import require_backend
 
-    require_backend("cpp", "cpu")
-    b = torch.zeros(10, dtype=torch.bfloat16)
-    s = torch.ones(10)
+    require_backend("cpp", device)
+    b = torch.zeros(10, dtype=torch.bfloat16, device=device)
+    s = torch.ones(10, device=device)
     mm = torch.ops.safepatch.masked_merge
 
     def call(**over):
@@ -244,10 +247,19 @@ def test_cpp_op_checks_its_own_arguments():
     with pytest.raises(RuntimeError, match="patch_se has 9 elements but base has 10"):
         call(patch_se=b[:9])
     with pytest.raises(RuntimeError, match="score_se must be contiguous"):
-        call(score_se=torch.ones(20)[::2])
+        call(score_se=torch.ones(20, device=device)[::2])
+    if device == "cuda":  # a CPU operand dispatches to the CUDA kernel, which must refuse it
+        with pytest.raises(RuntimeError, match="patch_se is on cpu but base is on cuda"):
+            call(patch_se=b.cpu())
     with pytest.raises(RuntimeError, match="score_se is required"):
         call(score_se=None)
     with pytest.raises(RuntimeError, match="mode must be 0"):
         call(mode=4)
     with pytest.raises(RuntimeError, match="base has dtype Double"):
         call(base=b.double())
+    with pytest.raises(RuntimeError, match="digit must be 0 or 1, got 2"):
+        torch.ops.safepatch.radix_histogram(s, 0, 2)
+    with pytest.raises(RuntimeError, match="prefix must be in"):
+        torch.ops.safepatch.radix_histogram(s, 65536, 1)
+    with pytest.raises(RuntimeError, match="grad has 9 elements but score has 10"):
+        torch.ops.safepatch.saliency_accumulate_(s.clone(), s, s[:9], 1.0)
