@@ -7,11 +7,15 @@
 # 1. records the machine (env.txt); 2. installs the package editable, offline (or maps
 # triton_kernels/ and csrc/ into the package with symlinks when pip cannot); 3. builds the
 # csrc extension with its CUDA sources for sm_90 only (build.txt); 4. runs the op tests with
-# compiled kernels on the GPU (pytest.txt); 5. runs bench/bench_ops.py --device cuda (bench.txt,
-# ops.csv) and bench/gpu_kernel_bars.py (bars.txt, kernel_bars.csv). summary.txt says what ran,
-# how long each stage took and its exit status. At most 8 files under $OUT, no folders.
-# Each stage has its own time limit (590 s in all; typically about 6 minutes end to end);
-# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS} override them (seconds) to fit a shorter lease.
+# compiled kernels on the GPU, one pytest process per test file, all at once, plus
+# bench/op_check_probe.py (C++ ops called with bad arguments, each in its own process)
+# (pytest.txt); 5. runs bench/gpu_kernel_bars.py with a small launch sweep (bars.txt,
+# kernel_bars.csv), then bench/bench_ops.py --device cuda (bench.txt, ops.csv). summary.txt
+# says what ran, how long each stage took and its exit status (per test file: pytest's
+# summary line). At most 8 files under $OUT, no folders.
+# Stage limits (s): install 15, build 50, pytest 75 (per file; files run in parallel), bars 25,
+# bench 35: about 200 s at most, typically 100-130 s. LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS}
+# override them.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -47,7 +51,7 @@ stage() {  # stage NAME LIMIT_S LOGFILE CMD...: run with a time limit, log statu
 } > "$OUT/env.txt" 2>&1
 
 # 2. package: editable install, else symlinks so safepatch_merge.{triton_kernels,csrc} import
-if ! stage install ${LIMIT_INSTALL:-30} "$OUT/build.txt" python3 -m pip install --no-deps --no-build-isolation -e . ; then
+if ! stage install ${LIMIT_INSTALL:-15} "$OUT/build.txt" python3 -m pip install --no-deps --no-build-isolation -e . ; then
   ln -sfn ../triton_kernels safepatch_merge/triton_kernels
   ln -sfn ../csrc safepatch_merge/csrc
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -55,7 +59,7 @@ if ! stage install ${LIMIT_INSTALL:-30} "$OUT/build.txt" python3 -m pip install 
 fi
 
 # 3. the extension, CUDA sources included (compile errors land in build.txt)
-stage build ${LIMIT_BUILD:-170} "$OUT/build.txt" python3 - <<'EOF'
+stage build ${LIMIT_BUILD:-50} "$OUT/build.txt" python3 - <<'EOF'
 import logging, time
 import torch
 logging.basicConfig(level=logging.INFO)
@@ -69,20 +73,48 @@ for op in ("saliency_accumulate_", "radix_histogram", "masked_merge"):
 raise SystemExit(0 if ok and _extension.has_cuda() else 1)
 EOF
 
-# 4. op tests, compiled on the GPU (conftest leaves TRITON_INTERPRET unset when CUDA exists)
-TESTS=$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py 2>/dev/null | tr '\n' ' ')
+# 4. op tests, compiled on the GPU (conftest leaves TRITON_INTERPRET unset when CUDA exists):
+# one pytest process per file, all at once (Triton compiles on every core; a crash in one file
+# hides nothing else), and the probe of the C++ ops' argument checks; logs gathered into
+# pytest.txt in file order, one summary line per file.
+TESTS=$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py \
+        tests/test_extension.py 2>/dev/null | tr '\n' ' ')
 echo "tests: $TESTS" >> "$SUMMARY"
-stage pytest ${LIMIT_PYTEST:-200} "$OUT/pytest.txt" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 $TESTS
-tail -n 3 "$OUT/pytest.txt" | sed 's/^/  pytest: /' >> "$SUMMARY"
+TLOG=$(mktemp -d /tmp/safepatch_pytest.XXXXXX)
+t=$(date +%s)
+for f in $TESTS; do
+  b=$(basename "$f")
+  (
+    t1=$(date +%s)
+    timeout --kill-after=5 "${LIMIT_PYTEST:-75}" python3 -X faulthandler -m pytest -q \
+      -p no:cacheprovider -rfE --tb=line "$f" > "$TLOG/$b.log" 2>&1
+    echo "rc=$? $(( $(date +%s) - t1 ))s" > "$TLOG/$b.rc"
+  ) &
+done
+( timeout --kill-after=5 "${LIMIT_PYTEST:-75}" python3 bench/op_check_probe.py > "$TLOG/probe.log" 2>&1
+  echo "rc=$?" >> "$TLOG/probe.log" ) &
+wait
+for f in $TESTS; do
+  b=$(basename "$f")
+  { echo "=== $f $(cat "$TLOG/$b.rc" 2>/dev/null)"; cat "$TLOG/$b.log" 2>/dev/null; } >> "$OUT/pytest.txt"
+  echo "pytest     $b $(cat "$TLOG/$b.rc" 2>/dev/null || echo 'rc=?'): $(grep -E '(passed|failed|error|no tests ran)' "$TLOG/$b.log" | tail -n 1)" | tee -a "$SUMMARY"
+done
+{ echo "=== bench/op_check_probe.py"; cat "$TLOG/probe.log"; } >> "$OUT/pytest.txt"
+grep -E '^probe|^rc=' "$TLOG/probe.log" | sed 's/^/  /' >> "$SUMMARY"
+echo "pytest     all files $(( $(date +%s) - t ))s (limit ${LIMIT_PYTEST:-75}s per file; log pytest.txt)" | tee -a "$SUMMARY"
+rm -rf "$TLOG"
 
-# 5. benchmarks (bench_ops.py writes bench/results/ops.csv)
+# 5. benchmarks: the kernel bars first (short), then every op on every backend through the
+# public ops (bench_ops.py; this run's rows go to a fresh ops.csv in $OUT).
+stage bars ${LIMIT_BARS:-25} "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --skip-reference --sweep small \
+  --csv "$OUT/kernel_bars.csv"
+grep -E "PASS|FAIL|copy bandwidth|^sweep" "$OUT/bars.txt" | sed 's/^/  bars: /' >> "$SUMMARY"
 if [ -f bench/bench_ops.py ]; then
-  stage bench_ops ${LIMIT_BENCH:-110} "$OUT/bench.txt" python3 bench/bench_ops.py --device cuda
-  [ -f bench/results/ops.csv ] && cp bench/results/ops.csv "$OUT/ops.csv"
+  stage bench_ops ${LIMIT_BENCH:-35} "$OUT/bench.txt" python3 bench/bench_ops.py --device cuda --reps 5 \
+    --csv "$OUT/ops.csv"
+  grep -E "FAILED" "$OUT/bench.txt" | sed 's/^/  bench: /' >> "$SUMMARY"
 else
   echo "bench/bench_ops.py missing: skipped" | tee -a "$SUMMARY"
 fi
-stage bars ${LIMIT_BARS:-80} "$OUT/bars.txt" python3 bench/gpu_kernel_bars.py --skip-reference --csv "$OUT/kernel_bars.csv"
-grep -E "PASS|FAIL|copy bandwidth" "$OUT/bars.txt" | sed 's/^/  bars: /' >> "$SUMMARY"
 
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"
