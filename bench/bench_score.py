@@ -75,6 +75,8 @@ def _setup(args):
     tok = load_tokenizer(args.model)
     pairs = load_pairs(shared_data_dir() / "train" / "harmful_pairs.jsonl")[:: 7][: args.num_examples]
     ex, _ = render_pairs(pairs, tok, args.max_length)
+    if len(ex) < len(pairs):
+        raise SystemExit(f"{len(pairs) - len(ex)} prompts do not fit --max-length {args.max_length}")
     params = scored_parameters(model, checkpoint_tensor_names(args.model))
     return device, model, tok, ex, params
 
