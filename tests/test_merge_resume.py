@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +34,28 @@ def test_sigkill_and_resume_is_byte_identical(tmp_path):
     assert sum(f.endswith(".safetensors") for f in ref) >= 5
 
     out, partial = tmp_path / "out", tmp_path / "out.partial"
+
+    def wait_for_manifest(proc, part):
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (part / MANIFEST).exists():
+            time.sleep(0.002)
+        return time.time()
+
+    # Calibrate: how long the merge works after it opens OUT.partial on this machine, so kill
+    # times land inside the work whether the machine is idle or loaded.
+    cal_out = tmp_path / "cal"
+    proc = _start(cfg, cal_out, resume=False)
+    t_open = wait_for_manifest(proc, tmp_path / "cal.partial")
+    proc.communicate(timeout=300)
+    work = max(time.time() - t_open, 0.05)
+    assert dir_bytes(cal_out) == ref
+
     rng = random.Random(1234)
     kills = mid_shard = 0
-    for attempt in range(5):
+    resume = False
+    for attempt in range(12):
         t_start = time.time()
-        proc = _start(cfg, out, resume=attempt > 0)
+        proc = _start(cfg, out, resume=resume)
 
         def fresh_inprogress():
             found = False
@@ -48,25 +66,41 @@ def test_sigkill_and_resume_is_byte_identical(tmp_path):
                     pass
             return found
 
-        # Even attempts: kill at a random time after the merge opened OUT.partial (often in
-        # the threshold pass); odd ones: shortly after this run started writing a shard.
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            if (partial / MANIFEST).exists() and (attempt % 2 == 0 or fresh_inprogress()):
-                break
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.6) if attempt % 2 == 0 else rng.uniform(0.0, 0.05))
-        if proc.poll() is None and attempt < 4:
+        done = kills >= 2 and mid_shard >= 1
+        if not done:
+            # Even attempts: kill at a random point of the work (often in the threshold pass);
+            # odd ones: right after this run started writing a shard.
+            wait_for_manifest(proc, partial)
+            if attempt % 2 == 1:
+                deadline = time.time() + work
+                while proc.poll() is None and time.time() < deadline and not fresh_inprogress():
+                    time.sleep(0.001)
+            else:
+                time.sleep(rng.uniform(0.05, 0.7) * work)
+        if not done and proc.poll() is None:
             inprog = fresh_inprogress()
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+            if out.exists():
+                # The kill came after the atomic rename: the output is complete and must be
+                # exactly the uninterrupted one; start over to get the kills we need.
+                assert not partial.exists() and dir_bytes(out) == ref
+                shutil.rmtree(out)
+                resume, kills, mid_shard = False, 0, 0
+                continue
             kills += 1
             mid_shard += inprog
             assert not out.exists()
+            resume = True
             continue
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
-        break
+        if done:
+            break
+        # finished before we could kill it: a complete, correct output; start over
+        assert dir_bytes(out) == ref
+        shutil.rmtree(out)
+        resume, kills, mid_shard = False, 0, 0
     assert kills >= 2 and mid_shard >= 1, (kills, mid_shard)
     assert out.exists() and not partial.exists()
     assert dir_bytes(out) == ref
