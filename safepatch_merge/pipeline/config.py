@@ -27,6 +27,7 @@ from typing import Any
 
 from ..derive.train import DeriveConfig
 from ..errors import ConfigError
+from ..merge.config import check_keys
 from ..score.api import ScoreConfig
 
 TOP_KEYS = ("backbone", "device", "data", "stages", "derive", "score", "merge", "eval")
@@ -85,17 +86,7 @@ class RunConfig:
                             "merge": s.merge, "eval": s.eval} for s in self.stages]}
 
 
-def _check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            raise ConfigError(f"unknown config key {where}.{k} (allowed: {', '.join(allowed)})"
-                              if where else
-                              f"unknown config key {k} (allowed: {', '.join(allowed)})")
-    return d
+_check_keys = check_keys  # one implementation of the unknown-key rule for every YAML schema
 
 
 def deep_merge(base: dict, over: dict) -> dict:
