@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io import Checkpoint
@@ -114,3 +114,11 @@ def _load_builtin() -> None:
 
 
 ChunkFn = Callable[[str, torch.Tensor, int], None]
+
+
+def check_shape_like_backbone(where: str, shape, backbone_shape) -> None:
+    """Raise CheckpointError('<where> has shape [...] but the backbone's is [...]') on a mismatch;
+    `where` names the input and tensor (e.g. "patch_se DIR: tensor 'x'")."""
+    if tuple(shape) != tuple(backbone_shape):
+        raise CheckpointError(f"{where} has shape {list(shape)} but the backbone's is "
+                              f"{list(backbone_shape)}")

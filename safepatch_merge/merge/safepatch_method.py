@@ -21,11 +21,12 @@ import math
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..io.safetensors_header import FLOAT_ST
 from ..ops import MODES, masked_merge
 from ..select import GRANULARITIES, group_of
 from . import defaults
 from .config import check_keys, get_bool, get_choice, get_float, get_str
-from .methods import MergeMethod, register
+from .methods import MergeMethod, check_shape_like_backbone, register
 from .thresholds import compute_thresholds_many, selection_summary
 
 log = logging.getLogger("safepatch_merge.merge")
@@ -34,7 +35,6 @@ PATCH_KEYS = ("se", "osm", "format", "nonfinite")
 SCORE_KEYS = ("se", "osm")
 PARAM_KEYS = ("top_rate_se", "top_rate_osm", "alpha", "beta", "retention", "rescale",
               "mask_mode", "granularity", "seed")
-FLOAT_ST = ("F32", "BF16", "F16")
 SIDES = ("se", "osm")
 
 
@@ -115,9 +115,7 @@ class SafepatchMethod(MergeMethod):
                     where = f"scores_{side} {scores.source}: tensor {name!r}"
                     if b is None:
                         raise CheckpointError(f"{where} is not in the backbone")
-                    if info.shape != b.shape:
-                        raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
-                                              f"backbone's is {list(b.shape)}")
+                    check_shape_like_backbone(where, info.shape, b.shape)
                     if info.dtype not in FLOAT_ST:
                         raise CheckpointError(f"{where} has dtype {info.dtype}; scores must be "
                                               "F32, BF16 or F16")
@@ -136,9 +134,7 @@ class SafepatchMethod(MergeMethod):
                 if info is None:
                     raise CheckpointError(f"{where} is missing" + (
                         f" (it is scored in scores_{side})" if scores is not None else ""))
-                if info.shape != b.shape:
-                    raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
-                                          f"backbone's is {list(b.shape)}")
+                check_shape_like_backbone(where, info.shape, b.shape)
                 if info.dtype not in FLOAT_ST:
                     raise CheckpointError(f"{where} has dtype {info.dtype} but the backbone's is "
                                           f"{b.dtype} (patches must be F32, BF16 or F16)")

@@ -24,15 +24,15 @@ import math
 import torch
 
 from ...errors import CheckpointError, ConfigError
+from ...io.safetensors_header import FLOAT_ST
 from ...io import Part, Prefetcher, item_bytes
-from ..methods import MergeMethod, register
+from ..methods import MergeMethod, check_shape_like_backbone, register
 from . import fused
 from .spec import METHODS, TensorParams
 from .tensor_merge import TensorMerge
 
 log = logging.getLogger("safepatch_merge.merge")
 
-FLOAT_ST = ("F32", "BF16", "F16")
 
 
 def _role(i: int) -> str:
@@ -89,9 +89,7 @@ class ClassicMethod(MergeMethod):
                 where = f"{_role(i)} {ck.source}: tensor {name!r}"
                 if info is None:
                     raise CheckpointError(f"{where} is missing (the backbone has it)")
-                if info.shape != b.shape:
-                    raise CheckpointError(f"{where} has shape {list(info.shape)} but the "
-                                          f"backbone's is {list(b.shape)}")
+                check_shape_like_backbone(where, info.shape, b.shape)
                 if info.dtype not in FLOAT_ST:
                     raise CheckpointError(f"{where} has dtype {info.dtype}; models must be "
                                           "F32, BF16 or F16")
