@@ -48,7 +48,7 @@ def main() -> int:
                "key_se": "i32", "key_osm": "i32", "c_se": "fp32", "c_osm": "fp32", "keep_i32": "i32",
                "seed_i32": "i32", "hash_i32": "i32"}
         consts = dict(HAS_SE=has_se, HAS_OSM=has_osm, MODE=mode, DRAW=draw, DELTAS=deltas, MASKS=masks,
-                      SHIFT=shift, ROWS=512)  # the launcher's default launch: rows=512, 4 warps
+                      SHIFT=shift, ROWS=256)  # the launcher's default launch: rows=256, 4 warps
         sig.update({k: "constexpr" for k in consts})
         compile_one(masked_merge._masked_merge_kernel, sig, consts, num_warps=4)
     for dt, digit in (("fp32", 0), ("bf16", 1), ("fp16", 1)):

@@ -115,7 +115,7 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
                  score_se: torch.Tensor | None, score_osm: torch.Tensor | None, key_se: int,
                  key_osm: int, mode: int, c_se: float, c_osm: float, keep_threshold: int,
                  seed: int, name_hash: int, offset: int, deltas: bool, out_dtype: torch.dtype,
-                 return_masks: bool, rows: int = 512, num_warps: int = 4):
+                 return_masks: bool, rows: int = 256, num_warps: int = 4):
     """Merge one tensor or chunk; arguments as in the schema ``safepatch::masked_merge``.
 
     base: float32 | bfloat16 | float16, contiguous, any shape. patch_*: same numel/device,
@@ -126,9 +126,10 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
     [0, 2^32] (2^32 keeps all without drawing). seed: int >= 0 (taken mod 2^32). name_hash:
     uint32. offset: int64 >= 0, the chunk's first element inside its tensor (may exceed
     2^32). deltas: patches are deltas (else full patched tensors). rows: counter blocks per
-    program (power of two; 4*rows elements). Defaults rows=512, num_warps=4: the best of the
-    sweep on an H200 (bench/results/gpu_h200_run1/bars.txt, 2^26 bf16 elements, full patches,
-    fp32 scores: 85.8 % of copy bandwidth; rows=1024/warps=8 85.1 %, rows=2048/warps=8 53.8 %).
+    program (power of two; 4*rows elements). Defaults rows=256, num_warps=4: the best of the
+    sweeps on an H200 (2^26 bf16 elements, full patches, fp32 scores; bench/results/
+    gpu_h200_run2/bars.txt: rows=256/warps=4 97.3 % of copy bandwidth, rows=512/warps=4 84.9 %,
+    rows=1024/warps=8 88.7 %; run1: rows=2048/warps=8 53.8 %). One run each: re-measure.
 
     Returns (out, applied_se, applied_osm): out has base's shape and out_dtype; the masks are
     bool tensors of base's shape when return_masks, else empty bool tensors.
