@@ -167,11 +167,10 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> MergeConfig:
-    """Read and validate a YAML config file; `overrides` (top-level keys) replace its values."""
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file at `path` (safe_load); unreadable, invalid or empty -> ConfigError."""
     import yaml
 
-    path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -180,6 +179,13 @@ def load_config(path: str | Path, overrides: dict | None = None) -> MergeConfig:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if raw is None:
         raise ConfigError(f"{path}: empty config")
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> MergeConfig:
+    """Read and validate a YAML config file; `overrides` (top-level keys) replace its values."""
+    path = Path(path)
+    raw = read_yaml(path)
     if isinstance(raw, dict) and "merge_method" in raw:  # a mergekit config, read as is
         from .mergekit_config import load_mergekit_config
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..derive.train import DeriveConfig
 from ..errors import ConfigError
-from ..merge.config import check_keys
+from ..merge.config import check_keys, read_yaml
 from ..score.api import ScoreConfig
 
 TOP_KEYS = ("backbone", "device", "data", "stages", "derive", "score", "merge", "eval")
@@ -270,17 +270,8 @@ def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run config file."""
-    import yaml
-
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if raw is None:
-        raise ConfigError(f"{path}: empty config")
+    raw = read_yaml(path)
     try:
         return parse_run_config(raw, base_dir=path.parent)
     except ConfigError as e:
