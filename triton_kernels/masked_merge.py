@@ -39,6 +39,21 @@ def _in_top(s_ptr, i, valid, key_t):
     return (key >= key_t.to(tl.uint32)) & (key > 0)
 
 
+@triton.jit
+def _apply_patch(acc, b, m, valid, p_ptr, i, blk, col, c, keep_i32, seed_i32, hash_i32,
+                 PATCH_ID: tl.constexpr, DRAW: tl.constexpr, DELTAS: tl.constexpr):
+    """One patch's term: applied = M && kept (Philox word of patch PATCH_ID < keep); returns
+    (acc + c*d where applied, applied), d = fp32 delta (patch - base for full patches)."""
+    applied = m & valid
+    if DRAW:
+        w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, PATCH_ID)
+        applied = applied & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
+    d = to_f32(tl.load(p_ptr + i, mask=valid, other=0.0))
+    if not DELTAS:
+        d = d - b
+    return tl.where(applied, acc + c * d, acc), applied
+
+
 # Triton turns int arguments equal to 1 into constants; these scalars need to stay tensors.
 @triton.jit(do_not_specialize=["key_se", "key_osm", "keep_i32", "seed_i32", "hash_i32"])
 def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr, mse_ptr,
@@ -83,25 +98,13 @@ def _masked_merge_kernel(base_ptr, pse_ptr, posm_ptr, sse_ptr, sosm_ptr, out_ptr
     acc = b
     blk = blk0 + pid * ROWS + r
     if HAS_SE:
-        a_se = m_se & valid
-        if DRAW:
-            w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 0)
-            a_se = a_se & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = to_f32(tl.load(pse_ptr + i, mask=valid, other=0.0))
-        if not DELTAS:
-            d = d - b
-        acc = tl.where(a_se, acc + c_se * d, acc)
+        acc, a_se = _apply_patch(acc, b, m_se, valid, pse_ptr, i, blk, col, c_se, keep_i32,
+                                 seed_i32, hash_i32, 0, DRAW, DELTAS)
     else:
         a_se = none
     if HAS_OSM:
-        a_osm = m_osm & valid
-        if DRAW:
-            w0, w1, w2, w3 = retention_block_words(blk, seed_i32, hash_i32, 1)
-            a_osm = a_osm & (pick_word(w0, w1, w2, w3, col) < keep_i32.to(tl.uint32, bitcast=True))
-        d = to_f32(tl.load(posm_ptr + i, mask=valid, other=0.0))
-        if not DELTAS:
-            d = d - b
-        acc = tl.where(a_osm, acc + c_osm * d, acc)
+        acc, a_osm = _apply_patch(acc, b, m_osm, valid, posm_ptr, i, blk, col, c_osm, keep_i32,
+                                  seed_i32, hash_i32, 1, DRAW, DELTAS)
     else:
         a_osm = none
 
