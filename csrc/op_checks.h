@@ -8,12 +8,19 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 
 namespace safepatch {
 
 constexpr int64_t kNumBins = 65536;
 constexpr int64_t kInfKey = 0x7F800000;  // key of +inf: a threshold that selects nothing
 enum MergeMode : int64_t { kDifference = 0, kIntersection = 1, kTopk = 2, kNone = 3 };
+
+// Integers enter check messages as std::string, never through operator<<(long): on the H200
+// machine (gcc 13.3, torch 2.11) an int64 streamed from this extension into c10::str's
+// ostringstream crashed the process with SIGSEGV instead of raising, while strings and
+// Devices streamed fine (bench/op_check_probe.py, bench/results/gpu_h200_run2/pytest.txt).
+inline std::string num(int64_t v) { return std::to_string(v); }
 
 inline bool is_float_dtype(c10::ScalarType t) {
   return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 ||
@@ -30,8 +37,8 @@ inline void check_dense(const at::Tensor& t, const char* op, const char* what) {
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op,
                        const char* what, const char* ref_what) {
-  TORCH_CHECK(t.numel() == ref.numel(), op, ": ", what, " has ", t.numel(), " elements but ",
-              ref_what, " has ", ref.numel());
+  TORCH_CHECK(t.numel() == ref.numel(), op, ": ", what, " has ", num(t.numel()), " elements but ",
+              ref_what, " has ", num(ref.numel()));
   TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but ",
               ref_what, " is on ", ref.device());
 }
@@ -51,9 +58,9 @@ inline void check_saliency_args(const at::Tensor& score, const at::Tensor& weigh
 inline void check_histogram_args(const at::Tensor& scores, int64_t prefix, int64_t digit) {
   const char* op = "safepatch::radix_histogram";
   check_dense(scores, op, "scores");
-  TORCH_CHECK(digit == 0 || digit == 1, op, ": digit must be 0 or 1, got ", digit);
+  TORCH_CHECK(digit == 0 || digit == 1, op, ": digit must be 0 or 1, got ", num(digit));
   TORCH_CHECK(digit == 0 || (prefix >= 0 && prefix < kNumBins), op,
-              ": prefix must be in [0, 65535] for digit 1, got ", prefix);
+              ": prefix must be in [0, 65535] for digit 1, got ", num(prefix));
 }
 
 inline void check_merge_args(const at::Tensor& base, const c10::optional<at::Tensor>& patch_se,
@@ -65,7 +72,7 @@ inline void check_merge_args(const at::Tensor& base, const c10::optional<at::Ten
   const char* op = "safepatch::masked_merge";
   check_dense(base, op, "base");
   TORCH_CHECK(mode >= kDifference && mode <= kNone, op,
-              ": mode must be 0 (difference), 1 (intersection), 2 (topk) or 3 (none), got ", mode);
+              ": mode must be 0 (difference), 1 (intersection), 2 (topk) or 3 (none), got ", num(mode));
   const c10::optional<at::Tensor>* patches[2] = {&patch_se, &patch_osm};
   const c10::optional<at::Tensor>* scores[2] = {&score_se, &score_osm};
   const char* patch_names[2] = {"patch_se", "patch_osm"};
@@ -74,7 +81,7 @@ inline void check_merge_args(const at::Tensor& base, const c10::optional<at::Ten
   const char* key_names[2] = {"key_se", "key_osm"};
   for (int x = 0; x < 2; ++x) {
     TORCH_CHECK(keys[x] >= 0 && keys[x] <= kInfKey, op, ": ", key_names[x],
-                " must be the key of a threshold in [0, +inf] (0 .. 0x7F800000), got ", keys[x],
+                " must be the key of a threshold in [0, +inf] (0 .. 0x7F800000), got ", num(keys[x]),
                 " (a NaN or negative threshold?)");
     if (!patches[x]->has_value()) continue;
     check_dense(**patches[x], op, patch_names[x]);
@@ -86,10 +93,10 @@ inline void check_merge_args(const at::Tensor& base, const c10::optional<at::Ten
     check_like(**scores[x], base, op, score_names[x], "base");
   }
   TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= (int64_t(1) << 32), op,
-              ": keep_threshold must be floor(p * 2^32) with p in [0, 1], got ", keep_threshold);
+              ": keep_threshold must be floor(p * 2^32) with p in [0, 1], got ", num(keep_threshold));
   TORCH_CHECK(name_hash >= 0 && name_hash < (int64_t(1) << 32), op,
-              ": name_hash must be a uint32, got ", name_hash);
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+              ": name_hash must be a uint32, got ", num(name_hash));
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", num(offset));
   TORCH_CHECK(is_float_dtype(out_dtype), op, ": out_dtype must be float32, bfloat16 or float16, got ",
               out_dtype);
 }
