@@ -85,8 +85,11 @@ SAFEPATCH_HD uint32_t retention_word(uint64_t i, uint32_t seed, uint32_t name_ha
 // raw NaN bits would land in different histogram bins per backend; NaN is an invalid score and
 // only needs to show in bins >= 0x7F80, so one canonical key keeps all backends bit-identical.
 SAFEPATCH_HD uint32_t score_key_from_bits(uint32_t bits) {
-  const uint32_t k = bits == 0x80000000u ? 0u : bits;
-  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : k;
+  // Written with masks, not conditionals: GCC left the merge's selection loop scalar with the
+  // conditional form (the C++ merge ran 4x slower: 8.6 vs 2.0 ns per element, one core).
+  const uint32_t not_minus_zero = 0u - static_cast<uint32_t>(bits != 0x80000000u);
+  const uint32_t nan = 0u - static_cast<uint32_t>((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  return ((bits & not_minus_zero) & ~nan) | (0x7FC00000u & nan);
 }
 
 }  // namespace safepatch
