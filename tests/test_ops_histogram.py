@@ -37,6 +37,20 @@ def test_minus_zero_counts_as_zero(backend):
     assert int(h1[0]) == 8
 
 
+def test_heavy_bins(backend):
+    """Bins far past 16-bit counts (the CUDA kernel packs 16-bit counters and carries every
+    32768 counts to the output): zeros (bin 0, warp-aggregated there) and one repeated value,
+    both digits, in an order that interleaves them."""
+    n_zero, n_one, n_rest = 70_001, 98_304 + 5, 3_001
+    s = torch.cat([torch.zeros(n_zero), torch.full((n_one,), 0.75), rand_scores((n_rest,), torch.float32, 9)])
+    s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))]
+    h0 = ops.radix_histogram(s.to(backend.device), 0, 0).cpu()
+    assert torch.equal(h0, ref.radix_histogram(s, 0, 0))
+    assert int(h0[0]) >= n_zero and int(h0[0x3F40]) >= n_one
+    h1 = ops.radix_histogram(s.to(backend.device), 0x3F40, 1).cpu()
+    assert torch.equal(h1, ref.radix_histogram(s, 0x3F40, 1)) and int(h1[0]) >= n_one
+
+
 def test_chunks_add_up(backend):
     s = rand_scores((2999,), torch.float32, 2)
     whole = ops.radix_histogram(s.to(backend.device), 0, 0).cpu()
