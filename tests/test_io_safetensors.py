@@ -115,7 +115,8 @@ def test_open_checkpoint_sharded_and_outside_paths(tmp_path):
         open_checkpoint(str(tmp_path / "nope"), "patch_se")
 
 
-def test_prefetcher_delivers_every_chunk_in_order(tmp_path):
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_prefetcher_delivers_every_chunk_in_order(tmp_path, zero_copy):
     t = _tensors()
     f = tmp_path / "m.safetensors"
     save_file(t, str(f))
@@ -129,7 +130,8 @@ def test_prefetcher_delivers_every_chunk_in_order(tmp_path):
             expect.append((flat[off:off + cnt], flat))
     slot = max(sum(p.nbytes + 64 for p in it) for it in items)
     got = 0
-    with Prefetcher(items, slot, depth=2) as pf:
+    with Prefetcher(items, slot, depth=2, zero_copy=zero_copy) as pf:
+        assert pf.zero_copy is zero_copy
         for item in pf:
             a, b = expect[item.index]
             assert item.index == got
@@ -137,6 +139,53 @@ def test_prefetcher_delivers_every_chunk_in_order(tmp_path):
             item.release()
             got += 1
     assert got == len(items)
+
+
+def _mappings_of(path) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if line.rstrip().endswith(str(path)))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+def test_prefetcher_unmaps_released_windows(tmp_path):
+    """Mapped windows live only while their item is out: at most `depth` items' windows at
+    once, none after close, and a view kept past release does not crash anything."""
+    t = {"w": torch.arange(300_000, dtype=torch.float32)}
+    f = tmp_path / "m.safetensors"
+    save_file(t, str(f))
+    info = open_checkpoint(str(tmp_path), "x").tensors["w"]
+    items = [[Part("a", info, o, 10_000)] for o in range(0, 300_000, 10_000)]
+    kept = None
+    with Prefetcher(items, 40_064, depth=2) as pf:
+        for item in pf:
+            assert _mappings_of(f) <= 3  # this item, the one read ahead, one being unmapped
+            assert float(item.views["a"][0]) == item.index * 10_000
+            if item.index == 5:
+                kept = item.views["a"]
+            item.release()
+    assert _mappings_of(f) <= 1  # only the window still referenced by `kept`
+    assert float(kept[-1]) == 59_999.0
+    del kept
+    import gc
+    gc.collect()
+    assert _mappings_of(f) == 0
+
+
+def test_prefetcher_copies_parts_it_cannot_map(tmp_path):
+    """A part whose bytes are not aligned to its element size is copied into a slot."""
+    import dataclasses
+
+    f = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(64, dtype=torch.int16)}, str(f))
+    info = open_checkpoint(str(tmp_path), "x").tensors["w"]
+    odd = dataclasses.replace(info, name="odd", start=info.start + 1, end=info.end - 1)
+    raw = f.read_bytes()[odd.start:odd.end]
+    want = torch.frombuffer(bytearray(raw), dtype=torch.int16)
+    with Prefetcher([[Part("a", odd, 0, odd.numel - 1), Part("b", info, 2, 5)]], 256, 1) as pf:
+        (item,) = list(pf)
+        assert torch.equal(item.views["a"], want[:odd.numel - 1])
+        assert torch.equal(item.views["b"], torch.arange(2, 7, dtype=torch.int16))
+        item.release()
 
 
 def test_prefetcher_reports_file_truncated_after_indexing(tmp_path):

@@ -6,11 +6,23 @@ scores). The reader owns ``depth`` slot buffers, each large enough for the large
 background thread fills slot after slot with ``os.preadv`` (which releases the GIL), and the
 consumer gets each item's parts as typed tensor views into its slot. A slot is reused only
 after the consumer releases it, so host memory is ``depth x max item bytes`` whatever the
-model size. No file is memory-mapped (mapped pages count against the process's memory).
-On CUDA the slots are pinned, so the consumer can copy them to the device asynchronously.
+model size. On CUDA the slots are pinned, so the consumer can copy them to the device
+asynchronously.
+
+On the CPU the reader maps instead of copying (``zero_copy``): each part of the next items is
+a private read-only window of its file (``mmap`` of just that byte range), populated by the
+background thread, and the consumer computes straight from the page cache. The window is
+unmapped when the item is released, so mapped memory stays ``depth x max item bytes``, the
+same bound as the slots (never a whole-file map, whose pages would all count against the
+process). Reading the ~10 GB of a 0.7 B-parameter SafePatching merge from the page cache took
+2.3-2.9 s of system time through ``preadv`` into slots and 0.4 s mapped (2-core VM), and the
+copy competed with the merge for the two cores. Parts that cannot be mapped as typed views
+(pickles, offsets not aligned to the element size) are still copied.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import queue
 import threading
@@ -24,6 +36,43 @@ from .checkpoint import load_pickle
 from .safetensors_header import TensorInfo
 
 _ALIGN = 64
+_PAGE = mmap.ALLOCATIONGRANULARITY
+# MADV_POPULATE_READ (Linux 5.14): fault the window's pages in on the reader thread; older
+# kernels refuse it and get MADV_WILLNEED (read-ahead only) instead.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes, which releases the GIL for the call (mmap.madvise holds
+    it: populating a 50 MB window stalled the consumer's torch calls on the GIL)."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f
+
+
+_MADVISE = _libc_madvise()
+
+
+def _unmap(maps: list[mmap.mmap]) -> None:
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:  # a view outlived its item: unmapped when the view is freed
+            pass
+
+
+def _populate(m: mmap.mmap) -> None:
+    """Fault the window's pages in (read-ahead only where the kernel lacks POPULATE_READ)."""
+    if _MADVISE is not None and len(m):
+        ref = ctypes.c_char.from_buffer(m)  # an export of m: dropped before m can be closed
+        addr = ctypes.addressof(ref)
+        del ref
+        if _MADVISE(addr, len(m), _POPULATE_READ) == 0:
+            return
+    m.madvise(mmap.MADV_WILLNEED)
 
 
 @dataclass(frozen=True)
@@ -46,15 +95,21 @@ def item_bytes(parts: Iterable[Part]) -> int:
 
 
 class Item:
-    """One delivered work item: ``views`` {key: 1-D tensor of the part's dtype} in a slot."""
+    """One delivered work item: ``views`` {key: 1-D tensor of the part's dtype} in a slot (or
+    in mapped windows of the files)."""
 
-    def __init__(self, index: int, slot: int, views: dict[str, torch.Tensor], owner: "Prefetcher"):
+    def __init__(self, index: int, slot: int, views: dict[str, torch.Tensor], owner: "Prefetcher",
+                 maps: list[mmap.mmap] | None = None):
         self.index, self.slot, self.views, self._owner = index, slot, views, owner
+        self._maps = maps or []
 
     def release(self) -> None:
         """Give the slot back to the reader (the views must no longer be used)."""
         if self.slot >= 0:
-            self._owner._free.put(self.slot)
+            self.views = {}
+            # The reader thread unmaps the windows (munmap of a populated window is not free).
+            self._owner._free.put((self.slot, self._maps))
+            self._maps = []
             self.slot = -1
 
 
@@ -62,19 +117,24 @@ class Prefetcher:
     """Background reader over `items` (a list of Part lists). Iterate to get :class:`Item` s in
     order; call ``item.release()`` when done with each. ``depth`` slots of ``slot_bytes``
     (>= the largest item) are allocated once; ``pin`` pins them (CUDA hosts).
+    ``zero_copy`` (default: when not pinning) delivers mapped windows of the files instead of
+    slot copies; the slots are then allocated only if some part must be copied.
     Errors in the reader thread (short reads) are raised in the consumer as CheckpointError.
     """
 
-    def __init__(self, items: list[list[Part]], slot_bytes: int, depth: int = 2, pin: bool = False):
+    def __init__(self, items: list[list[Part]], slot_bytes: int, depth: int = 2, pin: bool = False,
+                 zero_copy: bool | None = None):
         self.items = items
         self.depth = max(1, depth)
+        self.zero_copy = (not pin) if zero_copy is None else bool(zero_copy and not pin)
         slot_bytes = max(_ALIGN, slot_bytes)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pin)
-                      for _ in range(self.depth)]
+        need_slots = not self.zero_copy or any(p.nbytes and not self._mappable(p) for it in items for p in it)
+        self.slots = [torch.empty(slot_bytes if need_slots else _ALIGN, dtype=torch.uint8,
+                                  pin_memory=pin) for _ in range(self.depth)]
         self._np = [s.numpy() for s in self.slots]
-        self._free: queue.Queue[int] = queue.Queue()
+        self._free: queue.Queue[tuple[int, list]] = queue.Queue()  # (slot, windows to unmap)
         for i in range(self.depth):
-            self._free.put(i)
+            self._free.put((i, []))
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._fds: dict = {}
@@ -92,6 +152,27 @@ class Prefetcher:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._fds[path] = fd
         return fd
+
+    @staticmethod
+    def _mappable(part: Part) -> bool:
+        info = part.info
+        return info.start >= 0 and part.nbytes > 0 and \
+            (info.start + part.elem_start * info.itemsize) % info.itemsize == 0
+
+    def _map(self, part: Part) -> tuple[mmap.mmap, int]:
+        """A populated private window over the part's bytes, and the part's offset in it."""
+        info = part.info
+        fd = self._fd(info.path)
+        pos = info.start + part.elem_start * info.itemsize
+        end = pos + part.nbytes
+        if os.fstat(fd).st_size < end:  # a mapped page past EOF would be SIGBUS, not an error
+            raise CheckpointError(f"{info.path}: tensor {info.name!r} is truncated (file ends "
+                                  f"before byte {end})")
+        base = pos - pos % _PAGE
+        m = mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_COPY)
+        _populate(m)
+        self.bytes_read += part.nbytes
+        return m, pos - base
 
     def _read_into(self, part: Part, dst) -> None:
         info = part.info
@@ -122,16 +203,22 @@ class Prefetcher:
                     if self._stop.is_set():
                         return
                     try:
-                        slot = self._free.get(timeout=0.1)
+                        slot, done = self._free.get(timeout=0.1)
+                        _unmap(done)
                     except queue.Empty:
                         pass
-                buf, off, views = self._np[slot], 0, {}
+                buf, off, views, maps = self._np[slot], 0, {}, []
                 for part in parts:
                     n = part.nbytes
+                    if self.zero_copy and self._mappable(part):
+                        m, o = self._map(part)
+                        maps.append(m)
+                        views[part.key] = (len(maps) - 1, o, n, part.info.torch_dtype)
+                        continue
                     self._read_into(part, buf[off:off + n])
-                    views[part.key] = (off, n, part.info.torch_dtype)
+                    views[part.key] = (-1, off, n, part.info.torch_dtype)
                     off += -(-n // _ALIGN) * _ALIGN
-                self._ready.put((idx, slot, views))
+                self._ready.put((idx, slot, views, maps))
             self._ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._ready.put(e)
@@ -152,15 +239,26 @@ class Prefetcher:
                     raise CheckpointError(f"{getattr(got, 'filename', '')}: read failed "
                                           f"({got.strerror or got})") from None
                 raise got
-            idx, slot, spec = got
+            idx, slot, spec, maps = got
+            # Views hold a memoryview export of their window (torch keeps the object it was
+            # given), so a view kept past release() makes the unmap fail softly (BufferError)
+            # and the window lives until the view is freed, never a dangling pointer.
             s = self.slots[slot]
-            views = {k: s[o:o + n].view(dt) for k, (o, n, dt) in spec.items()}
-            yield Item(idx, slot, views, self)
+            views = {k: (s[o:o + n] if mi < 0 else
+                         torch.frombuffer(memoryview(maps[mi]), dtype=torch.uint8, count=n,
+                                          offset=o)).view(dt)
+                     for k, (mi, o, n, dt) in spec.items()}
+            yield Item(idx, slot, views, self, maps)
 
     def close(self) -> None:
         """Stop the reader thread (safe to call twice)."""
         self._stop.set()
         self._thread.join(timeout=10)
+        while True:
+            try:
+                _unmap(self._free.get_nowait()[1])
+            except queue.Empty:
+                break
 
     def __enter__(self):
         return self

@@ -244,6 +244,9 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     if not dry_run:
         builder.open()
         ctx.work_dir = builder.work_dir
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(compute_threads(threads))
     try:
         t1 = time.perf_counter()
         method.prepare(ctx)
@@ -274,11 +277,28 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     except BaseException:
         builder.close_thread()
         raise
+    finally:
+        torch.set_num_threads(threads)
     out = builder.finish()
     secs = time.perf_counter() - t0
     log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read)", len(base.tensors), out,
              secs, read / secs / 1e9 if secs else 0.0)
     return MergeResult(out, plan, secs, read, written, summary)
+
+
+def compute_threads(torch_threads: int) -> int:
+    """Threads for the ops during a CPU merge: one fewer than torch would use (at least 1), so
+    the reader and writer threads have a core and never preempt an OpenMP region, whose other
+    workers would wait for the preempted one at its barrier. 0.7 B SafePatching merge on the
+    2-core VM: 9.8-11.1 s wall with 2 op threads, 8.9-9.2 s with 1. SAFEPATCH_MERGE_THREADS
+    overrides."""
+    env = os.environ.get("SAFEPATCH_MERGE_THREADS", "")
+    if env.strip():
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ConfigError(f"SAFEPATCH_MERGE_THREADS={env!r}: expected a whole number") from None
+    return max(1, torch_threads - 1)
 
 
 def method_scratch(method: MergeMethod, backend_name: str) -> int:
