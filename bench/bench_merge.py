@@ -150,18 +150,29 @@ def dir_bytes(p: Path, pattern="*.safetensors", exclude=("histograms.safetensors
 
 
 def timed(cmd: list[str], env=None, log: Path | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `cmd` via /usr/bin/time."""
-    tf = Path(f"/tmp/bench_merge_time_{os.getpid()}.txt")
-    full = ["/usr/bin/time", "-f", "%e %M", "-o", str(tf)] + cmd
+    """(wall seconds, peak RSS bytes) of `cmd`: /usr/bin/time's %M where it exists, else the
+    child's ru_maxrss from wait4, the child started with posix_spawn (no fork of this
+    process, whose pages a forked child would count until its exec: 1.6 GB after generating
+    the inputs)."""
     t0 = time.perf_counter()
+    tf = Path(f"/tmp/bench_merge_time_{os.getpid()}.txt")
+    gnu_time = Path("/usr/bin/time").exists()
+    full = (["/usr/bin/time", "-f", "%M", "-o", str(tf)] + cmd) if gnu_time else cmd
     with open(log or os.devnull, "ab") as lf:
-        r = subprocess.run(full, env=env, stdout=lf, stderr=lf)
+        pid = os.posix_spawn(full[0], full, env if env is not None else os.environ,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, lf.fileno(), 1),
+                                           (os.POSIX_SPAWN_DUP2, lf.fileno(), 2)])
+        _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)} (see {log})")
-    e, m = tf.read_text().split()[-2:]
-    tf.unlink()
-    return wall, int(m) * 1024
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)} (see {log})")
+    if gnu_time:
+        peak_kib = int(tf.read_text().split()[-1])
+        tf.unlink()
+    else:
+        peak_kib = int(usage.ru_maxrss)
+    return wall, peak_kib * 1024
 
 
 def read_speed(dirs: list[Path]) -> float:
@@ -226,10 +237,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--results-dir", default=str(RESULTS),
+                    help="where merge.csv (appended) and merge_<device>.md go")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write the inputs under --workdir and stop (a GPU host generates them "
+                         "on its CPUs while other checks use the GPU)")
+    ap.add_argument("--reuse-inputs", action="store_true",
+                    help="use inputs a previous --generate-only/--keep run left in --workdir")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -240,8 +259,15 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         layers = SIZES[size]
         root = work / size
-        shutil.rmtree(root, ignore_errors=True)
-        paths = generate(root, layers)
+        if args.reuse_inputs and (root / "generated.ok").exists():
+            paths = {k: root / k for k in ("base", "se", "osm", "scores_se", "scores_osm")}
+            print(f"reusing the inputs in {root}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            paths = generate(root, layers)
+            (root / "generated.ok").write_text("complete\n")
+        if args.generate_only:
+            continue
         n_params = sum(int(torch.tensor(s).prod()) for _, s in tensor_specs(layers))
         sp_cfg = {"backbone": str(paths["base"]),
                   "patches": {"se": str(paths["se"]), "osm": str(paths["osm"])},
@@ -306,14 +332,16 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    csv_path = RESULTS / "merge.csv"
+    if args.generate_only:
+        return 0
+    csv_path = results / "merge.csv"
     new = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:
             w.writeheader()
         w.writerows(rows)
-    md = RESULTS / f"merge_{'cuda' if args.device.startswith('cuda') else 'cpu'}.md"
+    md = results / f"merge_{'cuda' if args.device.startswith('cuda') else 'cpu'}.md"
     lines = [f"# Merge benchmark ({args.device})", "",
              f"- date: {date}, commit: {commit}", f"- machine: {dev_name}",
              f"- command: `python bench/bench_merge.py {' '.join(argv or sys.argv[1:])}`",

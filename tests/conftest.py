@@ -21,3 +21,20 @@ def shared_data():
     if not d.is_dir():
         pytest.fail(f"shared data not found at {d}; set SAFEPATCH_SHARED_DATA")
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """SAFEPATCH_TEST_SHARD=i/n keeps every n-th collected test starting at i (0-based), so a
+    GPU host can run one long file in n processes at once (bench/gpu_check.sh: Triton compiles
+    a kernel variant per parametrisation, on one core per process)."""
+    spec = os.environ.get("SAFEPATCH_TEST_SHARD", "").strip()
+    if not spec:
+        return
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"SAFEPATCH_TEST_SHARD={spec!r}: expected i/n with 0 <= i < n")
+    keep = [it for k, it in enumerate(items) if k % n == i]
+    config.hook.pytest_deselected(items=[it for k, it in enumerate(items) if k % n != i])
+    items[:] = keep
