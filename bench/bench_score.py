@@ -228,7 +228,8 @@ def main() -> None:
         return
 
     # Peak memory: one fresh process per way. On CPU they run beside the timing (each
-    # measures only its own RSS; timing is also reported as CPU time); on CUDA one by one.
+    # measures only its own RSS; timing is also reported as CPU time); on CUDA all at once
+    # (each reads its own max_memory_allocated), and the timing waits until they are done.
     procs = {}
     for mode in MODES:
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
@@ -240,8 +241,9 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                        text=True, env=env)
-        if args.device == "cuda":
-            procs[mode].wait()
+    if args.device == "cuda":
+        for proc in procs.values():
+            proc.wait()
     tm = timing(args) if not args.skip_timing else None
     mem = {}
     for mode, proc in procs.items():

@@ -159,8 +159,8 @@ def main() -> int:
     small = args.sweep == "small"
     hist_cfgs = ((16, 4096, 8), (64, 4096, 8)) if small else \
         ((1, 4096, 8), (16, 4096, 8), (64, 4096, 8), (16, 8192, 16))
-    merge_cfgs = ((512, 4), (1024, 8), (256, 4)) if small else \
-        ((512, 4), (1024, 8), (2048, 8), (2048, 16), (256, 4), (1024, 4))
+    merge_cfgs = ((256, 4), (512, 4), (128, 4)) if small else \
+        ((256, 4), (512, 4), (128, 4), (1024, 8), (2048, 8), (256, 8))
     sal_cfgs = ((4096, 8), (2048, 4)) if small else ((2048, 4), (4096, 8), (8192, 16))
     sweep = [("radix_histogram", 4, f"copies={c},block={b},warps={w}",
               lambda c=c, b=b, w=w: tk_hist.radix_histogram(s_se, 0, 0, block=b, num_warps=w, copies=c))

@@ -17,13 +17,16 @@ export PYTHONPATH=".:/tmp/site" PYTHONUNBUFFERED=1 SAFEPATCH_SHARED_DATA="$PWD/.
 T0=$(date +%s)
 MODEL=$(python3 -c "from safepatch_merge.models.smollm2 import ensure_smollm2; print(ensure_smollm2(cache_dir='$CACHE', dtype='float32'))" | tail -n 1)
 echo "model dir: $MODEL ($(( $(date +%s) - T0 ))s)"
-timeout --kill-after=15 ${PATTERN_LIMIT:-360} python3 experiments/reproduce_pattern.py --preset gpu --device cuda \
+timeout --kill-after=15 ${PATTERN_LIMIT:-360} python3 experiments/reproduce_pattern.py --preset ${PATTERN_PRESET:-gpu} --device cuda \
   --data-dir .gpu2/data --model-dir "$MODEL" --out /tmp/pattern-gpu --results-dir "$OUT/pattern" \
   --time-budget ${PATTERN_BUDGET:-300} --quiet
 echo "pattern rc=$? after $(( $(date +%s) - T0 ))s"
-timeout 60 python3 bench/bench_score.py --model "$MODEL" --device cuda --dtype bfloat16 --batch-size 8 \
-  --num-examples 60 --max-length 512 --out "$OUT/score_bench.csv" > "$OUT/bench_score.txt" 2>&1
-echo "bench_score rc=$?"
-timeout 60 python3 bench/bench_train.py --model "$MODEL" --device cuda --batch-size 8 --max-length 512 \
-  --steps 10 --out "$OUT/train_bench.csv" > "$OUT/bench_train.txt" 2>&1
-echo "bench_train rc=$? total $(( $(date +%s) - T0 ))s"
+timeout ${SCORE_LIMIT:-90} python3 bench/bench_score.py --model "$MODEL" --device cuda --dtype bfloat16 \
+  --batch-size 8 --num-examples 60 --max-length 512 --out "$OUT/score_bench.csv" > "$OUT/bench_score.txt" 2>&1
+echo "bench_score rc=$? after $(( $(date +%s) - T0 ))s"
+if [ "${TRAIN_BENCH:-0}" = 1 ]; then  # measured in run 1 (bench/results/train_bench_gpu_h200.csv)
+  timeout 60 python3 bench/bench_train.py --model "$MODEL" --device cuda --batch-size 8 --max-length 512 \
+    --steps 10 --out "$OUT/train_bench.csv" > "$OUT/bench_train.txt" 2>&1
+  echo "bench_train rc=$?"
+fi
+echo "total $(( $(date +%s) - T0 ))s"
