@@ -85,8 +85,8 @@ EOF
 # one pytest process per file, all at once (Triton compiles on every core; a crash in one file
 # hides nothing else), and the probe of the C++ ops' argument checks; logs gathered into
 # pytest.txt in file order, one summary line per file.
-TESTS=$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py \
-        tests/test_extension.py 2>/dev/null | tr '\n' ' ')
+TESTS=${TESTS:-$(ls tests/test_ops_*.py tests/test_triton_ops.py tests/test_philox.py tests/test_select.py \
+        tests/test_extension.py 2>/dev/null | tr '\n' ' ')}
 echo "tests: $TESTS" >> "$SUMMARY"
 TLOG=$(mktemp -d /tmp/safepatch_pytest.XXXXXX)
 t=$(date +%s)
