@@ -105,7 +105,8 @@ def _sweep_next() -> list[dict]:
 # already refused 72% of XSTest's safe prompts (paper's backbone: 8%), and the SE patch pushed
 # to 8.9 nats collapsed into one canned non-answer. `gpu` is the next run: a finer SFT ladder
 # starting at 5 steps, over-refusal calibrated on 50 held-out XSTest safe prompts, an SE patch
-# stopped at 4 nats, and a sweep that moves b apart from a. No results exist for it yet.
+# stopped at 4 nats, and a sweep that moves b apart from a. Run 2 used it (results/run2/:
+# the 5-step rung was chosen; 10 steps already over-refused 78 % of held-out XSTest).
 _NEXT = dict(sft_steps=(5, 10, 20, 35, 50, 100), calib_benign_max=0.15, calib_xstest=50,
              calib_xstest_max=0.20, se_nll_ceiling=4.0, sweep=_sweep_next())
 
