@@ -30,7 +30,7 @@ CASES = {
     "cpu merge ok": "mm('cpu', 0)",
     "cpu merge NaN key": "mm('cpu', 0x7FC00000)",
     "cpu histogram digit 2": "torch.ops.safepatch.radix_histogram(s('cpu'), 0, 2)",
-    "cpu philox_words patch_id 2": "torch.ops.safepatch.philox_words(0, 4, 0, 0, 2)",
+    "cpu philox_words patch_id -1": "torch.ops.safepatch.philox_words(0, 4, 0, 0, -1)",
 }
 CUDA_CASES = {
     "cuda merge ok": "mm('cuda', 0)",

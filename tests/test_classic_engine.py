@@ -83,7 +83,8 @@ def test_output_loads_and_records_the_method(models, tmp_path):
     assert prov["result"]["parameters"]["normalize"] == "True (mergekit default)"
     assert 0.29 < prov["result"]["trim_target_density"]["model_0"] <= 0.3
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "ties" in card and "mergekit" in card
+    assert "ties" in card and "mergekit 0.1.5's for this method" in card
+    assert "publishes none" not in card  # that note is SafePatching's, not mergekit's
 
 
 def test_missing_tensor_in_a_model_is_an_error_naming_it(models, tmp_path):

@@ -119,6 +119,7 @@ def test_output_is_a_loadable_model_and_deterministic(inputs, tmp_path):
     assert sum(f.endswith(".safetensors") for f in a) > 1
     card = a["README.md"].decode()
     assert "tags:" in card and "safepatch" in card and "density" in card
+    assert "paper (arXiv 2405.13820) publishes none" in card
     prov = json.loads(a["safepatch_provenance.json"])
     assert prov["seed"] == 3 and prov["result"]["parameters"]["retention"] == 0.8
     assert prov["result"]["selection"]["se"]["density"] >= 0.2

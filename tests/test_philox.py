@@ -81,7 +81,7 @@ def test_cpp_known_answer(cpp):
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("patch_id", [0, 1])
+@pytest.mark.parametrize("patch_id", [0, 1, 2, 7, 0xFFFFFFFF])
 def test_cpp_words_equal_reference(cpp, offset, patch_id):
     n = 1001  # odd: partial blocks and a partial SIMD group at both ends
     got = cpp.philox_words(offset, n, 12345 + (3 << 32), "model.layers.0.mlp.up_proj.weight", patch_id)
@@ -100,8 +100,9 @@ def test_cpp_words_chunking_invariant(cpp):
 def test_cpp_words_rejects_bad_arguments(cpp):
     with pytest.raises(RuntimeError, match="offset and numel must be >= 0"):
         torch.ops.safepatch.philox_words(-1, 4, 0, 0, 0)
-    with pytest.raises(RuntimeError, match="patch_id must be 0"):
-        torch.ops.safepatch.philox_words(0, 4, 0, 0, 2)
+    for bad in (-1, 1 << 32):
+        with pytest.raises(RuntimeError, match="patch_id must be a uint32"):
+            torch.ops.safepatch.philox_words(0, 4, 0, 0, bad)
     with pytest.raises(RuntimeError, match="name_hash must be a uint32"):
         torch.ops.safepatch.philox_words(0, 4, 0, 1 << 32, 0)
 

@@ -19,8 +19,9 @@ at::Tensor philox_words(int64_t offset, int64_t numel, int64_t seed, int64_t nam
               num(offset), " and ", num(numel));
   TORCH_CHECK(name_hash >= 0 && name_hash < (int64_t(1) << 32),
               "safepatch::philox_words: name_hash must be a uint32, got ", num(name_hash));
-  TORCH_CHECK(patch_id == 0 || patch_id == 1,
-              "safepatch::philox_words: patch_id must be 0 (SE) or 1 (OSM), got ", num(patch_id));
+  // SafePatching draws with ids 0 (SE) and 1 (OSM); DARE with one id per model.
+  TORCH_CHECK(patch_id >= 0 && patch_id < (int64_t(1) << 32),
+              "safepatch::philox_words: patch_id must be a uint32, got ", num(patch_id));
   at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   advise_huge_pages(o, static_cast<size_t>(out.nbytes()));

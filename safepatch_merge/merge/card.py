@@ -62,8 +62,13 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
                              f"{r['selected']} | {r['density']:.6f} |")
             lines.append(f"| {side} | (all) | | | {s['n']} | {s['selected']} | "
                          f"{s['density']:.6f} |")
-    lines += ["", "Defaults of unset parameters are safepatch_merge's own choices: the SafePatching "
-              "paper (arXiv 2405.13820) publishes none.",
+    if cfg.method == "safepatch":
+        note = ("Defaults of unset parameters are safepatch_merge's own choices: the SafePatching "
+                "paper (arXiv 2405.13820) publishes none.")
+    else:
+        note = ("Defaults of unset parameters are mergekit 0.1.5's for this method (marked "
+                "\"mergekit default\" above).")
+    lines += ["", note,
               "Full provenance (inputs, hashes, versions): `safepatch_provenance.json`.", ""]
     return "\n".join(lines).encode()
 

@@ -55,8 +55,7 @@ def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: 
     if thr >= 1 << 32:
         return torch.ones(n, dtype=torch.bool, device=device)
     out = torch.empty(n, dtype=torch.bool, device=device)
-    # the C++ kernel takes patch ids 0 and 1 only (SafePatching's two patches)
-    words = _cpp_words(device) if patch_id in (0, 1) else None
+    words = _cpp_words(device) if 0 <= patch_id < 1 << 32 else None
     block = _PHILOX_BLOCK if words is not None else _TORCH_PHILOX_BLOCK
     for s in range(0, n, block):
         m = min(block, n - s)
