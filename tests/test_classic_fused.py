@@ -35,3 +35,28 @@ def test_compiled_equals_eager_and_reference(method, kw, monkeypatch):
                               list(p.weights), list(p.densities), normalize=p.normalize,
                               rescale=p.rescale, lam=p.lam, seed=3, keep_ties=True)
         torch.testing.assert_close(comp[name].float(), ref.float(), rtol=0.0079, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_abs_delta_histogram_equals_histogram_of_abs_delta(dtype):
+    """The fused |d| histogram (TIES's trim without storing |d|) counts exactly what
+    radix_histogram counts on abs_delta's output: both digits, ties, zeros, NaN, inf, and
+    enough elements for several threads and a partial last block."""
+    from safepatch_merge import ops
+
+    assert cpu_kernels.load() is not None, "the C++ kernels did not build"
+    g = torch.Generator().manual_seed(5)
+    n = 3 * 2048 * 17 + 11
+    base = torch.randn(n, generator=g).to(dtype)
+    x = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
+    x[::97] = base[::97]                     # zero deltas
+    x[5::101] = (base[5::101].float() + 0.5).to(dtype)  # many equal |d| (ties)
+    x[7] = float("nan")
+    x[9] = float("inf")
+    ad = fused.abs_delta(x, base)
+    h0 = ops.radix_histogram(ad, 0, 0)
+    assert torch.equal(fused.abs_delta_histogram(x, base, 0, 0), h0)
+    assert int(h0[0x7FC0]) == 1 and int(h0[0x7F80]) == 1
+    for prefix in [int(b) for b in torch.topk(h0, 3).indices] + [0, 0x7FC0, 12345]:
+        assert torch.equal(fused.abs_delta_histogram(x, base, prefix, 1),
+                           ops.radix_histogram(ad, prefix, 1)), hex(prefix)

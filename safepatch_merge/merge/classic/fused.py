@@ -64,17 +64,46 @@ def _cpu(t: torch.Tensor):
     return cpu_kernels.load()
 
 
-def abs_delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
-    """float32 |float32(x) − float32(base)| in one pass, or None (use eager)."""
+# Grow-only float32 buffers the CPU kernel writes |d| into, one per slot (model index): the
+# |d| of a model lives only until its tensor's statistics are taken, and reusing the memory
+# saves the page faults of a fresh allocation per tensor.
+_scratch: dict[int, torch.Tensor] = {}
+
+
+def abs_delta(x: torch.Tensor, base: torch.Tensor, slot: int | None = None) -> torch.Tensor | None:
+    """float32 |float32(x) − float32(base)| in one pass, or None (use eager). With `slot`, the
+    CPU result is a view of that slot's scratch buffer, valid until the slot is used again."""
     mod = _cpu(x)
     if mod is not None:
-        return mod.abs_delta(x.contiguous(), base.contiguous())
+        n = x.numel()
+        buf = _scratch.get(slot) if slot is not None else None
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32)
+            if slot is not None:
+                _scratch[slot] = buf
+        return mod.abs_delta(x.contiguous(), base.contiguous(), buf)
 
     def build():
         def f(x, b):
             return (x.float() - b.float()).abs()
         return f
     return _run(("absdelta",), build, x, base)
+
+
+def has_cpu_kernels(t: torch.Tensor) -> bool:
+    """Whether the fused C++ kernels serve tensors like `t` (CPU, extension built)."""
+    return _cpu(t) is not None
+
+
+def abs_delta_histogram(x: torch.Tensor, base: torch.Tensor, prefix: int, digit: int
+                        ) -> torch.Tensor | None:
+    """int64 (65536,) histogram of one radix digit of |float32(x) − float32(base)| (the counts
+    of ops.radix_histogram on abs_delta's output) without materialising |d|; None where only
+    the eager path serves (then take abs_delta and the histogram op)."""
+    mod = _cpu(x)
+    if mod is None:
+        return None
+    return mod.abs_delta_histogram(x.contiguous(), base.contiguous(), int(prefix), int(digit))
 
 
 def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,

@@ -84,6 +84,15 @@ class TensorMerge:
         """True while another statistics pass over all chunks is needed before merging."""
         return self.stage <= self._last
 
+    def _trim_only(self, m: _ModelState, x: torch.Tensor) -> bool:
+        """Whether model m's statistics are just its trim threshold (no L1 rescale sums) and
+        the CPU kernels can histogram |d| straight from x and the base."""
+        return m.keep == KEEP_TRIM and not m.rescale and self.stage < 2 and \
+            fused.enabled(x.numel()) and fused.has_cpu_kernels(x)
+
+    def _observe_trim(self, m: _ModelState, x: torch.Tensor, base: torch.Tensor) -> None:
+        m.kth.add_histogram(fused.abs_delta_histogram(x, base, *m.kth.pass_args()))
+
     def observe(self, base: torch.Tensor, xs: list[torch.Tensor], offset: int = 0) -> None:
         """Feed one chunk (flat row-major elements offset.. of the tensor) to the current pass."""
         b = None
@@ -91,7 +100,11 @@ class TensorMerge:
             if self.stage > m.last_pass():
                 continue
             x = x.reshape(-1)
-            ad = fused.abs_delta(x, base.reshape(-1)) if fused.enabled(x.numel()) else None
+            if self._trim_only(m, x):
+                self._observe_trim(m, x, base.reshape(-1))
+                continue
+            ad = fused.abs_delta(x, base.reshape(-1), m.index) if fused.enabled(x.numel()) \
+                else None
             if ad is None:
                 if b is None:
                     b = base.reshape(-1).to(torch.float32)
@@ -154,13 +167,21 @@ class TensorMerge:
         if fused.enabled(base.numel()):
             # |d| once per model that needs statistics (kept across its passes), then one
             # fused merge pass that recomputes d in registers: no float32 delta is stored.
-            ads = {m.index: fused.abs_delta(x.reshape(-1), base.reshape(-1))
-                   for m, x in zip(self.models, xs) if self.stage <= m.last_pass()}
+            # A model that needs only its trim threshold is histogrammed straight from x and
+            # the base (|d| never stored).
+            flat = base.reshape(-1)
+            trim = {m.index for m, x in zip(self.models, xs) if self._trim_only(m, x)}
+            ads = {m.index: fused.abs_delta(x.reshape(-1), flat, m.index)
+                   for m, x in zip(self.models, xs)
+                   if self.stage <= m.last_pass() and m.index not in trim}
             if all(a is not None for a in ads.values()):
                 while self.pending:
-                    for m in self.models:
-                        if self.stage <= m.last_pass():
-                            # (only a model's last pass overwrites its |d|)
+                    for m, x in zip(self.models, xs):
+                        if self.stage > m.last_pass():
+                            continue
+                        if m.index in trim:
+                            self._observe_trim(m, x.reshape(-1), flat)
+                        else:  # (only a model's last pass overwrites its |d|)
                             self._observe_abs(m, ads[m.index], 0)
                     self.end_pass()
                 del ads

@@ -63,6 +63,19 @@ class KthLargest:
         else:
             raise RuntimeError("threshold already found; no more chunks needed")
 
+    def pass_args(self) -> tuple[int, int]:
+        """(prefix, digit) of the histogram the current stage needs."""
+        if self.stage > 1:
+            raise RuntimeError("threshold already found; no more chunks needed")
+        return (self._prefix, 1) if self.stage == 1 else (0, 0)
+
+    def add_histogram(self, hist: torch.Tensor) -> None:
+        """Add a chunk's histogram of the current stage's digit (see :meth:`pass_args`), for
+        callers that histogram the values without materialising them."""
+        if self.stage > 1:
+            raise RuntimeError("threshold already found; no more chunks needed")
+        self._hist += hist.cpu()
+
     def next_stage(self) -> None:
         """Close the current pass. Raises NonFiniteDeltaError if a value was NaN or inf."""
         h = self._hist
