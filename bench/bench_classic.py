@@ -160,10 +160,9 @@ def main(argv=None) -> int:
 
     bars = {"task_arithmetic": 0.5, "ties": 0.1}
     lines = ["# Classic merges vs mergekit (cpu)", "",
-             f"- date: {date}, commit: {commit}", f"- machine: {machine()} (shared: other "
-             "jobs ran on the same 2 cores, so absolute times are noisy; compare ratios)",
-             f"- command: `python bench/bench_classic.py --repeats {args.repeats} "
-             f"--repeats-ties {args.repeats_ties or args.repeats} --size {args.size}`",
+             f"- date: {date}, commit: {commit}", f"- machine: {machine()} (other jobs may share "
+             "its 2 cores; compare ratios, measured in the same run)",
+             f"- command: `python bench/bench_classic.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"- model: synthetic Llama ({layers} layers, hidden 2048, {n_params / 1e9:.2f} B "
              "params, bf16) + 2 fine-tunes (base + N(0, 0.002²)); same mergekit YAML for both "
              "tools: weights 1.0/1.0, dtype bfloat16; ties density 0.1",
