@@ -120,7 +120,10 @@ PRESETS = {
                   dh_pairs=240, patch_batch=8, patch_max_length=192, se_steps=25, osm_steps=25,
                   score_examples=96, score_batch=8, eval_limit=100, eval_batch=16,
                   utility_limit=50,
-                  **dict(_NEXT, sft_steps=(20, 40, 80, 120), calib_xstest=30)),
+                  # (its first ladder, 20/40/80/120 steps, overshot at once: 20 steps at batch 8
+                  # refused 70 % of held-out XSTest; run 2 on the GPU chose 5 steps at batch 32,
+                  # and at the same learning rate the number of updates is what counts)
+                  **dict(_NEXT, sft_steps=(3, 5, 8, 12, 20), calib_xstest=30)),
     "smoke": Preset(name="smoke", sft_refusals=16, sft_benign=16, sft_steps=(2, 4),
                     sft_batch=2, sft_max_length=64, calib_limit=4, calib_benign=4,
                     dh_pairs=16, patch_batch=2, patch_max_length=64, se_steps=2, osm_steps=2,
