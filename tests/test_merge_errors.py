@@ -194,6 +194,12 @@ def test_out_of_range_rate(inputs, tmp_path, capsys, key, value):
     expect_error(capsys, tmp_path, cfg, f"parameters.{key}", "out of range")
 
 
+def test_bad_thread_count(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SAFEPATCH_MERGE_THREADS", "two")
+    cfg = write_config(tmp_path / "c.yaml", inputs, {"top_rate_se": 0.1})
+    expect_error(capsys, tmp_path, cfg, "SAFEPATCH_MERGE_THREADS='two'")
+
+
 def test_existing_output(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

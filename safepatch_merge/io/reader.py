@@ -131,7 +131,8 @@ class Prefetcher:
         self.depth = max(1, depth)
         self.zero_copy = (not pin) if zero_copy is None else bool(zero_copy and not pin)
         slot_bytes = max(_ALIGN, slot_bytes)
-        need_slots = not self.zero_copy or any(p.nbytes and not self._mappable(p) for it in items for p in it)
+        need_slots = not self.zero_copy or any(p.nbytes and not self._mappable(p)
+                                               for it in items for p in it)
         self.slots = [torch.empty(slot_bytes if need_slots else _ALIGN, dtype=torch.uint8,
                                   pin_memory=pin) for _ in range(self.depth)]
         self._np = [s.numpy() for s in self.slots]
@@ -143,10 +144,10 @@ class Prefetcher:
         self._fds: dict = {}
         self._pickle_cache: tuple | None = None
         self.bytes_read = 0
-        # Copy threads per part (default 1). Eight readers on the H200 host did not speed up
-        # the 0.7 B --device cuda merge (10.5-11.1 s vs 6.9-7.8 s with one reader in an
-        # earlier session on a host whose plain read was faster: 6.8 vs 9.7 GB/s), so the
-        # option stays off until measured side by side.
+        # Copy threads per part (default 1). Eight readers did not speed up the 0.7 B
+        # --device cuda merge on the H200 hosts (gpu_h200_run4: 10.5-11.1 s with eight,
+        # run3: 6.9-7.8 s with one, on hosts whose plain read differed: 6.8 vs 9.7 GB/s),
+        # so the option stays off until measured side by side.
         self.readers = max(1, int(readers if readers is not None else 1))
         self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="safepatch-read") \
             if self.readers > 1 else None

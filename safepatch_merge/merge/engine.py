@@ -185,6 +185,7 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         raise ConfigError(f"--device: unknown device {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    op_threads = compute_threads(torch.get_num_threads()) if dev.type == "cpu" else None
     budget = parse_size(max_memory, "--max-memory") if max_memory is not None \
         else default_max_memory()
     out_dir = Path(out_dir)
@@ -245,8 +246,8 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         builder.open()
         ctx.work_dir = builder.work_dir
     threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(compute_threads(threads))
+    if op_threads is not None:
+        torch.set_num_threads(op_threads)
     try:
         t1 = time.perf_counter()
         method.prepare(ctx)
@@ -289,9 +290,10 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
 def compute_threads(torch_threads: int) -> int:
     """Threads for the ops during a CPU merge: one fewer than torch would use (at least 1), so
     the reader and writer threads have a core and never preempt an OpenMP region, whose other
-    workers would wait for the preempted one at its barrier. 0.7 B SafePatching merge on the
-    2-core VM: 9.8-11.1 s wall with 2 op threads, 8.9-9.2 s with 1. SAFEPATCH_MERGE_THREADS
-    overrides."""
+    workers would wait for the preempted one at its barrier. On the 2-core VM (0.7 B models):
+    SafePatching 9.8-11.1 s wall with 2 op threads vs 8.9-9.2 s with 1; task arithmetic
+    5.8-6.6 s vs 5.6-6.1 s; TIES (compute-bound) 10.6-10.7 s vs 10.2-11.9 s, a wash.
+    SAFEPATCH_MERGE_THREADS overrides."""
     env = os.environ.get("SAFEPATCH_MERGE_THREADS", "")
     if env.strip():
         try:
