@@ -74,7 +74,8 @@ def _populate(m: mmap.mmap) -> None:
         del ref
         if _MADVISE(addr, len(m), _POPULATE_READ) == 0:
             return
-    m.madvise(mmap.MADV_WILLNEED)
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_WILLNEED"):  # not on Windows
+        m.madvise(mmap.MADV_WILLNEED)
 
 
 @dataclass(frozen=True)
