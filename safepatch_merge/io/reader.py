@@ -26,7 +26,6 @@ import mmap
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -38,7 +37,6 @@ from .safetensors_header import TensorInfo
 
 _ALIGN = 64
 _PAGE = mmap.ALLOCATIONGRANULARITY
-_MIN_PIECE = 4 << 20  # bytes: smaller parts are read by one thread
 # MADV_POPULATE_READ (Linux 5.14): fault the window's pages in on the reader thread; older
 # kernels refuse it and get MADV_WILLNEED (read-ahead only) instead.
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -121,13 +119,12 @@ class Prefetcher:
     order; call ``item.release()`` when done with each. ``depth`` slots of ``slot_bytes``
     (>= the largest item) are allocated once; ``pin`` pins them (CUDA hosts).
     ``zero_copy`` (default: when not pinning) delivers mapped windows of the files instead of
-    slot copies; the slots are then allocated only if some part must be copied. ``readers``:
-    threads copying one part into a slot (default 1).
+    slot copies; the slots are then allocated only if some part must be copied.
     Errors in the reader thread (short reads) are raised in the consumer as CheckpointError.
     """
 
     def __init__(self, items: list[list[Part]], slot_bytes: int, depth: int = 2, pin: bool = False,
-                 zero_copy: bool | None = None, readers: int | None = None):
+                 zero_copy: bool | None = None):
         self.items = items
         self.depth = max(1, depth)
         self.zero_copy = (not pin) if zero_copy is None else bool(zero_copy and not pin)
@@ -145,13 +142,6 @@ class Prefetcher:
         self._fds: dict = {}
         self._pickle_cache: tuple | None = None
         self.bytes_read = 0
-        # Copy threads per part (default 1). Eight readers did not speed up the 0.7 B
-        # --device cuda merge on the H200 hosts (gpu_h200_run4: 10.5-11.1 s with eight,
-        # run3: 6.9-7.8 s with one, on hosts whose plain read differed: 6.8 vs 9.7 GB/s),
-        # so the option stays off until measured side by side.
-        self.readers = max(1, int(readers if readers is not None else 1))
-        self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="safepatch-read") \
-            if self.readers > 1 else None
         self._thread = threading.Thread(target=self._run, name="safepatch-reader", daemon=True)
         self._thread.start()
 
@@ -198,18 +188,6 @@ class Prefetcher:
         fd = self._fd(info.path)
         pos = info.start + part.elem_start * info.itemsize
         mv = memoryview(dst)
-        n = len(mv)
-        pieces = min(self.readers, n // _MIN_PIECE)
-        if pieces <= 1:
-            self._pread(fd, info, mv, pos)
-        else:  # one copy thread is slower than the page cache (preadv releases the GIL)
-            step = -(-n // pieces)
-            list(self._pool.map(lambda a: self._pread(fd, info, mv[a:a + step], pos + a),
-                                range(0, n, step)))
-        self.bytes_read += n
-
-    @staticmethod
-    def _pread(fd: int, info, mv: memoryview, pos: int) -> None:
         done = 0
         while done < len(mv):
             n = os.preadv(fd, [mv[done:]], pos + done)
@@ -217,6 +195,7 @@ class Prefetcher:
                 raise CheckpointError(f"{info.path}: tensor {info.name!r} is truncated (short "
                                       f"read at byte {pos + done})")
             done += n
+        self.bytes_read += done
 
     def _run(self) -> None:
         try:
@@ -277,8 +256,6 @@ class Prefetcher:
         """Stop the reader thread (safe to call twice)."""
         self._stop.set()
         self._thread.join(timeout=10)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         while True:
             try:
                 _unmap(self._free.get_nowait()[1])
