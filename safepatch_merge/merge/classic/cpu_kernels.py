@@ -68,13 +68,9 @@ void narrow(const float* src, int64_t n, torch::Tensor& out, int64_t s) {
 }
 }  // namespace
 
-torch::Tensor abs_delta(torch::Tensor x, torch::Tensor base, torch::Tensor out) {
-  // out: float32, contiguous, >= x.numel() elements (a reused scratch buffer: a fresh one
-  // costs ~1 ns/element of first-touch page faults here); returns its first numel elements
+torch::Tensor abs_delta(torch::Tensor x, torch::Tensor base) {
+  auto out = torch::empty({x.numel()}, x.options().dtype(at::kFloat));
   const int64_t n = x.numel();
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= n,
-              "abs_delta: out must be contiguous float32 with room for the elements");
-  out = out.narrow(0, 0, n);
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> bf(kBlock), xf(kBlock);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -245,6 +241,9 @@ def _cpu_id() -> str:
     return (model.group(1) if model else "") + "|" + (flags.group(1) if flags else "")
 
 
+# -fopenmp: at::parallel_for is OpenMP in the headers and runs serially in a translation unit
+# built without it. The flags are part of the build's name.
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -258,14 +257,11 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             # -march=native code must never load on another CPU model: the name carries it
-            digest = hashlib.sha256((_SOURCE + torch.__version__ + _cpu_id() + "|openmp").encode()
-                                    ).hexdigest()[:12]
+            digest = hashlib.sha256((_SOURCE + repr(_CFLAGS) + torch.__version__ + _cpu_id())
+                                    .encode()).hexdigest()[:12]
             mod = load_inline(name=f"safepatch_classic_{digest}", cpp_sources=[_SOURCE],
                               functions=["abs_delta", "abs_delta_histogram", "merge"],
-                              # -fopenmp: at::parallel_for is OpenMP in the headers and runs
-                              # serially in a translation unit built without it
-                              extra_cflags=["-O3", "-march=native", "-ffp-contract=off",
-                                            "-fno-fast-math", "-fopenmp"],
+                              extra_cflags=_CFLAGS,
                               extra_ldflags=["-fopenmp"],
                               verbose=False)
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: fall back

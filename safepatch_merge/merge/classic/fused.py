@@ -64,24 +64,11 @@ def _cpu(t: torch.Tensor):
     return cpu_kernels.load()
 
 
-# Grow-only float32 buffers the CPU kernel writes |d| into, one per slot (model index): the
-# |d| of a model lives only until its tensor's statistics are taken, and reusing the memory
-# saves the page faults of a fresh allocation per tensor.
-_scratch: dict[int, torch.Tensor] = {}
-
-
-def abs_delta(x: torch.Tensor, base: torch.Tensor, slot: int | None = None) -> torch.Tensor | None:
-    """float32 |float32(x) − float32(base)| in one pass, or None (use eager). With `slot`, the
-    CPU result is a view of that slot's scratch buffer, valid until the slot is used again."""
+def abs_delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    """float32 |float32(x) − float32(base)| in one pass, or None (use eager)."""
     mod = _cpu(x)
     if mod is not None:
-        n = x.numel()
-        buf = _scratch.get(slot) if slot is not None else None
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.float32)
-            if slot is not None:
-                _scratch[slot] = buf
-        return mod.abs_delta(x.contiguous(), base.contiguous(), buf)
+        return mod.abs_delta(x.contiguous(), base.contiguous())
 
     def build():
         def f(x, b):

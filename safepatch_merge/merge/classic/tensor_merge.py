@@ -103,8 +103,7 @@ class TensorMerge:
             if self._trim_only(m, x):
                 self._observe_trim(m, x, base.reshape(-1))
                 continue
-            ad = fused.abs_delta(x, base.reshape(-1), m.index) if fused.enabled(x.numel()) \
-                else None
+            ad = fused.abs_delta(x, base.reshape(-1)) if fused.enabled(x.numel()) else None
             if ad is None:
                 if b is None:
                     b = base.reshape(-1).to(torch.float32)
@@ -171,7 +170,7 @@ class TensorMerge:
             # the base (|d| never stored).
             flat = base.reshape(-1)
             trim = {m.index for m, x in zip(self.models, xs) if self._trim_only(m, x)}
-            ads = {m.index: fused.abs_delta(x.reshape(-1), flat, m.index)
+            ads = {m.index: fused.abs_delta(x.reshape(-1), flat)
                    for m, x in zip(self.models, xs)
                    if self.stage <= m.last_pass() and m.index not in trim}
             if all(a is not None for a in ads.values()):
