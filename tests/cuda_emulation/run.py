@@ -8,7 +8,8 @@ emu_threads.h (one std::thread per CUDA thread with real barriers: the histogram
 outputs compared bit for bit with safepatch_merge.ops.reference on CPU tensors: vector and
 scalar paths, misaligned pointers, offsets beyond 2^32, every mode and dtype, several rounds
 of the 16-bit shared counters. Limits: warp ballots see one lane (each thread its own
-converged group), memory is sequentially consistent, and nothing is timed; a GPU run
+converged group), warp shuffles are block-wide exchanges (valid where every thread of the
+block reaches them together), memory is sequentially consistent, and nothing is timed; a GPU run
 (bench/gpu_check.sh) is the real test. Takes a few minutes (three torch-header compiles).
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ def rewrite(src: str, launch: str) -> str:
     src = src.replace("device_attribute(cudaDevAttrMultiProcessorCount)", "2")
     src = src.replace("device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)", "232448")
     src = src.replace("extern __shared__ uint32_t sh[];", "uint32_t* sh = emu_smem;")
+    src = src.replace("__shared__ unsigned long long block_zeros;",
+                      "unsigned long long& block_zeros = *emu_shared_u64;")
     src = src.replace('#include "common.cuh"', '#include "common_emu.cuh"')
     src = src.replace('#include "../op_checks.h"', '#include "op_checks.h"')
     src = src.replace('#include "kernels.h"', '#include "cuda/kernels.h"')
@@ -168,7 +171,9 @@ def check_histogram(E, g) -> int:
                 cases += 1
     same = torch.full((57344 * 3 + 5,), 0.375)  # one bin over several rounds of 16-bit counters
     assert int(E.radix_histogram(same, 0, 0).max()) == same.numel()
-    return cases + 1
+    zeros = torch.zeros(70_001)  # bin 0 is counted per thread and summed per warp and block
+    assert int(E.radix_histogram(zeros, 0, 0)[0]) == zeros.numel()
+    return cases + 2
 
 
 def main() -> int:
