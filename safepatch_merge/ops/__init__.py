@@ -3,7 +3,8 @@
 Backends (DESIGN §2): ``triton`` (CUDA tensors), ``cpp`` (the optional torch extension built
 from csrc/: C++ for CPU tensors, CUDA C++ where built) and ``reference`` (plain torch, the
 ground truth). Automatic choice: CUDA tensors -> triton, else cpp, else reference (for
-radix_histogram: cpp, else triton, else reference); CPU tensors -> cpp, else reference. Force one with the environment variable
+radix_histogram and saliency_accumulate_: cpp, else triton, else reference); CPU tensors ->
+cpp, else reference. Force one with the environment variable
 ``SAFEPATCH_BACKEND=reference|cpp|triton`` or :func:`set_backend` (the CLI's ``--backend``).
 ``SAFEPATCH_NO_EXT=1`` disables the extension. Which backend runs is logged once per device.
 
@@ -80,10 +81,15 @@ def _backend_module(name: str, device: torch.device):
 # prefers the CUDA C++ kernel: on an H200 (bench/results/gpu_h200_run1/bars.txt, 2^26 fp32
 # scores, digit 0) it reached 37.7 % of copy bandwidth against 3.4 % for the Triton kernel
 # (tl.histogram over 65,536 bins cannot keep a block-private histogram in shared memory; the
-# C++ kernel keeps packed 16-bit counters there). The other ops prefer Triton on CUDA (merge
-# 54-86 % vs 45 % for C++; saliency within a few % of each other).
+# C++ kernel keeps packed 16-bit counters there). saliency_accumulate_ prefers it too: both
+# kernels run at 91-97 % of copy bandwidth (gpu_h200_run4/bars.txt), but the op is called from
+# one autograd hook per parameter, mostly on small tensors, where the launch is the cost: a
+# torch.ops call is a few microseconds, a Triton JIT launch tens (bench_score on the H200 with
+# the Triton kernel: SNIP 1.31x a forward+backward, CPU-bound, ~95 us per hook). merge_chunk
+# prefers Triton (89-97 % of copy vs 52 % for the C++ kernel).
 _ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
-_OP_ORDER = {("cuda", "radix_histogram"): ("cpp", "triton", "reference")}
+_OP_ORDER = {("cuda", "radix_histogram"): ("cpp", "triton", "reference"),
+             ("cuda", "saliency_accumulate_"): ("cpp", "triton", "reference")}
 
 
 def backend_for(device: torch.device | str, op: str | None = None) -> tuple[str, object]:

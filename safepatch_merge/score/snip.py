@@ -11,7 +11,6 @@ dependent score, offered only as a named option.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -154,6 +153,40 @@ class SnipAccumulator:
         self.remove()
 
 
+class _LossCheck:
+    """Refuses a non-finite batch loss (a diverged patch) naming the batch. On the CPU the loss
+    is checked at once, before its backward. On CUDA reading it would stall the launch queue
+    that the scoring loop is bound by, so its finiteness is copied to pinned host memory behind
+    an event and read one batch later, when that forward is long done."""
+
+    def __init__(self, loss: str):
+        self.loss, self.pending = loss, None
+
+    def push(self, bi: int, lb: torch.Tensor) -> None:
+        ok = torch.isfinite(lb.detach())
+        if ok.device.type != "cuda":
+            self._raise_if(bi, bool(ok))
+            return
+        self.finish()
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(ok, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.pending = (bi, host, ev)
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            bi, host, ev = self.pending
+            self.pending = None
+            ev.synchronize()
+            self._raise_if(bi, bool(host))
+
+    def _raise_if(self, bi: int, ok: bool) -> None:
+        if not ok:
+            raise CheckpointError(f"the patched model's {self.loss} is not finite on scoring "
+                                  f"batch {bi} (a diverged patch?)")
+
+
 def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
                 params: dict[str, torch.nn.Parameter], loss: str = "response_nll",
                 batch_size: int = 8, accumulation: str = "signed", progress: bool = False
@@ -184,6 +217,7 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
     batches = [examples[i:i + batch_size] for i in range(0, N, batch_size)]
     from tqdm.auto import tqdm
 
+    check = _LossCheck(loss)
     try:
         with SnipAccumulator(params, accumulation) as acc:
             for bi, chunk in enumerate(tqdm(batches, disable=not progress, desc="score", unit="batch")):
@@ -192,15 +226,14 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
                 logits = model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).logits
                 lb = per_example_nll(logits, batch["labels"]).mean()
-                if not math.isfinite(float(lb.detach())):
-                    raise CheckpointError(f"the patched model's {loss} is not finite on scoring "
-                                          f"batch {bi} (a diverged patch?)")
+                check.push(bi, lb)
                 del logits
                 lb.backward()
                 # A parameter outside the loss's graph gets no hook call: its gradient is 0.
                 kept = next((n for n, p in params.items() if p.grad is not None), None)
                 if kept is not None:
                     raise RuntimeError(f"gradient of {kept} survived its saliency hook")
+            check.finish()
             scores = acc.finalize()
     finally:
         for p in model.parameters():
