@@ -302,16 +302,23 @@ def main(argv=None) -> int:
                     continue
                 shutil.rmtree(root / ("out_mk" if tool == "mergekit" else "out_sp"),
                               ignore_errors=True)
-                wall, rss = timed(mk_cmd if tool == "mergekit" else sp_cmd, env,
-                                  root / f"{tool}.log")
+                stats = root / "stats.json"
+                stats.unlink(missing_ok=True)
+                wall, rss = timed(mk_cmd if tool == "mergekit" else
+                                  sp_cmd + ["--stats", str(stats)], env, root / f"{tool}.log")
                 nbytes = mk_in if tool == "mergekit" else sp_in
-                res[tool].append((wall, rss))
+                st = json.loads(stats.read_text()) if tool == "safepatch" else None
+                res[tool].append((wall, rss, st))
                 rows.append({"date": date, "commit": commit, "machine": dev_name,
                              "device": args.device, "size": size, "params": n_params,
                              "tool": tool, "run": r, "wall_s": round(wall, 3),
                              "input_bytes": nbytes, "input_GBps": round(nbytes / wall / 1e9, 3),
                              "peak_rss_MiB": round(rss / 2**20, 1),
-                             "read_ceiling_GBps": round(ceiling, 3)})
+                             "read_ceiling_GBps": round(ceiling, 3),
+                             # in-process time of the merge (wall minus interpreter start-up,
+                             # imports), and where it went (StageClock)
+                             "engine_s": st["seconds"] if st else "",
+                             "stages": json.dumps(st["stages"]) if st else ""})
                 print(rows[-1], flush=True)
         cmp = None
         if not args.skip_mergekit:
@@ -323,12 +330,14 @@ def main(argv=None) -> int:
         for tool, v in res.items():
             if not v:
                 continue
-            wall = statistics.median(w for w, _ in v)
+            wall = statistics.median(w for w, _, _ in v)
             nbytes = mk_in if tool == "mergekit" else sp_in
+            stv = [st for _, _, st in v if st]
+            mid = sorted(stv, key=lambda st: st["seconds"])[len(stv) // 2] if stv else None
             summary.append({"size": size, "params": n_params, "tool": tool, "wall_s": wall,
                             "input_GB": nbytes / 1e9, "input_GBps": nbytes / wall / 1e9,
-                            "peak_rss_MiB": max(r for _, r in v) / 2**20, "runs": len(v),
-                            "ceiling": ceiling, "compare": cmp})
+                            "peak_rss_MiB": max(r for _, r, _ in v) / 2**20, "runs": len(v),
+                            "ceiling": ceiling, "compare": cmp, "stats": mid})
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -366,6 +375,15 @@ def main(argv=None) -> int:
                          f"arithmetic: {c['differ']} of {c['elements']} bf16 elements differ, "
                          f"max |diff| {c['max_abs']:.3g}, max {c['max_steps']:.2f} bf16 rounding steps "
                          "(mergekit computes in bf16, safepatch in fp32 with one final rounding)")
+    for s in summary:
+        st = s.get("stats")
+        if st:
+            from safepatch_merge.merge.stages import StageClock
+
+            lines.append(f"- {s['size']}: safepatch in-process {st['seconds']:.2f} s of "
+                         f"{s['wall_s']:.2f} s wall ({s['input_GB'] / st['seconds']:.2f} GB/s of "
+                         f"input; the rest is interpreter start-up and imports); the median "
+                         f"run's stages: {StageClock.line_of(st['stages'])}")
     by = {(s["size"], s["tool"]): s for s in summary}
     for size in args.sizes.split(","):
         a, b = by.get((size, "safepatch")), by.get((size, "mergekit"))

@@ -128,3 +128,28 @@ def test_cli_dry_run_prints_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tensors: " in out and "estimated peak" in out and "read:" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_stats_account_for_the_merge(tmp_path, capsys):
+    """--stats writes where the time went: the main thread's stages add up to the merge's
+    seconds, and the bytes read match the inputs."""
+    import json
+
+    from safepatch_merge.cli import main
+    from safepatch_merge.testing import make_tiny_model_dir
+
+    base = make_tiny_model_dir(tmp_path / "b")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"backbone: {base}\npatches: {{se: {base}}}\nparameters: {{mask_mode: none}}\n")
+    stats = tmp_path / "stats.json"
+    assert main(["merge", str(cfg), str(tmp_path / "o"), "--no-progress", "--stats",
+                 str(stats)]) == 0
+    assert "stages: open " in capsys.readouterr().out
+    doc = json.loads(stats.read_text())
+    st = doc["stages"]
+    top = sum(v for k, v in st.items() if "." not in k)
+    assert {"open", "load_ops", "prepass", "stream", "finish"} <= set(st)
+    assert 0.5 * doc["seconds"] <= top <= doc["seconds"] + 0.01
+    assert st["stream.compute"] <= st["stream"]
+    assert doc["bytes_read"] == doc["plan"]["read_bytes"]  # mode none: no pre-pass reads
+    assert doc["prepass_bytes_read"] == 0

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, bytes, thresholds, estimated memory) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stats", default=None, metavar="JSON",
+                   help="also write the merge's timings (seconds per stage), bytes and plan "
+                        "to this JSON file")
     p.set_defaults(func=run)
 
 
@@ -70,7 +73,10 @@ def format_plan(plan: dict) -> str:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..merge import merge
+    from ..merge.stages import StageClock
 
     res = merge(args.config, args.out_dir, backend=args.backend, device=args.device,
                 max_memory=args.max_memory, resume=args.resume, overwrite=args.overwrite,
@@ -80,4 +86,10 @@ def run(args) -> int:
     else:
         print(f"wrote {res.out_dir} ({res.bytes_written / 1e9:.3f} GB) in {res.seconds:.1f} s, "
               f"reading {res.bytes_read / max(res.seconds, 1e-9) / 1e9:.2f} GB/s")
+        print(f"stages: {StageClock.line_of(res.stages)}")
+    if args.stats:
+        doc = {"seconds": round(res.seconds, 3), "bytes_read": res.bytes_read,
+               "prepass_bytes_read": res.prepass_bytes_read,
+               "bytes_written": res.bytes_written, "stages": res.stages, "plan": res.plan}
+        Path(args.stats).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return 0

@@ -26,6 +26,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -97,17 +98,21 @@ def item_bytes(parts: Iterable[Part]) -> int:
 
 class Item:
     """One delivered work item: ``views`` {key: 1-D tensor of the part's dtype} in a slot (or
-    in mapped windows of the files)."""
+    in mapped windows of the files). Where every part is in the slot, ``raw`` is the slot's
+    used bytes (uint8) and ``spec`` {key: (byte offset, bytes, dtype)} places the parts in
+    it, so the item can be moved to a device in one copy; else both are None."""
 
     def __init__(self, index: int, slot: int, views: dict[str, torch.Tensor], owner: "Prefetcher",
-                 maps: list[mmap.mmap] | None = None):
+                 maps: list[mmap.mmap] | None = None, raw: torch.Tensor | None = None,
+                 spec: dict | None = None):
         self.index, self.slot, self.views, self._owner = index, slot, views, owner
         self._maps = maps or []
+        self.raw, self.spec = raw, spec
 
     def release(self) -> None:
         """Give the slot back to the reader (the views must no longer be used)."""
         if self.slot >= 0:
-            self.views = {}
+            self.views, self.raw = {}, None
             # The reader thread unmaps the windows (munmap of a populated window is not free).
             self._owner._free.put((self.slot, self._maps))
             self._maps = []
@@ -142,6 +147,7 @@ class Prefetcher:
         self._fds: dict = {}
         self._pickle_cache: tuple | None = None
         self.bytes_read = 0
+        self.busy_seconds = 0.0  # reader thread: time spent reading or mapping (not waiting)
         self._thread = threading.Thread(target=self._run, name="safepatch-reader", daemon=True)
         self._thread.start()
 
@@ -209,6 +215,7 @@ class Prefetcher:
                         _unmap(done)
                     except queue.Empty:
                         pass
+                t0 = time.perf_counter()
                 buf, off, views, maps = self._np[slot], 0, {}, []
                 for part in parts:
                     n = part.nbytes
@@ -220,6 +227,7 @@ class Prefetcher:
                     self._read_into(part, buf[off:off + n])
                     views[part.key] = (-1, off, n, part.info.torch_dtype)
                     off += -(-n // _ALIGN) * _ALIGN
+                self.busy_seconds += time.perf_counter() - t0
                 self._ready.put((idx, slot, views, maps))
             self._ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -250,7 +258,11 @@ class Prefetcher:
                          torch.frombuffer(memoryview(maps[mi]), dtype=torch.uint8, count=n,
                                           offset=o)).view(dt)
                      for k, (mi, o, n, dt) in spec.items()}
-            yield Item(idx, slot, views, self, maps)
+            raw = placed = None
+            if not maps:
+                placed = {k: (o, n, dt) for k, (mi, o, n, dt) in spec.items()}
+                raw = s[:max((o + n for o, n, _ in placed.values()), default=0)]
+            yield Item(idx, slot, views, self, maps, raw, placed)
 
     def close(self) -> None:
         """Stop the reader thread (safe to call twice)."""

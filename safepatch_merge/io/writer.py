@@ -19,6 +19,7 @@ import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class _WriteThread:
     def __init__(self, max_queued: int = 2):
         self.q: queue.Queue = queue.Queue(maxsize=max_queued)
         self.error: BaseException | None = None
+        self.busy_seconds = 0.0  # time spent writing (and waiting for the hash of) queued bytes
         self.t = threading.Thread(target=self._run, name="safepatch-writer", daemon=True)
         self.t.start()
         # one thread, so a shard's chunks are hashed in order
@@ -125,12 +127,14 @@ class _WriteThread:
             job = self.q.get()
             if job is None:
                 return
+            t0 = time.perf_counter()
             try:
                 if self.error is None:
                     job()
             except BaseException as e:  # noqa: BLE001 - reported by check()
                 self.error = e
             finally:
+                self.busy_seconds += time.perf_counter() - t0
                 self.q.task_done()
 
     def submit(self, job) -> None:

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,9 @@ from ..io.safetensors_header import DTYPES, TORCH_TO_ST
 from ..ops import backend_for, set_backend
 from .card import COPY_FILES, TOKENIZER_FILES, model_card, provenance, rewrite_config_dtype
 from .config import MergeConfig, load_config, parse_config, parse_size
+from . import transfer
 from .methods import MergeMethod, get_method
+from .stages import StageClock
 
 log = logging.getLogger("safepatch_merge.merge")
 
@@ -78,15 +81,22 @@ class MergeResult:
     bytes_read: int = 0
     bytes_written: int = 0
     summary: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)  # StageClock.as_dict(): seconds per stage
+    prepass_bytes_read: int = 0  # read by the method's pre-pass (e.g. threshold refinement)
 
 
 class EngineContext:
     """What a method's pre-pass sees: opened checkpoints, device, work dir, and streaming."""
 
     def __init__(self, ckpts: dict[str, Checkpoint], device: torch.device, chunk_elems: int,
-                 depth: int, work_dir: Path | None, progress: bool):
+                 depth: int, work_dir: Path | None, progress: bool,
+                 clock: StageClock | None = None):
         self.ckpts, self.device, self.chunk_elems = ckpts, device, chunk_elems
         self.depth, self.work_dir, self.progress = depth, work_dir, progress
+        self.clock = clock if clock is not None else StageClock()
+        self.stage = "prepass"  # prefix of the stream timings
+        self.transfer = transfer.ops_for(device)  # None: the host computes on the reader's views
+        self.bytes_read = 0  # by stream_items
 
     def chunks(self, numel: int, row: int) -> list[tuple[int, int]]:
         """(offset, count) chunks of a tensor of `numel` elements with rows of `row` elements:
@@ -116,25 +126,50 @@ class EngineContext:
             for off, cnt in self.chunks(info.numel, row):
                 items.append([Part(role, info, off, cnt)])
                 meta.append((role, name, off))
+
+        def call(i, views):
+            role, name, off = meta[i]
+            fn(role, name, views[role], off)
+
+        self.stream_items(items, call, desc)
+
+    def stream_items(self, items: list[list[Part]],
+                     fn: Callable[[int, dict[str, torch.Tensor]], None], desc: str = "") -> None:
+        """Call fn(i, {part key: 1-D chunk on the engine's device}) for each work item i of
+        `items` in order, with read-ahead. On an accelerator each item goes up in one
+        asynchronous copy and fn's work is queued, not waited for; fn must not keep the
+        chunks past its return (their device memory is reused)."""
         if not items:
             return
         slot = max(item_bytes(p) for p in items)
         bar = _bar(sum(item_bytes(p) for p in items), desc, self.progress)
-        pf = Prefetcher(items, slot, self.depth, pin=self.device.type == "cuda")
+        ops = self.transfer
+        pf = Prefetcher(items, slot, self.depth, pin=ops is not None and ops.pin,
+                        zero_copy=None if ops is None else False)
+        up = transfer.Uploader(ops, slot, self.depth) if ops is not None else None
+        it = iter(pf)
+        clock, stage = self.clock, self.stage
         try:
-            for item in pf:
-                role, name, off = meta[item.index]
-                v = item.views[role]
-                if self.device.type != "cpu":
-                    v = v.to(self.device, non_blocking=True)
-                fn(role, name, v, off)
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
+            while True:
+                with clock(f"{stage}.read_wait"):
+                    if up is not None:  # never hold the reader's slots while waiting on it
+                        up.release_finished(block=True)
+                    item = next(it, None)
+                if item is None:
+                    break
+                views = up.upload(item) if up is not None else item.views
+                with clock(f"{stage}.compute"):
+                    fn(item.index, views)
+                if up is not None:
+                    up.computed()
+                else:
+                    item.release()
                 bar.update(item_bytes(items[item.index]))
-                item.release()
         finally:
             pf.close()
             bar.close()
+        clock.add(f"{stage}.reader_busy", pf.busy_seconds)
+        self.bytes_read += pf.bytes_read
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -172,6 +207,7 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     ever left at `out_dir` unless the merge completed.
     """
     t0 = time.perf_counter()
+    clock = StageClock()
     cfg = (config if isinstance(config, MergeConfig) else load_config(config)
            if isinstance(config, (str, Path)) else parse_config(config))
     if backend is not None:
@@ -203,10 +239,15 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     selected = [n for n in base.tensors
                 if (not cfg.include or _matches(n, cfg.include)) and not _matches(n, cfg.exclude)]
     method.check_inputs(ckpts, selected)
-    try:
-        backend_name = backend_for(dev)[0]
-    except RuntimeError as e:
-        raise ConfigError(f"--backend: {e}") from None
+    clock.add("open", time.perf_counter() - t0)
+    with clock("load_ops"):  # the first call may build or load the extension
+        try:
+            backend_name = backend_for(dev)[0]
+        except RuntimeError as e:
+            raise ConfigError(f"--backend: {e}") from None
+    if dev.type == "cuda" and not dry_run:
+        with clock("device_init"):  # CUDA context, so that its cost is not billed to a pass
+            torch.zeros(1, device=dev).add_(1).cpu()
 
     # Output plan: every backbone tensor, in backbone file order.
     entries, out_dt = [], {}
@@ -239,7 +280,7 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     est = baseline + chunk * per_elem + sum(
         base.tensors[n].numel * per_elem for n in whole if base.tensors[n].numel > chunk)
 
-    ctx = EngineContext(ckpts, dev, chunk, depth, None, progress)
+    ctx = EngineContext(ckpts, dev, chunk, depth, None, progress, clock)
     plan_id = _plan_id(cfg, ckpts, shards, backend_name)
     builder.plan_id = plan_id
     if not dry_run:
@@ -249,9 +290,8 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
     if op_threads is not None:
         torch.set_num_threads(op_threads)
     try:
-        t1 = time.perf_counter()
-        method.prepare(ctx)
-        log.debug("pre-pass: %.2f s", time.perf_counter() - t1)
+        with clock("prepass"):
+            method.prepare(ctx)
         summary = method.summary()
         plan = {
             "method": cfg.method, "backend": backend_name, "device": str(dev),
@@ -265,12 +305,15 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
             "estimated_peak_memory": est, "summary": summary,
         }
         if dry_run:
-            return MergeResult(None, plan, time.perf_counter() - t0, summary=summary)
-        t1 = time.perf_counter()
-        read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt, progress)
-        log.debug("streaming pass: %.2f s (chunk %d elements)", time.perf_counter() - t1, chunk)
+            return MergeResult(None, plan, time.perf_counter() - t0, summary=summary,
+                               stages=clock.as_dict())
+        ctx.stage = "stream"
+        with clock("stream"):
+            read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt, progress)
+        clock.add("stream.writer_busy", builder.thread.busy_seconds)
         summary = method.summary()
-        _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id)
+        with clock("finish"):
+            _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id)
     except SafepatchError:
         if not dry_run:
             builder.abandon()
@@ -280,11 +323,12 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         raise
     finally:
         torch.set_num_threads(threads)
-    out = builder.finish()
+    with clock("finish"):
+        out = builder.finish()
     secs = time.perf_counter() - t0
-    log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read)", len(base.tensors), out,
-             secs, read / secs / 1e9 if secs else 0.0)
-    return MergeResult(out, plan, secs, read, written, summary)
+    log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read); %s", len(base.tensors), out,
+             secs, read / secs / 1e9 if secs else 0.0, clock.line())
+    return MergeResult(out, plan, secs, read, written, summary, clock.as_dict(), ctx.bytes_read)
 
 
 def compute_threads(torch_threads: int) -> int:
@@ -323,6 +367,8 @@ def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str
 
 def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt,
                  progress) -> tuple[int, int]:
+    """The merge's one streaming pass: every backbone tensor, in shard order, read, merged on
+    the engine's device (or copied as is) and handed to the writer in order."""
     base = ctx.ckpts["base"]
     items, meta = [], []  # meta: (shard index, name, offset, count, last chunk of shard)
     todo = [i for i, s in enumerate(shards) if s.filename not in builder.done]
@@ -342,72 +388,93 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                 meta.append((si, name, off, cnt, last))
     if not items:
         return 0, 0
+    clock = ctx.clock
+    ops = ctx.transfer
     slot = max(item_bytes(p) for p in items)
     bar = _bar(sum(item_bytes(p) for p in items), "merge", progress)
-    pf = Prefetcher(items, slot, ctx.depth, pin=ctx.device.type == "cuda")
+    pf = Prefetcher(items, slot, ctx.depth, pin=ops is not None and ops.pin,
+                    zero_copy=None if ops is None else False)
+    up = ring = None
+    if ops is not None:
+        up = transfer.Uploader(ops, slot, ctx.depth)
+        out_bytes = max(m[3] * DTYPES[out_dt[m[1]]][1] for m in meta)
+        ring = transfer.OutputRing(ops, out_bytes, 3)
     writer = None
     read = written = 0
-    dev = ctx.device
-    copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    # In order, waiting for the writer: (copy-done event or None, host tensor, on_done, index).
+    # A host slot or output buffer an entry holds is freed only after the writer wrote it.
+    fifo: deque = deque()
 
-    def to_device(item):
-        name = meta[item.index][1]
-        if dev.type == "cpu" or (not roles_of[name] and out_dt[name] == base.tensors[name].dtype):
-            return item.views, None  # CPU, or copied as is without touching the device
-        with torch.cuda.stream(copy_stream):
-            v = {k: t.to(dev, non_blocking=True) for k, t in item.views.items()}
-            ev = torch.cuda.Event()
-            ev.record(copy_stream)
-        compute = torch.cuda.current_stream(dev)
-        for t in v.values():
-            t.record_stream(compute)  # allocated on the copy stream, used on the compute one
-        return v, ev
-
-    def process(item, views, ev):
+    def hand_one() -> bool:
+        """Give the oldest finished-or-not entry to the writer; False if there is none."""
         nonlocal writer, read, written
-        si, name, off, cnt, last = meta[item.index]
+        if not fifo:
+            return False
+        ev, t, on_done, i = fifo.popleft()
+        si, name, off, cnt, last = meta[i]
+        if ev is not None:
+            with clock("stream.d2h_wait"):
+                ops.synchronize(ev)
         if writer is None:
             writer = builder.shard(shards[si])
-        info = base.tensors[name]
-        dt = out_dt[name]
-        if not roles_of[name] and dt == info.dtype:
-            writer.write(item.views["base"], on_done=item.release)  # copied as is
-        else:
-            if ev is not None:
-                torch.cuda.current_stream(dev).wait_event(ev)
-                ev.synchronize()  # the slot may be reused once its bytes are on the device
-                item.release()
-            if roles_of[name]:
-                out = method.merge_chunk(name, views, off, DTYPES[dt][0])
-            else:
-                out = views["base"].to(DTYPES[dt][0])
-            if out.device.type != "cpu":
-                out = out.to("cpu")
-            elif any(out.data_ptr() == v.data_ptr() for v in views.values()):
-                out = out.clone()  # never hand the writer a view of a reusable read slot
-            if ev is None:
-                item.release()
-            if out.dtype != DTYPES[dt][0] or out.numel() != cnt:
-                raise RuntimeError(f"method {method.name} returned {out.dtype} x {out.numel()} "
-                                   f"for {name!r}, expected {DTYPES[dt][0]} x {cnt}")
-            writer.write(out)
-        nbytes = item_bytes(items[item.index])
+        with clock("stream.write_wait"):  # the writer's queue is bounded
+            writer.write(t, on_done=on_done)
+        nbytes = item_bytes(items[i])
         read += nbytes
-        written += cnt * DTYPES[dt][1]
+        written += cnt * DTYPES[out_dt[name]][1]
         bar.update(nbytes)
         if last:
-            writer.finish()
+            with clock("stream.shard_finish"):  # drain, fsync, rename, manifest
+                writer.finish()
             writer = None
+        return True
 
+    def hand_finished(holding_slots: bool) -> None:
+        """Hand over entries whose copy is done; all of them when the reader may be waiting
+        for a slot one of them holds."""
+        while fifo and (holding_slots or fifo[0][0] is None or ops.query(fifo[0][0])):
+            hand_one()
+
+    it = iter(pf)
     try:
-        pending = None
-        for item in pf:
-            views, ev = to_device(item)
-            if pending is not None:
-                process(*pending)
-            pending = (item, views, ev)
-        if pending is not None:
-            process(*pending)
+        while True:
+            with clock("stream.read_wait"):
+                if up is not None:
+                    up.release_finished(block=True)
+                    hand_finished(holding_slots=any(e[0] is None for e in fifo))
+                item = next(it, None)
+            if item is None:
+                break
+            si, name, off, cnt, last = meta[item.index]
+            info = base.tensors[name]
+            dt = out_dt[name]
+            if not roles_of[name] and dt == info.dtype:  # copied as is, straight from the slot
+                fifo.append((None, item.views["base"], item.release, item.index))
+                hand_finished(holding_slots=False)
+                continue
+            views = up.upload(item) if up is not None else item.views
+            with clock("stream.compute"):
+                if roles_of[name]:
+                    out = method.merge_chunk(name, views, off, DTYPES[dt][0])
+                else:
+                    out = views["base"].to(DTYPES[dt][0])
+                if out.dtype != DTYPES[dt][0] or out.numel() != cnt:
+                    raise RuntimeError(f"method {method.name} returned {out.dtype} x "
+                                       f"{out.numel()} for {name!r}, expected {DTYPES[dt][0]} "
+                                       f"x {cnt}")
+            if up is not None:
+                host, ev, give_back = ring.download(out, hand_one)
+                up.computed()  # after the download: it reads `out`, which may view the slot
+                fifo.append((ev, host, give_back, item.index))
+            else:
+                if any(out.data_ptr() == v.data_ptr() for v in views.values()):
+                    out = out.clone()  # never hand the writer a view of a reusable read slot
+                item.release()
+                fifo.append((None, out, None, item.index))
+            del out, views
+            hand_finished(holding_slots=False)
+        while fifo:
+            hand_one()
     except BaseException:
         if writer is not None:
             try:
@@ -419,6 +486,7 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
     finally:
         pf.close()
         bar.close()
+        clock.add("stream.reader_busy", pf.busy_seconds)
     return read, written
 
 

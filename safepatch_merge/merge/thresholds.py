@@ -60,12 +60,18 @@ def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[s
                 out[n] = cached[n]
         missing = [n for n in names if n not in out]
     if missing:
-        acc = {n: torch.zeros(NUM_BINS, dtype=torch.int64) for n in missing}
+        acc = {}  # on the engine's device: no host sync per chunk
 
         def add(name, chunk, offset):
-            acc[name] += radix_histogram(chunk, 0, 0).to("cpu")
+            h = radix_histogram(chunk, 0, 0)
+            if name in acc:
+                acc[name] += h
+            else:
+                acc[name] = h
 
         ctx.stream(role, missing, add, desc=f"histograms {role}")
+        acc = {n: acc[n].to("cpu") if n in acc else torch.zeros(NUM_BINS, dtype=torch.int64)
+               for n in missing}
         out.update(acc)
         if cache is not None:
             from safetensors.torch import save_file
@@ -94,6 +100,7 @@ class ThresholdJob:
             self.cached = json.loads(self.cache_file.read_text()).get(self.key)
         self.prefix: dict[str, int] = {}
         self.gname: dict[str, str] = {}
+        self._refine: dict[str, torch.Tensor] = {}
         if self.cached is not None:
             return
         hist0 = load_histograms(ctx, role, names)
@@ -120,12 +127,21 @@ class ThresholdJob:
         return [(self.role, n) for n in self.ckpt.tensors if n in self.prefix]
 
     def add(self, name: str, chunk: torch.Tensor) -> None:
-        self.plan.add_refinement(self.gname[name],
-                                 radix_histogram(chunk, self.prefix[name], 1).to("cpu"))
+        # Summed per group on the engine's device, read back once in result(): a host copy
+        # per chunk would wait for the GPU every chunk.
+        h = radix_histogram(chunk, self.prefix[name], 1)
+        g = self.gname[name]
+        if g in self._refine:
+            self._refine[g] += h
+        else:
+            self._refine[g] = h
 
     def result(self) -> dict[str, Selection]:
         if self.cached is not None:
             return {g: Selection(float(v[0]), *v[1:]) for g, v in self.cached.items()}
+        for g, h in self._refine.items():
+            self.plan.add_refinement(g, h.to("cpu"))
+        self._refine = {}
         res = self.plan.result()
         if self.cache_file is not None:
             allc = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}

@@ -25,7 +25,7 @@ import torch
 
 from ...errors import CheckpointError, ConfigError
 from ...io.safetensors_header import FLOAT_ST
-from ...io import Part, Prefetcher, item_bytes
+from ...io import Part
 from ..methods import MergeMethod, check_shape_like_backbone, register
 from . import fused
 from .spec import METHODS, TensorParams
@@ -239,27 +239,7 @@ def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str) -> Non
         for off, cnt in ctx.chunks(numel, _row(infos["base"].shape)):
             items.append([Part(r, infos[r], off, cnt) for r in roles])
             meta.append((name, off))
-    if not items:
-        return
-    from ..engine import _bar
-
-    slot = max(item_bytes(p) for p in items)
-    bar = _bar(sum(item_bytes(p) for p in items), desc, ctx.progress)
-    pf = Prefetcher(items, slot, ctx.depth, pin=ctx.device.type == "cuda")
-    try:
-        for item in pf:
-            name, off = meta[item.index]
-            views = item.views
-            if ctx.device.type != "cpu":
-                views = {k: v.to(ctx.device, non_blocking=True) for k, v in views.items()}
-            fn(name, views, off)
-            if ctx.device.type == "cuda":
-                torch.cuda.current_stream(ctx.device).synchronize()
-            bar.update(item_bytes(items[item.index]))
-            item.release()
-    finally:
-        pf.close()
-        bar.close()
+    ctx.stream_items(items, lambda i, views: fn(meta[i][0], views, meta[i][1]), desc)
 
 
 def _make(method_name: str) -> type[ClassicMethod]:
