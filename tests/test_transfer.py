@@ -50,9 +50,13 @@ class FakeAsyncOps:
 
     pin = False
 
-    def __init__(self):
+    def __init__(self, cache_limit: int = 1 << 40):
         self.compute = _Stream("compute")
         self.copies = 0
+        self.limit = cache_limit
+
+    def cache_limit(self) -> int:
+        return self.limit
 
     def new_stream(self):
         return _Stream("side")
@@ -148,3 +152,25 @@ def test_broken_orderings_are_caught(inputs, tmp_path, monkeypatch, broken):
         monkeypatch.setattr(ops, "query", lambda ev: True)
     _safepatch(inputs, tmp_path, "dev", max_memory="1KB")
     assert dir_bytes(tmp_path / "cpu") != dir_bytes(tmp_path / "dev")
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 20_000])
+def test_prepass_scores_stay_on_the_device(inputs, tmp_path, monkeypatch, limit):
+    """Score chunks the threshold refinement brought to the device are kept there (within
+    the budget) and not read again by the merge pass; the output does not change."""
+    from safepatch_merge.merge import engine
+
+    monkeypatch.setattr(engine, "MAX_CHUNK", 300)  # many chunks, and budget left for the cache
+    cpu = _safepatch(inputs, tmp_path, "cpu", max_memory="4GiB")
+    ops = FakeAsyncOps(cache_limit=limit)
+    monkeypatch.setattr(transfer, "ops_for", lambda device: ops)
+    dev = _safepatch(inputs, tmp_path, "dev", max_memory="4GiB")
+    assert dir_bytes(tmp_path / "cpu") == dir_bytes(tmp_path / "dev")
+    cached = dev.plan["device_cache_bytes"]
+    assert 0 < cached <= limit
+    assert cpu.plan["device_cache_bytes"] == 0
+    saved = cpu.bytes_read - dev.bytes_read
+    assert cached <= saved <= cached * 1.1  # slot parts are 64-byte aligned
+    assert dev.prepass_bytes_read == cpu.prepass_bytes_read > 0
+    if limit == 1 << 40:  # every refined score chunk was kept
+        assert cached >= 0.9 * dev.prepass_bytes_read

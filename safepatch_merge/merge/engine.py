@@ -97,6 +97,22 @@ class EngineContext:
         self.stage = "prepass"  # prefix of the stream timings
         self.transfer = transfer.ops_for(device)  # None: the host computes on the reader's views
         self.bytes_read = 0  # by stream_items
+        # Chunks a pre-pass streamed to the accelerator and kept there for the merge pass, so
+        # they are not read twice: {(role, name, offset, count): device tensor}.
+        self.cache: dict[tuple[str, str, int, int], torch.Tensor] = {}
+        self.cache_budget = 0  # bytes; set by merge() from what --max-memory leaves
+        self.cache_bytes = 0
+
+    def keep(self, role: str, name: str, offset: int, chunk: torch.Tensor) -> None:
+        """Keep a copy of this pre-pass chunk on the accelerator for the merge pass, if the
+        budget allows (no-op on the CPU, where the reader maps the page cache instead)."""
+        n = chunk.numel() * chunk.element_size()
+        if self.transfer is None or self.cache_bytes + n > self.cache_budget:
+            return
+        key = (role, name, offset, chunk.numel())
+        if key not in self.cache:
+            self.cache[key] = chunk.clone()  # the chunk views a device slot that is reused
+            self.cache_bytes += n
 
     def chunks(self, numel: int, row: int) -> list[tuple[int, int]]:
         """(offset, count) chunks of a tensor of `numel` elements with rows of `row` elements:
@@ -281,6 +297,9 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         base.tensors[n].numel * per_elem for n in whole if base.tensors[n].numel > chunk)
 
     ctx = EngineContext(ckpts, dev, chunk, depth, None, progress, clock)
+    if ctx.transfer is not None and not dry_run:
+        with clock("device_init"):
+            ctx.cache_budget = max(0, min(budget - est, ctx.transfer.cache_limit()))
     plan_id = _plan_id(cfg, ckpts, shards, backend_name)
     builder.plan_id = plan_id
     if not dry_run:
@@ -302,7 +321,8 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
                               for n in base.tensors),
             "write_bytes": sum(s.data_bytes for s in shards), "shards": len(shards),
             "chunk_elements": chunk, "max_memory": budget,
-            "estimated_peak_memory": est, "summary": summary,
+            "estimated_peak_memory": est, "device_cache_bytes": ctx.cache_bytes,
+            "summary": summary,
         }
         if dry_run:
             return MergeResult(None, plan, time.perf_counter() - t0, summary=summary,
@@ -382,10 +402,14 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                       else ctx.chunks(info.numel, row))
             for ci, (off, cnt) in enumerate(chunks):
                 parts = [Part("base", info, off, cnt)]
-                parts += [Part(r, ctx.ckpts[r].tensors[name], off, cnt) for r in roles]
+                parts += [Part(r, ctx.ckpts[r].tensors[name], off, cnt) for r in roles
+                          if (r, name, off, cnt) not in ctx.cache]
                 items.append(parts)
                 last = ti == len(shard.entries) - 1 and ci == len(chunks) - 1
                 meta.append((si, name, off, cnt, last))
+    used = {(r, m[1], m[2], m[3]) for m in meta for r in roles_of[m[1]]}
+    for key in [k for k in ctx.cache if k not in used]:  # e.g. shards a resume skips
+        del ctx.cache[key]
     if not items:
         return 0, 0
     clock = ctx.clock
@@ -453,6 +477,9 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                 hand_finished(holding_slots=False)
                 continue
             views = up.upload(item) if up is not None else item.views
+            for r in roles_of[name]:
+                if r not in views:  # kept on the device by the pre-pass; used once
+                    views[r] = ctx.cache.pop((r, name, off, cnt))
             with clock("stream.compute"):
                 if roles_of[name]:
                     out = method.merge_chunk(name, views, off, DTYPES[dt][0])

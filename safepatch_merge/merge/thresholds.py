@@ -160,8 +160,11 @@ def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple[str, lis
     by_role = {j.role: j for j in tj.values()}
     entries = [e for j in tj.values() for e in j.refinement()]
     if entries:
-        ctx.stream_entries(entries, lambda role, name, chunk, off: by_role[role].add(name, chunk),
-                           desc="thresholds")
+        def add(role, name, chunk, off):
+            by_role[role].add(name, chunk)
+            ctx.keep(role, name, off, chunk)  # the merge pass needs these scores again
+
+        ctx.stream_entries(entries, add, desc="thresholds")
     return {k: j.result() for k, j in tj.items()}
 
 

@@ -64,6 +64,12 @@ class CudaOps:
     def device_bytes(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def cache_limit(self) -> int:
+        """Bytes of device memory the engine may keep pre-pass chunks in: half of what is
+        free now, so a smaller card than --max-memory assumes is never run out of memory."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free // 2
+
 
 def ops_for(device: torch.device):
     """The transfer calls for `device`, or None where the work runs on the host itself."""
