@@ -123,11 +123,15 @@ for f in $TESTS; do
 done
 pytest_job "$ALONE" tests/test_ops_merge.py -k "$ALONE" &
 PIDS="$PIDS $!"
+# the engine's CUDA pipeline and SNIP on the GPU (their tests marked gpu)
+GPU_MARKED=gpu_marked
+pytest_job "$GPU_MARKED" tests/test_merge_engine.py tests/test_score_snip.py -m gpu &
+PIDS="$PIDS $!"
 ( timeout --kill-after=5 "${LIMIT_PYTEST:-120}" python3 bench/op_check_probe.py > "$TLOG/probe.log" 2>&1
   echo "rc=$?" >> "$TLOG/probe.log" ) &
 PIDS="$PIDS $!"
 wait $PIDS  # not the background input generation of step 6
-for b in $LOGS $ALONE; do
+for b in $LOGS $ALONE $GPU_MARKED; do
   f=$b
   { echo "=== $f $(cat "$TLOG/$b.rc" 2>/dev/null)"; cat "$TLOG/$b.log" 2>/dev/null; } >> "$OUT/pytest.txt"
   echo "pytest     $b $(cat "$TLOG/$b.rc" 2>/dev/null || echo 'rc=?'): $(grep -E '(passed|failed|error|no tests ran)' "$TLOG/$b.log" | tail -n 1)" | tee -a "$SUMMARY"

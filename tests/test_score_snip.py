@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 from safepatch_merge.derive.dataset import Pair, PairCollator, render_pairs
 from safepatch_merge.derive.loss import per_example_nll
@@ -129,3 +130,32 @@ def test_empty_set_and_exclude():
     names.pop("model.norm.weight")
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         scored_parameters(model, names)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_snip_on_cuda_equals_plain_autograd():
+    """On a GPU (hooks call the CUDA kernel; the loss check reads one batch late)."""
+    model, tok, ex, _ = _setup(False)
+    ref = _autograd_scores(model, ex, tok.pad_token_id)
+    model = model.cuda()
+    names = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    params = scored_parameters(model, names)
+    scores, nb = snip_scores(model, ex, tok.pad_token_id, params, batch_size=3)
+    assert nb == 3
+    _assert_close_scores({n: s.cpu() for n, s in scores.items()}, ref, 2e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_snip_on_cuda_names_the_non_finite_batch():
+    from safepatch_merge.errors import CheckpointError
+
+    model, tok, ex, _ = _setup(False)
+    model = model.cuda()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    params = scored_parameters(model, {n: tuple(p.shape) for n, p in model.state_dict().items()})
+    with pytest.raises(CheckpointError, match="not finite on scoring batch 0"):
+        snip_scores(model, ex, tok.pad_token_id, params, batch_size=3)
