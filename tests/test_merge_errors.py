@@ -247,3 +247,13 @@ def test_pickle_with_code_is_rejected(inputs, tmp_path, capsys):
     line = expect_error(capsys, tmp_path, cfg, str(pk / "pytorch_model.bin"), "weights_only")
     assert "pwned" not in capsys.readouterr().out
     assert line
+
+
+def test_op_threads_leave_the_writer_a_core(monkeypatch):
+    from safepatch_merge.merge.engine import compute_threads
+
+    monkeypatch.delenv("SAFEPATCH_MERGE_THREADS", raising=False)
+    assert compute_threads(2, writing=True) == 1 and compute_threads(2, writing=False) == 2
+    assert compute_threads(1, writing=True) == 1
+    monkeypatch.setenv("SAFEPATCH_MERGE_THREADS", "3")
+    assert compute_threads(2, writing=True) == compute_threads(2, writing=False) == 3
