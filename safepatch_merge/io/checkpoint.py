@@ -23,6 +23,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 HISTOGRAMS_FILE = "histograms.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass
@@ -42,16 +44,70 @@ class Checkpoint:
     def describe(self) -> str:
         return f"{self.role} {self.source}"
 
-    def identity(self) -> list[dict]:
-        """Per file: relative path, size and sha256 of the header (cheap, deterministic)."""
+    def identity(self, content_sha256: dict[Path, str] | None = None) -> list[dict]:
+        """Per file: name, size and sha256 of the header (cheap, deterministic); for a file
+        in huggingface_hub's cache, the sha256 the Hub names its blob by (``hub_sha256``,
+        LFS files); and the content sha256 where `content_sha256` has it (ContentHasher)."""
         import hashlib
 
         out = []
         for f in self.files:
             h = self.headers.get(f)
             digest = hashlib.sha256(h.header_bytes).hexdigest() if h else None
-            out.append({"file": f.name, "size": f.stat().st_size, "header_sha256": digest})
+            rec = {"file": f.name, "size": f.stat().st_size, "header_sha256": digest}
+            blob = f.resolve()
+            if f.is_symlink() and blob.parent.name == "blobs" and _SHA256.match(blob.name):
+                rec["hub_sha256"] = blob.name
+            if content_sha256 and f in content_sha256:
+                rec["sha256"] = content_sha256[f]
+            out.append(rec)
         return out
+
+    def hub_commit(self) -> str | None:
+        """The Hub commit of a checkpoint resolved through huggingface_hub's cache."""
+        if self.root.parent.name == "snapshots" and _COMMIT.match(self.root.name):
+            return self.root.name
+        return None
+
+
+class ContentHasher:
+    """sha256 of whole files on a background daemon thread (hashlib and file reads release
+    the GIL, so it overlaps a merge), for ``output.hash_inputs``. ``result()`` waits and
+    returns {path: hex digest}; ``cancel()`` stops it between blocks (a failed merge)."""
+
+    def __init__(self, files: list[Path], block: int = 1 << 22):
+        import threading
+
+        self.files, self.block = list(dict.fromkeys(files)), block
+        self.digests: dict[Path, str] = {}
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="safepatch-input-hash", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import hashlib
+
+        try:
+            for f in self.files:
+                h = hashlib.sha256()
+                with open(f, "rb", buffering=0) as fh:
+                    while chunk := fh.read(self.block):
+                        if self._stop.is_set():
+                            return
+                        h.update(chunk)
+                self.digests[f] = h.hexdigest()
+        except OSError as e:
+            self.error = e
+
+    def result(self) -> dict[Path, str]:
+        self._t.join()
+        if self.error is not None:
+            raise CheckpointError(f"hashing the inputs failed: {self.error}")
+        return self.digests
+
+    def cancel(self) -> None:
+        self._stop.set()
 
 
 def resolve_source(source: str, role: str, revision: str | None = None,

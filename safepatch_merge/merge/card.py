@@ -74,13 +74,20 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
 
 
 def provenance(cfg, method, ckpts, summary: dict, backend: str, plan_id: str, shards: list,
-               versions: dict) -> bytes:
-    """safepatch_provenance.json: config, inputs (sources, per-file sizes and header sha256),
-    parameters and results, backend, output shard sha256s, package versions."""
+               versions: dict, content_sha256: dict | None = None) -> bytes:
+    """safepatch_provenance.json: config, inputs (sources, Hub commits, per-file sizes, header
+    sha256, the Hub's blob sha256 and, with output.hash_inputs, content sha256), parameters
+    and results, backend, output shard sha256s, package versions."""
+    def source(ck):
+        rec = {"source": ck.source, "files": ck.identity(content_sha256)}
+        if ck.hub_commit():
+            rec["hub_commit"] = ck.hub_commit()
+        return rec
+
     doc = {
         "format": "safepatch-merge-provenance", "version": 1, "method": cfg.method,
         "config": cfg.raw,
-        "inputs": {role: {"source": ck.source, "files": ck.identity()} for role, ck in ckpts.items()},
+        "inputs": {role: source(ck) for role, ck in ckpts.items()},
         "result": summary, "seed": (summary.get("parameters") or {}).get("seed"),
         "backend": backend, "plan_id": plan_id, "output_shards": shards, "versions": versions,
     }

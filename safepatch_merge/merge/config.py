@@ -18,7 +18,7 @@ from . import defaults
 
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMMON_KEYS = ("method", "backbone", "output", "include", "exclude", "allow_pickle", "revision")
-OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card")
+OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card", "hash_inputs")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
@@ -95,6 +95,7 @@ class OutputConfig:
     max_shard_size: int = parse_size(defaults.MAX_SHARD_SIZE, "output.max_shard_size")
     copy_tokenizer: bool = True
     model_card: bool = True
+    hash_inputs: bool = False  # sha256 of every input file's content into the provenance
 
 
 @dataclass
@@ -150,6 +151,7 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
                                   "output.max_shard_size"),
         copy_tokenizer=get_bool(out, "copy_tokenizer", True, "output"),
         model_card=get_bool(out, "model_card", True, "output"),
+        hash_inputs=get_bool(out, "hash_inputs", False, "output"),
     )
     rev = raw.get("revision")
     if rev is not None and not isinstance(rev, str):

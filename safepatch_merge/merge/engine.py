@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, SafepatchError
-from ..io import (Checkpoint, OutputBuilder, Part, Prefetcher, ShardPlan, index_json, item_bytes,
+from ..io import (Checkpoint, ContentHasher, OutputBuilder, Part, Prefetcher, ShardPlan, index_json, item_bytes,
                   open_checkpoint, plan_shards)
 from ..io.safetensors_header import DTYPES, TORCH_TO_ST
 from ..ops import backend_for, set_backend
@@ -305,9 +305,12 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
             ctx.cache_budget = max(0, min(budget - est, ctx.transfer.cache_limit()))
     plan_id = _plan_id(cfg, ckpts, shards, backend_name)
     builder.plan_id = plan_id
+    hasher = None
     if not dry_run:
         builder.open()
         ctx.work_dir = builder.work_dir
+        if cfg.output.hash_inputs:  # reads every input once more, beside the merge
+            hasher = ContentHasher([f for ck in ckpts.values() for f in ck.files])
     threads = torch.get_num_threads()
     try:
         if pre_threads is not None:
@@ -338,7 +341,12 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         clock.add("stream.writer_busy", builder.thread.busy_seconds)
         summary = method.summary()
         with clock("finish"):
-            _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id)
+            sha = None
+            if hasher is not None:
+                with clock("finish.hash_wait"):
+                    sha = hasher.result()
+            _finish_files(cfg, method, builder, ckpts, shards, summary, backend_name, plan_id,
+                          sha)
     except SafepatchError:
         if not dry_run:
             builder.abandon()
@@ -348,11 +356,14 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         raise
     finally:
         torch.set_num_threads(threads)
+        if hasher is not None:
+            hasher.cancel()
     with clock("finish"):
         out = builder.finish()
     secs = time.perf_counter() - t0
-    log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read); %s", len(base.tensors), out,
-             secs, read / secs / 1e9 if secs else 0.0, clock.line())
+    log.info("merged %d tensors into %s in %.1f s (%.2f GB/s read)", len(base.tensors), out,
+             secs, read / secs / 1e9 if secs else 0.0)
+    log.debug("stages: %s", clock.line())
     return MergeResult(out, plan, secs, read, written, summary, clock.as_dict(), ctx.bytes_read)
 
 
@@ -526,7 +537,7 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
 
 
 def _finish_files(cfg: MergeConfig, method, builder: OutputBuilder, ckpts, shards, summary,
-                  backend_name, plan_id) -> None:
+                  backend_name, plan_id, content_sha256=None) -> None:
     base = ckpts["base"]
     if len(shards) > 1:
         builder.add_file("model.safetensors.index.json", index_json(shards))
@@ -545,7 +556,8 @@ def _finish_files(cfg: MergeConfig, method, builder: OutputBuilder, ckpts, shard
         log.warning("backbone %s has no config.json; the output cannot be loaded with "
                     "from_pretrained without one", base.source)
     shard_info = [{"file": s.filename, **builder.done[s.filename]} for s in shards]
-    prov = provenance(cfg, method, ckpts, summary, backend_name, plan_id, shard_info, _versions())
+    prov = provenance(cfg, method, ckpts, summary, backend_name, plan_id, shard_info, _versions(),
+                      content_sha256)
     builder.add_file("safepatch_provenance.json", prov)
     if cfg.output.model_card:
         builder.add_file("README.md", model_card(cfg, method, ckpts, summary))
