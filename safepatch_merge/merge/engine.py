@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, SafepatchError
-from ..io import (Checkpoint, ContentHasher, OutputBuilder, Part, Prefetcher, ShardPlan, index_json, item_bytes,
-                  open_checkpoint, plan_shards)
+from ..io import (Checkpoint, ContentHasher, OutputBuilder, Part, Prefetcher, ShardPlan,
+                  index_json, item_bytes, open_checkpoint, plan_shards)
 from ..io.safetensors_header import DTYPES, TORCH_TO_ST
 from ..ops import backend_for, set_backend
 from .card import COPY_FILES, TOKENIZER_FILES, model_card, provenance, rewrite_config_dtype
@@ -449,7 +449,8 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
     fifo: deque = deque()
 
     def hand_one() -> bool:
-        """Give the oldest finished-or-not entry to the writer; False if there is none."""
+        """Give the oldest entry to the writer, first waiting for its download if it has
+        one; False if there is none."""
         nonlocal writer, read, written
         if not fifo:
             return False
