@@ -167,9 +167,10 @@ class EngineContext:
         clock, stage = self.clock, self.stage
         try:
             while True:
-                with clock(f"{stage}.read_wait"):
-                    if up is not None:  # never hold the reader's slots while waiting on it
+                if up is not None:  # never hold the reader's slots while waiting on it
+                    with clock(f"{stage}.h2d_wait"):
                         up.release_finished(block=True)
+                with clock(f"{stage}.read_wait"):
                     item = next(it, None)
                 if item is None:
                     break
@@ -482,10 +483,11 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
     it = iter(pf)
     try:
         while True:
-            with clock("stream.read_wait"):
-                if up is not None:
+            if up is not None:  # never hold the reader's slots while waiting on it
+                with clock("stream.h2d_wait"):
                     up.release_finished(block=True)
-                    hand_finished(holding_slots=any(e[0] is None for e in fifo))
+                hand_finished(holding_slots=any(e[0] is None for e in fifo))
+            with clock("stream.read_wait"):
                 item = next(it, None)
             if item is None:
                 break
