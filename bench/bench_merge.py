@@ -380,10 +380,14 @@ def main(argv=None) -> int:
         if st:
             from safepatch_merge.merge.stages import StageClock
 
+            gbps = s["input_GB"] / st["seconds"]
             lines.append(f"- {s['size']}: safepatch in-process {st['seconds']:.2f} s of "
-                         f"{s['wall_s']:.2f} s wall ({s['input_GB'] / st['seconds']:.2f} GB/s of "
-                         f"input; the rest is interpreter start-up and imports); the median "
-                         f"run's stages: {StageClock.line_of(st['stages'])}")
+                         f"{s['wall_s']:.2f} s wall ({gbps:.2f} GB/s of input, "
+                         f"{100 * gbps / s['ceiling']:.0f} % of the plain read; the rest of the "
+                         f"wall time is interpreter start-up and imports); the median run's "
+                         f"stages: {StageClock.line_of(st['stages'])}; device cache "
+                         f"{st['plan'].get('device_cache_bytes', 0) / 1e9:.2f} GB, pre-pass read "
+                         f"{st.get('prepass_bytes_read', 0) / 1e9:.2f} GB")
     by = {(s["size"], s["tool"]): s for s in summary}
     for size in args.sizes.split(","):
         a, b = by.get((size, "safepatch")), by.get((size, "mergekit"))

@@ -90,6 +90,9 @@ class Uploader:
         self.copy_stream = ops.new_stream()
         self.compute = ops.current_stream()
         self.slots = [ops.device_bytes(max(64, slot_bytes)) for _ in range(depth)]
+        # The slots come from the compute stream's memory pool, where work queued earlier may
+        # still use that memory: the copy stream starts after it.
+        ops.wait(self.copy_stream, ops.record(self.compute))
         self.free_after = [None] * depth  # event after the last compute that read the slot
         self.next = 0
         self.current: int | None = None
