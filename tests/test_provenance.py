@@ -68,3 +68,16 @@ def test_content_hasher_reports_a_vanished_file(tmp_path):
     assert h.result() == {a: _sha(a)}
     with pytest.raises(CheckpointError, match="hashing the inputs failed"):
         ContentHasher([tmp_path / "gone"]).result()
+
+
+def test_file_sha256_reads_in_blocks_and_stops_when_asked(tmp_path):
+    import threading
+
+    from safepatch_merge.io.hashing import file_sha256
+
+    a = tmp_path / "a"
+    a.write_bytes(bytes(range(256)) * 100)
+    assert file_sha256(a, block=1000) == _sha(a)
+    stop = threading.Event()
+    stop.set()
+    assert file_sha256(a, block=1000, stop=stop) is None

@@ -8,14 +8,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..io.hashing import file_sha256
 
 
 def weights_sha256(model_dir: str | Path) -> str:

@@ -6,5 +6,5 @@ from .safetensors_header import DTYPES, Header, TensorInfo, build_header, read_h
 from .writer import OutputBuilder, OutputError, ShardPlan, index_json, plan_shards
 
 __all__ = ["Checkpoint", "ContentHasher", "open_checkpoint", "Item", "Part", "Prefetcher",
-           "item_bytes", "DTYPES", "Header", "TensorInfo", "build_header", "read_header", "OutputBuilder", "OutputError",
-           "ShardPlan", "index_json", "plan_shards"]
+           "item_bytes", "DTYPES", "Header", "TensorInfo", "build_header", "read_header",
+           "OutputBuilder", "OutputError", "ShardPlan", "index_json", "plan_shards"]

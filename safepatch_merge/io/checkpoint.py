@@ -86,17 +86,14 @@ class ContentHasher:
         self._t.start()
 
     def _run(self) -> None:
-        import hashlib
+        from .hashing import file_sha256
 
         try:
             for f in self.files:
-                h = hashlib.sha256()
-                with open(f, "rb", buffering=0) as fh:
-                    while chunk := fh.read(self.block):
-                        if self._stop.is_set():
-                            return
-                        h.update(chunk)
-                self.digests[f] = h.hexdigest()
+                digest = file_sha256(f, self.block, self._stop)
+                if digest is None:  # cancelled
+                    return
+                self.digests[f] = digest
         except OSError as e:
             self.error = e
 

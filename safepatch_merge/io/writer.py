@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SafepatchError
+from .hashing import file_sha256
 from .safetensors_header import DTYPES, build_header
 
 MANIFEST = ".safepatch_manifest.json"
@@ -96,14 +97,6 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _WriteThread:

@@ -80,8 +80,9 @@ def provenance(cfg, method, ckpts, summary: dict, backend: str, plan_id: str, sh
     and results, backend, output shard sha256s, package versions."""
     def source(ck):
         rec = {"source": ck.source, "files": ck.identity(content_sha256)}
-        if ck.hub_commit():
-            rec["hub_commit"] = ck.hub_commit()
+        commit = ck.hub_commit()
+        if commit:
+            rec["hub_commit"] = commit
         return rec
 
     doc = {

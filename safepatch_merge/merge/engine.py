@@ -149,6 +149,18 @@ class EngineContext:
 
         self.stream_items(items, call, desc)
 
+    def open_stream(self, items: list[list[Part]], desc: str):
+        """(reader, Uploader or None, progress bar) for streaming `items` on the engine's
+        device: mapped page-cache windows on the CPU; pinned slots, each uploaded in one
+        copy, on an accelerator."""
+        slot = max(item_bytes(p) for p in items)
+        bar = _bar(sum(item_bytes(p) for p in items), desc, self.progress)
+        ops = self.transfer
+        pf = Prefetcher(items, slot, self.depth, pin=ops is not None and ops.pin,
+                        zero_copy=None if ops is None else False)
+        up = transfer.Uploader(ops, slot, self.depth) if ops is not None else None
+        return pf, up, bar
+
     def stream_items(self, items: list[list[Part]],
                      fn: Callable[[int, dict[str, torch.Tensor]], None], desc: str = "") -> None:
         """Call fn(i, {part key: 1-D chunk on the engine's device}) for each work item i of
@@ -157,12 +169,7 @@ class EngineContext:
         chunks past its return (their device memory is reused)."""
         if not items:
             return
-        slot = max(item_bytes(p) for p in items)
-        bar = _bar(sum(item_bytes(p) for p in items), desc, self.progress)
-        ops = self.transfer
-        pf = Prefetcher(items, slot, self.depth, pin=ops is not None and ops.pin,
-                        zero_copy=None if ops is None else False)
-        up = transfer.Uploader(ops, slot, self.depth) if ops is not None else None
+        pf, up, bar = self.open_stream(items, desc)
         it = iter(pf)
         clock, stage = self.clock, self.stage
         try:
@@ -338,7 +345,7 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         if op_threads is not None:
             torch.set_num_threads(op_threads)
         with clock("stream"):
-            read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt, progress)
+            read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt)
         clock.add("stream.writer_busy", builder.thread.busy_seconds)
         summary = method.summary()
         with clock("finish"):
@@ -405,8 +412,8 @@ def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt,
-                 progress) -> tuple[int, int]:
+def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt
+                 ) -> tuple[int, int]:
     """The merge's one streaming pass: every backbone tensor, in shard order, read, merged on
     the engine's device (or copied as is) and handed to the writer in order."""
     base = ctx.ckpts["base"]
@@ -434,13 +441,9 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
         return 0, 0
     clock = ctx.clock
     ops = ctx.transfer
-    slot = max(item_bytes(p) for p in items)
-    bar = _bar(sum(item_bytes(p) for p in items), "merge", progress)
-    pf = Prefetcher(items, slot, ctx.depth, pin=ops is not None and ops.pin,
-                    zero_copy=None if ops is None else False)
-    up = ring = None
+    pf, up, bar = ctx.open_stream(items, "merge")
+    ring = None
     if ops is not None:
-        up = transfer.Uploader(ops, slot, ctx.depth)
         out_bytes = max(m[3] * DTYPES[out_dt[m[1]]][1] for m in meta)
         ring = transfer.OutputRing(ops, out_bytes, 3)
     writer = None

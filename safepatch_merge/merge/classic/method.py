@@ -34,7 +34,6 @@ from .tensor_merge import TensorMerge
 log = logging.getLogger("safepatch_merge.merge")
 
 
-
 def _role(i: int) -> str:
     return f"model_{i}"
 
