@@ -9,7 +9,9 @@ Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by defa
                  then the fused op adds (n_b/N)·θ⊙g into the fp32 buffers — memory baseline 1;
   allgrads_sum   plain autograd keeping every gradient, accumulated in .grad over the batches
                  (Σ_b (n_b/N)·g_b), then fp32 |θ ⊙ g| buffers at the end — memory baseline 2
-                 (equal scores because θ is fixed; needs fp32 gradients to keep precision).
+                 (equal scores because θ is fixed; needs fp32 gradients to keep precision);
+  snip_host      (--host-buffers) snip with the score buffers in host memory
+                 (score/host_buffers.py): timed and measured beside the others.
 Timing: fwdbwd and snip interleaved in one process, median of --repeats after a warm-up, as
 wall time and as process CPU time (steadier on a shared machine).
 Peak memory: each way in a fresh process (beside the timing on CPU, one by one on CUDA; on
@@ -18,7 +20,8 @@ work (VmHWM reset through /proc/self/clear_refs), on CUDA max_memory_allocated a
 allocation before the work. Results are appended to bench/results/score_bench.csv.
 
     python bench/bench_score.py                       # CPU, fp32, SmolLM2 (built offline)
-    python bench/bench_score.py --device cuda --dtype bfloat16 --batch-size 8 --max-length 512
+    python bench/bench_score.py --device cuda --dtype bfloat16 --batch-size 8 --max-length 512 \
+        --host-buffers
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "score_bench.csv"
 MODES = ("fwdbwd", "snip", "allgrads_per_batch", "allgrads_sum")
+HOST_MODE = "snip_host"
 
 
 def _status() -> dict:
@@ -134,10 +138,10 @@ def run_allgrads_per_batch(model, batches, n_total, params):
     return scores
 
 
-def run_snip(model, ex, pad_id, params, bs):
+def run_snip(model, ex, pad_id, params, bs, buffers="device"):
     from safepatch_merge.score.snip import snip_scores
 
-    return snip_scores(model, ex, pad_id, params, batch_size=bs)[0]
+    return snip_scores(model, ex, pad_id, params, batch_size=bs, buffers=buffers)[0]
 
 
 def _sync(device):
@@ -165,7 +169,8 @@ def worker_memory(args) -> dict:
     elif args.worker == "allgrads_per_batch":
         run_allgrads_per_batch(model, batches, len(ex), params)
     else:
-        run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
+        run_snip(model, ex, tok.pad_token_id, params, args.batch_size,
+                 "host" if args.worker == HOST_MODE else "device")
     _sync(device)
     return {"mode": args.worker, "peak_bytes_above_start": _peak(device) - base}
 
@@ -173,16 +178,18 @@ def worker_memory(args) -> dict:
 def timing(args) -> dict:
     device, model, tok, ex, params = _setup(args)
     batches = _batches(ex, tok.pad_token_id, args.batch_size, device)
-    t = {"fwdbwd": [], "snip": []}
-    cpu = {"fwdbwd": [], "snip": []}
+    modes = ("fwdbwd", "snip") + ((HOST_MODE,) if args.host_buffers else ())
+    t = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
     for r in range(args.repeats + 1):  # round 0 warms up
-        for mode in ("fwdbwd", "snip"):
+        for mode in modes:
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             if mode == "fwdbwd":
                 run_fwdbwd(model, batches, len(ex), params)
             else:
-                run_snip(model, ex, tok.pad_token_id, params, args.batch_size)
+                run_snip(model, ex, tok.pad_token_id, params, args.batch_size,
+                         "host" if mode == HOST_MODE else "device")
             _sync(device)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             print(f"round {r} {mode}: wall {dt:.2f} s, cpu {dc:.2f} s", file=sys.stderr, flush=True)
@@ -210,7 +217,9 @@ def main() -> None:
                          "instead of the real one (machines that cannot fetch it)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-timing", action="store_true", help="peak memory only")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--host-buffers", action="store_true",
+                    help="also time and measure SNIP with its score buffers in host memory")
+    ap.add_argument("--worker", choices=MODES + (HOST_MODE,), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,7 +240,7 @@ def main() -> None:
     # measures only its own RSS; timing is also reported as CPU time); on CUDA all at once
     # (each reads its own max_memory_allocated), and the timing waits until they are done.
     procs = {}
-    for mode in MODES:
+    for mode in MODES + ((HOST_MODE,) if args.host_buffers else ()):
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
                args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
@@ -256,8 +265,8 @@ def main() -> None:
     if tm is None:  # memory only: same batches, timing fields left empty
         _, _, tok, ex, params = _setup_light(args)
         bt = [len(ex[i:i + args.batch_size]) for i in range(0, len(ex), args.batch_size)]
-        tm = {"times": {"fwdbwd": [float("nan")], "snip": [float("nan")]},
-              "cpu_times": {"fwdbwd": [float("nan")], "snip": [float("nan")]},
+        nan = {m: [float("nan")] for m in ("fwdbwd", "snip", HOST_MODE)}
+        tm = {"times": nan, "cpu_times": nan,
               "tokens": sum(len(e.input_ids) for e in ex), "batches": bt,
               "scored_parameters": sum(p.numel() for p in params.values())}
     med = {k: statistics.median(v) for k, v in tm["times"].items()}
@@ -286,17 +295,38 @@ def main() -> None:
         "memory_ratio_vs_allgrads_sum": round(mem["snip"] / mem["allgrads_sum"], 4),
         "torch": torch.__version__,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    if args.host_buffers:
+        row.update({
+            "snip_host_s": round(med[HOST_MODE], 4) if HOST_MODE in med else float("nan"),
+            "host_time_ratio": round(med[HOST_MODE] / med["fwdbwd"], 4) if HOST_MODE in med
+            else float("nan"),
+            "peak_snip_host_MB": round(mem[HOST_MODE] / 1e6, 1),
+            "host_memory_ratio_vs_allgrads_per_batch": round(mem[HOST_MODE] / mem["allgrads_per_batch"], 4),
+            "host_memory_ratio_vs_allgrads_sum": round(mem[HOST_MODE] / mem["allgrads_sum"], 4),
+        })
+    _append_row(Path(args.out), row)
     print(json.dumps(row, indent=1))
-    print(f"wall fwdbwd {tm['times']['fwdbwd']} snip {tm['times']['snip']}")
-    print(f"cpu fwdbwd {tm['cpu_times']['fwdbwd']} snip {tm['cpu_times']['snip']}")
+    print("wall " + " ".join(f"{m} {v}" for m, v in tm["times"].items()))
+    print("cpu " + " ".join(f"{m} {v}" for m, v in tm["cpu_times"].items()))
+
+
+def _append_row(out: Path, row: dict) -> None:
+    """Append `row` to the CSV at `out`; a row with new columns rewrites the file under the
+    union of the columns (older rows get empty cells)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, fields = [], list(row)
+    if out.exists():
+        with open(out, newline="") as f:
+            r = csv.DictReader(f)
+            rows = list(r)
+            fields = list(r.fieldnames or []) + [k for k in row if k not in (r.fieldnames or [])]
+    rows.append(row)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@
 # summary line). Flat files under $OUT, no folders.
 # Stage limits (s): install 15, build 50, pytest 120 (per process; files run in parallel, the
 # two longest in SHARDS=4 processes each), bars 25, bench 35: about 250 s at most.
-# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS,MERGE} override them. MERGE_BENCH=1 adds issue 4's
-# 0.7 B merge with --device cuda (and once on the CPUs), inputs generated meanwhile.
+# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS,MERGE,SCORE} override them. MERGE_BENCH=1 adds issue
+# 4's 0.7 B merge with --device cuda (and once on the CPUs), inputs generated meanwhile;
+# SCORE_BENCH=1 adds issue 6's scoring cost and memory (device vs host score buffers).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -125,7 +126,8 @@ pytest_job "$ALONE" tests/test_ops_merge.py -k "$ALONE" &
 PIDS="$PIDS $!"
 # the engine's CUDA pipeline and SNIP on the GPU (their tests marked gpu)
 GPU_MARKED=gpu_marked
-pytest_job "$GPU_MARKED" tests/test_merge_engine.py tests/test_score_snip.py -m gpu &
+pytest_job "$GPU_MARKED" tests/test_merge_engine.py tests/test_score_snip.py \
+  tests/test_score_host_buffers.py -m gpu &
 PIDS="$PIDS $!"
 ( timeout --kill-after=5 "${LIMIT_PYTEST:-120}" python3 bench/op_check_probe.py > "$TLOG/probe.log" 2>&1
   echo "rc=$?" >> "$TLOG/probe.log" ) &
@@ -172,6 +174,18 @@ if [ "${MERGE_BENCH:-0}" = 1 ]; then
     --results-dir "$OUT" --max-memory 4GiB
   grep -E "wall_s" "$OUT/merge_bench.txt" | tail -n 1 | cut -c1-220 | sed 's/^/  merge_cpu: /' >> "$SUMMARY"
   grep -E "in-process" "$OUT/merge_bench.txt" | tail -n 1 | sed 's/^/  merge_cpu: /' >> "$SUMMARY"
+fi
+
+# 7. optional (SCORE_BENCH=1): issue 6's SNIP cost and peak memory on the GPU, with the score
+# buffers on the device and in host memory, on a random-weight SmolLM2-135M-shaped model (cost
+# depends on shapes and lengths, not values; the real weights take two calls to carry). Needs
+# the scoring data: SAFEPATCH_SHARED_DATA=.gpu2/data with that folder carried.
+if [ "${SCORE_BENCH:-0}" = 1 ]; then
+  stage score ${LIMIT_SCORE:-180} "$OUT/score_bench.txt" python3 bench/bench_score.py --device cuda \
+    --dtype bfloat16 --batch-size 8 --num-examples 60 --max-length 512 --repeats 3 --host-buffers \
+    --random-weights /tmp/smollm2_rand --out "$OUT/score_bench.csv"
+  grep -E '"(tokens|time_ratio|host_time_ratio|peak_[a-z_]+_MB|[a-z_]*memory_ratio[a-z_]*)"' \
+    "$OUT/score_bench.txt" | sed 's/^/  score: /' >> "$SUMMARY"
 fi
 
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"

@@ -38,6 +38,12 @@ def test_derive_score_merge_chain(tmp_path, capsys):
                      "--no-progress"]) == 0
         info = json.loads((tmp_path / f"s_{side}" / "score_info.json").read_text())
         assert info["backbone"] == str(bb.resolve())  # taken from derive_record.json
+    # score buffers in host memory: the same score files
+    assert main(["score", str(tmp_path / "se"), "--data", str(data), "-o", str(tmp_path / "s_host"),
+                 "--batch-size", "5", "--max-length", "96", "--score-buffers", "host",
+                 "--no-progress"]) == 0
+    host, dev = _tensors(tmp_path / "s_host"), _tensors(tmp_path / "s_se")
+    assert host.keys() == dev.keys() and all(torch.equal(host[k], dev[k]) for k in dev)
     cfg = {"backbone": str(bb),
            "patches": {"se": str(tmp_path / "se"), "osm": str(tmp_path / "osm")},
            "scores": {"se": str(tmp_path / "s_se"), "osm": str(tmp_path / "s_osm")},

@@ -12,6 +12,8 @@ upload's event for that.)
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from merge_helpers import build_inputs, dir_bytes, write_config
@@ -28,21 +30,26 @@ class _Stream:
         self.ops: list = []  # (seq, callable) not yet run
         self.seq = 0  # number of ops ever queued
         self.ran = 0  # ops [0, ran) have run
+        # the SNIP host buffers' worker thread runs copies while the hooks queue more
+        self.lock = threading.RLock()
 
     def push(self, fn) -> None:
-        self.ops.append((self.seq, fn))
-        self.seq += 1
+        with self.lock:
+            self.ops.append((self.seq, fn))
+            self.seq += 1
 
     def run_until(self, seq: int) -> None:
-        while self.ops and self.ops[0][0] < seq:
-            _, fn = self.ops.pop(0)
-            fn()
-            self.ran += 1
+        with self.lock:
+            while self.ops and self.ops[0][0] < seq:
+                _, fn = self.ops.pop(0)
+                fn()
+                self.ran += 1
 
 
 class _Event:
     def __init__(self, stream: _Stream):
-        self.stream, self.seq = stream, stream.seq
+        with stream.lock:
+            self.stream, self.seq = stream, stream.seq
 
 
 class FakeAsyncOps:
@@ -84,6 +91,9 @@ class FakeAsyncOps:
     def copy(self, dst, src, stream) -> None:
         self.copies += 1
         stream.push(lambda: dst.copy_(src))
+
+    def retain(self, t, stream) -> None:
+        pass  # a deferred copy's closure keeps its source alive
 
     def pinned(self, nbytes):
         return torch.full((nbytes,), GARBAGE, dtype=torch.uint8)

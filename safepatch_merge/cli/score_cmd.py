@@ -28,7 +28,7 @@ score). The backbone defaults to the one recorded in the patch's derive_record.j
 
 def add_parser(sub) -> None:
     from ..score.api import LOSSES, SPLITS
-    from ..score.snip import ACCUMULATIONS
+    from ..score.snip import ACCUMULATIONS, BUFFERS
 
     p = sub.add_parser("score", help="saliency scores of a patch (SNIP or magnitude)",
                        description=__doc__, epilog=EPILOG,
@@ -56,6 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="load the model as auto|float32|bfloat16|float16")
     p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--score-buffers", choices=BUFFERS, default="device",
+                   help="where the fp32 score buffers live: beside the model (fastest) or in "
+                        "host memory (a GPU then holds none; one gradient copy per batch)")
     p.add_argument("--exclude", help="regex of tensor names not to score (kept unpatched)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"),
@@ -76,7 +79,8 @@ def run(args) -> int:
         seed=args.seed, prompt_field=args.prompt_field, response_field=args.response_field,
         hf_split=args.hf_split, system_prompt=args.system_prompt,
         chat_template=args.chat_template, dtype=args.dtype, score_dtype=args.score_dtype,
-        device=args.device, exclude=args.exclude, max_shard_size=args.max_shard_size)
+        device=args.device, score_buffers=args.score_buffers, exclude=args.exclude,
+        max_shard_size=args.max_shard_size)
     info = score_patch(args.patch, args.out, args.data, args.backbone, cfg,
                        overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps({"out": args.out, "loss": info["loss"], "tensors": info["tensors"],

@@ -12,9 +12,10 @@ finished; the writer returns each buffer when its bytes are on disk.
 So the host never waits on a copy it has just queued, nothing is allocated per chunk, and
 the only host syncs left are the ones a method asks for (e.g. the finiteness check).
 
-Every CUDA call goes through :class:`CudaOps`, so the tests can run this module's ordering on
-the CPU with a fake whose copies happen as late as the events allow (tests/test_transfer.py):
-a slot released or a buffer written too early then shows up as wrong output bytes.
+Every CUDA call goes through :class:`~safepatch_merge.cuda_streams.CudaOps`, so the tests
+can run this module's ordering on the CPU with a fake whose copies happen as late as the
+events allow (tests/test_transfer.py): a slot released or a buffer written too early then
+shows up as wrong output bytes.
 """
 from __future__ import annotations
 
@@ -23,57 +24,8 @@ from typing import Callable
 
 import torch
 
+from ..cuda_streams import ops_for  # noqa: F401 - the engine calls transfer.ops_for (tests fake it)
 from ..io.reader import Item
-
-
-class CudaOps:
-    """The few CUDA stream / event / memory calls the transfers need."""
-
-    pin = True  # the reader's slots are pinned, so uploads from them are asynchronous
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def new_stream(self):
-        return torch.cuda.Stream(self.device)
-
-    def current_stream(self):
-        return torch.cuda.current_stream(self.device)
-
-    def record(self, stream):
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
-    def wait(self, stream, ev) -> None:
-        stream.wait_event(ev)
-
-    def query(self, ev) -> bool:
-        return ev.query()
-
-    def synchronize(self, ev) -> None:
-        ev.synchronize()
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-
-    def pinned(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def device_bytes(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def cache_limit(self) -> int:
-        """Bytes of device memory the engine may keep pre-pass chunks in: half of what is
-        free now, so a smaller card than --max-memory assumes is never run out of memory."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return free // 2
-
-
-def ops_for(device: torch.device):
-    """The transfer calls for `device`, or None where the work runs on the host itself."""
-    return CudaOps(device) if device.type == "cuda" else None
 
 
 class Uploader:

@@ -20,7 +20,8 @@ from ..errors import ConfigError, DataError
 from ..models.loading import (adapter_base_path, check_model_dir, is_adapter_dir, load_patched_model,
                               load_tokenizer)
 from .scoredir import SCORE_DTYPES, write_score_dir
-from .snip import ACCUMULATIONS, checkpoint_tensor_names, magnitude_scores, scored_parameters, snip_scores
+from .snip import (ACCUMULATIONS, BUFFERS, checkpoint_tensor_names, magnitude_scores,
+                   scored_parameters, snip_scores)
 
 log = logging.getLogger("safepatch_merge.score")
 
@@ -37,6 +38,8 @@ class ScoreConfig:
     by prompt (same `heldout` fraction and `seed` give the same parts).
     dtype: dtype the patched model is loaded in ('auto' = as stored). score_dtype: stored dtype.
     exclude: regex of tensor names not to score (they are then not patched by the merge).
+    score_buffers: 'device' (beside the model) or 'host' (host memory: a GPU then holds no
+    fp32 score buffer, at the cost of copying every gradient down once per batch).
     """
 
     loss: str = "response_nll"
@@ -55,6 +58,7 @@ class ScoreConfig:
     dtype: str = "auto"
     score_dtype: str = "float32"
     device: str = "auto"
+    score_buffers: str = "device"
     exclude: str | None = None
     max_shard_size: str = "2GB"
 
@@ -69,6 +73,8 @@ class ScoreConfig:
             raise ConfigError(f"score dtype must be one of {', '.join(SCORE_DTYPES)}")
         if self.batch_size < 1 or self.max_length < 2:
             raise ConfigError("batch_size must be >= 1 and max_length >= 2")
+        if self.score_buffers not in BUFFERS:
+            raise ConfigError(f"score buffers must be device or host, got {self.score_buffers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -150,7 +156,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
         where = f"backbone {weights_dir}" if adapter else f"patch {patch}"
         params = scored_parameters(model, checkpoint_tensor_names(weights_dir), cfg.exclude, where)
         scores, nb = snip_scores(model, examples, tok.pad_token_id, params, cfg.loss,
-                                 cfg.batch_size, cfg.accumulation, progress)
+                                 cfg.batch_size, cfg.accumulation, progress, cfg.score_buffers)
         info.update(data={**data_identity(data), "num_examples": len(examples),
                           "split": cfg.split, "dropped_too_long": dropped},
                     num_batches=nb)

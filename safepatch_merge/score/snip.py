@@ -4,7 +4,9 @@ S = |θ_X ⊙ ∇_θ L(θ_X; D_s)| with L the mean over the scoring set of per-e
 NLL. For batches b of n_b examples out of N, L = Σ_b (n_b/N)·L_b with L_b the batch's mean, so
 each parameter's post-accumulate-grad hook adds (n_b/N)·θ ⊙ ∇L_b into an fp32 buffer with the
 fused `saliency_accumulate_` op and frees the gradient at once; |·| is taken once at the end.
-Peak memory: model + score buffers + activations + one gradient, never all gradients.
+Peak memory: model + score buffers + activations + one gradient, never all gradients. With
+`buffers="host"` the buffers live in host memory (score/host_buffers.py) and a GPU holds
+only the model, the activations and the gradients being copied down.
 
 `accumulation="abs_per_batch"` sums (n_b/N)·|θ ⊙ ∇L_b| instead: a different, batch-size-
 dependent score, offered only as a named option.
@@ -21,8 +23,10 @@ from ..errors import CheckpointError, DataError
 from ..ops import backend_for, saliency_accumulate_, saliency_finalize_
 from ..derive.dataset import PairCollator, RenderedExample
 from ..derive.loss import per_example_nll
+from .host_buffers import HostScoreBuffers
 
 ACCUMULATIONS = ("signed", "abs_per_batch")
+BUFFERS = ("device", "host")
 LOSS_TARGET = {"response_nll": "response", "prompt_nll": "prompt"}
 
 
@@ -79,17 +83,22 @@ class SnipAccumulator:
 
     Set `scale` before each backward (n_b/N). Each hook adds scale·θ⊙grad (or its absolute
     value for abs_per_batch) into the parameter's buffer and sets `.grad = None`, so no
-    gradient outlives its hook. Use as a context manager (hooks removed on exit).
+    gradient outlives its hook. buffers: 'device' keeps the buffers beside the parameters;
+    'host' keeps them in host memory (:mod:`.host_buffers`), so a GPU holds no score buffer.
+    Use as a context manager (hooks removed, host worker stopped on exit).
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], accumulation: str = "signed"):
+    def __init__(self, params: dict[str, torch.nn.Parameter], accumulation: str = "signed",
+                 buffers: str = "device"):
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
+        if buffers not in BUFFERS:
+            raise ValueError(f"buffers must be one of {BUFFERS}, got {buffers!r}")
         self.params = params
         self.accumulation = accumulation
         self.scale = 1.0
-        # Buffers are made by each parameter's first hook call, so during the first backward
-        # they appear as the activations are freed, like gradients do, not all up front.
+        # Device buffers are made by each parameter's first hook call, so during the first
+        # backward they appear as the activations are freed, like gradients do.
         self.scores: dict[str, torch.Tensor] = {}
         self.fired: Counter = Counter()
         # name -> the backend's saliency kernel, once the public op has validated that
@@ -97,26 +106,35 @@ class SnipAccumulator:
         # kernel for the small tensors (norms, biases) that are most of a model's parameters.
         self._checked: dict[str, object] = {}
         self._fns: dict[torch.device, object] = {}
+        self.host = HostScoreBuffers(params, self._add) if buffers == "host" else None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(n))
                          for n, p in params.items()]
+
+    def _add(self, name: str, score: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
+             scale: float) -> None:
+        """score += scale·w⊙g (signed) or scale·|w⊙g| (abs_per_batch); all on one device."""
+        if self.accumulation == "signed":
+            fast = self._checked.get(name)
+            if fast is None:  # first call: the public op validates and picks the backend
+                saliency_accumulate_(score, w, g, scale)
+                self._checked[name] = self._backend_fn(score.device)
+            else:  # same tensors' dtypes and layout as checked: the kernel directly
+                fast(score, w, g, float(scale))
+        else:
+            score.add_((w.float() * g.float()).abs_(), alpha=scale)
 
     def _hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             with torch.no_grad():
-                score = self.scores.get(name)
-                if score is None:
-                    score = self.scores[name] = torch.zeros(p.shape, dtype=torch.float32,
-                                                            device=p.device)
-                w, g = p.detach().contiguous(), p.grad.contiguous()
-                if self.accumulation == "signed":
-                    fast = self._checked.get(name)
-                    if fast is None:  # first call: the public op validates and picks the backend
-                        saliency_accumulate_(score, w, g, self.scale)
-                        self._checked[name] = self._backend_fn(score.device)
-                    else:  # same tensors' shapes and dtypes as checked: the kernel directly
-                        fast(score, w, g, float(self.scale))
+                g = p.grad.contiguous()
+                if self.host is not None:
+                    self.host.add(name, g, self.scale)
                 else:
-                    score.add_((w.float() * g.float()).abs_(), alpha=self.scale)
+                    score = self.scores.get(name)
+                    if score is None:
+                        score = self.scores[name] = torch.zeros(p.shape, dtype=torch.float32,
+                                                                device=p.device)
+                    self._add(name, score, p.detach().contiguous(), g, self.scale)
             p.grad = None  # free this gradient now: one gradient alive at a time
             self.fired[name] += 1
 
@@ -129,17 +147,23 @@ class SnipAccumulator:
         return fn
 
     def remove(self) -> None:
-        """Remove the hooks (idempotent)."""
+        """Remove the hooks and stop the host worker (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.host is not None:
+            self.host.close()
 
     def finalize(self) -> dict[str, torch.Tensor]:
         """Remove hooks; take |·| of signed sums in place; return {name: fp32 score} for every
-        parameter (zeros where no gradient ever reached it), in the order of `params`."""
+        parameter (zeros where no gradient ever reached it), in the order of `params`, on the
+        parameters' device (on the CPU with host buffers)."""
+        if self.host is not None:
+            self.scores = self.host.finish()
         self.remove()
         self.scores = {n: self.scores[n] if n in self.scores else
-                       torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                       torch.zeros(p.shape, dtype=torch.float32,
+                                   device="cpu" if self.host is not None else p.device)
                        for n, p in self.params.items()}
         if self.accumulation == "signed":
             for s in self.scores.values():
@@ -189,13 +213,16 @@ class _LossCheck:
 
 def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
                 params: dict[str, torch.nn.Parameter], loss: str = "response_nll",
-                batch_size: int = 8, accumulation: str = "signed", progress: bool = False
-                ) -> tuple[dict[str, torch.Tensor], int]:
+                batch_size: int = 8, accumulation: str = "signed", progress: bool = False,
+                buffers: str = "device") -> tuple[dict[str, torch.Tensor], int]:
     """SNIP scores of `params` (from :func:`scored_parameters`) over the scoring set.
 
     model: a causal LM whose parameters are θ_X (any float dtype), on its device.
     examples: the scoring set D_s (rendered); loss: 'response_nll' or 'prompt_nll'.
-    Returns ({name: float32 score, shape of the parameter}, number of batches).
+    buffers: 'device' (score buffers beside the parameters) or 'host' (in host memory, fed
+    from the device: less device memory, one gradient copy per batch; see host_buffers).
+    Returns ({name: float32 score, shape of the parameter}, number of batches); the scores
+    are on the model's device, or on the CPU with host buffers.
     Raises DataError on an empty set and CheckpointError on a non-finite loss.
     """
     if loss not in LOSS_TARGET:
@@ -219,7 +246,7 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
 
     check = _LossCheck(loss)
     try:
-        with SnipAccumulator(params, accumulation) as acc:
+        with SnipAccumulator(params, accumulation, buffers) as acc:
             for bi, chunk in enumerate(tqdm(batches, disable=not progress, desc="score", unit="batch")):
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
                 acc.scale = len(chunk) / N
@@ -238,6 +265,7 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
     finally:
         for p in model.parameters():
             p.requires_grad_(saved_rg[id(p)])
+            p.grad = None  # a backward stopped by an error leaves the later ones behind
         model.train(was_training)
     return scores, len(batches)
 

@@ -1,0 +1,134 @@
+"""SNIP with the score buffers in host memory (score/host_buffers.py) gives the device
+buffers' scores bit for bit, through a fake asynchronous device too; on a GPU it holds less."""
+import pytest
+import torch
+from conftest import requires_cuda
+from test_score_snip import _autograd_scores, _assert_close_scores, _setup
+from test_transfer import FakeAsyncOps
+
+from safepatch_merge import cuda_streams
+from safepatch_merge.score import host_buffers
+from safepatch_merge.score.snip import scored_parameters, snip_scores
+
+
+def _score(model, tok, ex, params, **kw):
+    return snip_scores(model, ex, tok.pad_token_id, params, batch_size=3, **kw)[0]
+
+
+def _assert_identical(a, b):
+    assert list(a) == list(b)
+    for n in a:
+        assert a[n].device.type == "cpu" and a[n].dtype == torch.float32
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("accumulation", ["signed", "abs_per_batch"])
+@pytest.mark.parametrize("slot_bytes,slots", [(None, None), (256, 1), (1000, 3)])
+def test_host_buffers_equal_device_buffers(monkeypatch, accumulation, slot_bytes, slots):
+    # small slots split every weight into many chunks, and one slot makes every hook wait
+    # for the worker (the ring's backpressure)
+    if slot_bytes is not None:
+        monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
+        monkeypatch.setattr(host_buffers, "SLOTS", slots)
+    model, tok, ex, params = _setup(True)
+    dev = _score(model, tok, ex, params, accumulation=accumulation)
+    host = _score(model, tok, ex, params, accumulation=accumulation, buffers="host")
+    _assert_identical(host, dev)
+    assert all(p.grad is None for p in model.parameters())
+    if accumulation == "signed":
+        _assert_close_scores(host, _autograd_scores(model, ex, tok.pad_token_id), 2e-5)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    ops = FakeAsyncOps()
+    monkeypatch.setattr(cuda_streams, "ops_for", lambda device: ops)
+    monkeypatch.setattr(host_buffers, "SLOT_BYTES", 4096)
+    monkeypatch.setattr(host_buffers, "SLOTS", 2)
+    return ops
+
+
+def test_host_buffers_through_a_fake_async_device(fake):
+    """Each chunk's copy is deferred until the worker waits on its event, into staging slots
+    that start as garbage, so the worker must wait before it adds. (The fake runs a copy only
+    when its own event is waited on, so a slot refilled too early is something only a GPU can
+    show; the ring hands a slot out again only after the worker's add.)"""
+    model, tok, ex, params = _setup(False)
+    dev = _score(model, tok, ex, params)
+    host = _score(model, tok, ex, params, buffers="host")
+    assert fake.copies > len(params)  # chunked: more copies than parameters
+    _assert_identical(host, dev)
+
+
+def test_a_worker_that_does_not_wait_for_the_copy_is_caught(fake, monkeypatch):
+    model, tok, ex, params = _setup(False)
+    dev = _score(model, tok, ex, params)
+    monkeypatch.setattr(fake, "synchronize", lambda ev: None)
+    host = _score(model, tok, ex, params, buffers="host")
+    assert any(not torch.equal(host[n], dev[n]) for n in dev)
+
+
+def test_a_failing_host_add_is_raised_and_the_worker_stops(monkeypatch):
+    model, tok, ex, params = _setup(False)
+    threads = []
+    real = host_buffers.HostScoreBuffers.__init__
+
+    def init(self, params, accumulate, *a, **kw):
+        def boom(name, *args):
+            if name == "model.layers.0.mlp.up_proj.weight":
+                raise ValueError("disk on fire")
+            accumulate(name, *args)
+        real(self, params, boom, *a, **kw)
+        threads.append(self.thread)
+
+    monkeypatch.setattr(host_buffers.HostScoreBuffers, "__init__", init)
+    with pytest.raises(RuntimeError, match="host score accumulation failed: disk on fire"):
+        _score(model, tok, ex, params, buffers="host")
+    assert threads and not threads[0].is_alive()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_buffers_value():
+    from safepatch_merge.errors import ConfigError
+    from safepatch_merge.score.api import ScoreConfig
+
+    model, tok, ex, params = _setup(False)
+    with pytest.raises(ValueError, match="buffers must be one of"):
+        _score(model, tok, ex, params, buffers="disk")
+    with pytest.raises(ConfigError, match="score buffers must be device or host, got 'gpu'"):
+        ScoreConfig(score_buffers="gpu").validate()
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_host_buffers_on_cuda_equal_autograd():
+    model, tok, ex, _ = _setup(False)
+    ref = _autograd_scores(model, ex, tok.pad_token_id)
+    model = model.cuda()
+    params = scored_parameters(model, {n: tuple(p.shape) for n, p in model.state_dict().items()})
+    scores = _score(model, tok, ex, params, buffers="host")
+    assert all(s.device.type == "cpu" for s in scores.values())
+    _assert_close_scores(scores, ref, 2e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_host_buffers_hold_less_device_memory():
+    """Two equal batches through a bf16 model: with device buffers the second batch's
+    activations meet every fp32 buffer; with host buffers at most the bf16 gradients whose
+    copies are in flight, half the buffers' size."""
+    model, tok, ex, _ = _setup(False)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    same = [ex[0]] * 6
+    params = scored_parameters(model, {n: tuple(p.shape) for n, p in model.state_dict().items()})
+    peaks = {}
+    for buffers in ("device", "host", "device"):  # the first run warms up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        snip_scores(model, same, tok.pad_token_id, params, batch_size=3, buffers=buffers)
+        torch.cuda.synchronize()
+        peaks[buffers] = torch.cuda.max_memory_allocated() - base
+    buffer_bytes = sum(p.numel() * 4 for p in params.values())
+    assert peaks["host"] <= peaks["device"] - buffer_bytes // 2, (peaks, buffer_bytes)
