@@ -25,8 +25,8 @@ def _assert_identical(a, b):
 @pytest.mark.parametrize("accumulation", ["signed", "abs_per_batch"])
 @pytest.mark.parametrize("slot_bytes,slots", [(None, None), (256, 1), (1000, 3)])
 def test_host_buffers_equal_device_buffers(monkeypatch, accumulation, slot_bytes, slots):
-    # small slots split every weight into many chunks, and one slot makes every hook wait
-    # for the worker (the ring's backpressure)
+    # small slots split every weight over several slots and pack small ones together; one
+    # slot makes a hook wait for the worker each time it needs a slot (the ring's backpressure)
     if slot_bytes is not None:
         monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
         monkeypatch.setattr(host_buffers, "SLOTS", slots)
@@ -39,6 +39,32 @@ def test_host_buffers_equal_device_buffers(monkeypatch, accumulation, slot_bytes
         _assert_close_scores(host, _autograd_scores(model, ex, tok.pad_token_id), 2e-5)
 
 
+def test_small_gradients_share_a_slot(monkeypatch):
+    """The worker gets one job per slot, not per parameter: 3 batches of this model's
+    gradients (about 140 KB each) fit one 64 MiB slot, and 8 KiB slots are filled to the brim
+    (up to 63 bytes of alignment per part): fewer jobs than parameters × batches."""
+    from safepatch_merge.derive.dataset import PairCollator
+    from safepatch_merge.derive.loss import per_example_nll
+    from safepatch_merge.score.snip import SnipAccumulator
+
+    model, tok, ex, params = _setup(False)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    packed = -(-3 * (grad_bytes + 64 * len(params)) // 8192)
+    for slot_bytes, most in ((64 << 20, 1), (8192, packed)):
+        monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
+        acc = SnipAccumulator(params, "signed", "host")
+        collate = PairCollator(tok.pad_token_id)
+        for i in range(0, 7, 3):
+            b = collate(ex[i:i + 3])
+            acc.scale = len(ex[i:i + 3]) / 7
+            per_example_nll(model(input_ids=b["input_ids"],
+                                  attention_mask=b["attention_mask"]).logits,
+                            b["labels"]).mean().backward()
+        scores = acc.finalize()
+        assert 1 <= acc.host.handed <= most < 3 * len(params), (slot_bytes, acc.host.handed)
+        _assert_close_scores(scores, _autograd_scores(model, ex, tok.pad_token_id), 2e-5)
+
+
 @pytest.fixture
 def fake(monkeypatch):
     ops = FakeAsyncOps()
@@ -49,8 +75,8 @@ def fake(monkeypatch):
 
 
 def test_host_buffers_through_a_fake_async_device(fake):
-    """Each chunk's copy is deferred until the worker waits on its event, into staging slots
-    that start as garbage, so the worker must wait before it adds. (The fake runs a copy only
+    """Each slot's copies are deferred until the worker waits on the slot's event, into
+    staging slots that start as garbage, so the worker must wait before it adds. (The fake runs a copy only
     when its own event is waited on, so a slot refilled too early is something only a GPU can
     show; the ring hands a slot out again only after the worker's add.)"""
     model, tok, ex, params = _setup(False)

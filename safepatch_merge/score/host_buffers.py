@@ -6,12 +6,14 @@ gradients (SmolLM2-135M, batch 8 × 512, H200: 6363 vs 6331 MB). Here the buffer
 copy of θ, live in host memory instead; the device holds the model, the activations and the
 gradients whose copies are in flight.
 
-Each hook hands its gradient to :meth:`HostScoreBuffers.add`. It goes down in chunks of at
-most ``slot_bytes`` into a ring of pinned staging slots, on a copy stream that starts after
-the gradient was made; the gradient's memory is kept from reuse until its copies have run.
-A worker thread waits for each chunk's copy, adds its share into the host buffer (the same
-saliency op, on the CPU) and gives the slot back. The autograd thread waits only when every
-slot is in flight, which bounds the gradient bytes in flight to the ring's size.
+Each hook hands its gradient to :meth:`HostScoreBuffers.add`. It goes down into a ring of
+pinned staging slots, on a copy stream that starts after the gradient was made; the
+gradient's memory is kept from reuse until its copies have run. Gradients are packed one
+after another into the slot being filled (a large one spills into the next), and a full slot
+goes to a worker thread behind one event: per slot, not per parameter, so most of a model's
+many small tensors cost the hooks a copy launch and no hand-over. The worker waits for the
+slot's copies, adds each part into its host buffer (the same saliency op, on the CPU) and
+gives the slot back. The autograd thread waits only when every slot is in flight.
 
 Costs: host memory for the fp32 buffers plus θ in its own dtype (6 bytes per bf16
 parameter), one device-to-host copy of every gradient per batch, and the CPU's add. It is
@@ -30,6 +32,7 @@ from .. import cuda_streams
 
 SLOT_BYTES = 64 << 20
 SLOTS = 4
+ALIGN = 64  # bytes: where each gradient's part starts in a slot
 
 # accumulate(name, score, weight, grad, scale): add one chunk's share into `score`; the three
 # tensors are 1-D contiguous views of equal length on the host
@@ -63,11 +66,13 @@ class HostScoreBuffers:
             self.copy_stream = self.ops.new_stream()
         else:
             self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
+        self._open = None  # (slot, [bytes filled], parts) being filled by the hooks
         self.free: queue.Queue = queue.Queue()
         for k in range(slots):
             self.free.put(k)
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.handed = 0  # slots handed to the worker
         self.wait_s = 0.0  # autograd thread blocked on a free slot
         self.busy_s = 0.0  # worker thread waiting for copies and adding
         self.thread = threading.Thread(target=self._run, name="safepatch-score-host", daemon=True)
@@ -80,21 +85,36 @@ class HostScoreBuffers:
         self._check()
         flat = grad.reshape(-1)
         es = flat.element_size()
-        per = max(1, self.slot_bytes // es)
         if self.ops is not None:
             self.ops.wait(self.copy_stream, self.ops.record(self.compute))
             self.ops.retain(flat, self.copy_stream)
-        for a in range(0, flat.numel(), per):
-            b = min(flat.numel(), a + per)
-            k = self._take()
-            dst = self.slots[k][:(b - a) * es].view(flat.dtype)
+        a, n = 0, flat.numel()
+        while a < n:
+            if self._open is None:
+                self._open = (self._take(), [0], [])
+            k, fill, segs = self._open
+            room = (self.slot_bytes - fill[0]) // es  # negative once alignment passed the end
+            if room <= 0:
+                self._close()
+                continue
+            b = min(n, a + room)
+            dst = self.slots[k][fill[0]:fill[0] + (b - a) * es].view(flat.dtype)
             if self.ops is not None:
                 self.ops.copy(dst, flat[a:b], self.copy_stream)
-                ev = self.ops.record(self.copy_stream)
             else:
                 dst.copy_(flat[a:b])
-                ev = None
-            self.jobs.put((name, a, b, k, dst, ev, float(scale)))
+            segs.append((name, a, b, dst, float(scale)))
+            fill[0] = -(-(fill[0] + (b - a) * es) // ALIGN) * ALIGN  # next part starts aligned
+            a = b
+
+    def _close(self) -> None:
+        """Hand the slot being filled to the worker, behind an event after its copies."""
+        if self._open is not None:
+            k, _, segs = self._open
+            self._open = None
+            ev = self.ops.record(self.copy_stream) if self.ops is not None else None
+            self.jobs.put((k, segs, ev))
+            self.handed += 1
 
     def _take(self) -> int:
         try:
@@ -111,18 +131,19 @@ class HostScoreBuffers:
             if job is None:
                 self.jobs.task_done()
                 return
-            name, a, b, k, dst, ev, scale = job
+            k, segs, ev = job
             t0 = time.perf_counter()
             try:
                 if self.error is None:
                     if ev is not None:
                         self.ops.synchronize(ev)
-                    score = self.scores.get(name)
-                    if score is None:
-                        score = self.scores[name] = torch.zeros(self.params[name].shape,
-                                                                dtype=torch.float32)
-                    self.accumulate(name, score.view(-1)[a:b], self.theta[name].view(-1)[a:b],
-                                    dst, scale)
+                    for name, a, b, dst, scale in segs:
+                        score = self.scores.get(name)
+                        if score is None:
+                            score = self.scores[name] = torch.zeros(self.params[name].shape,
+                                                                    dtype=torch.float32)
+                        self.accumulate(name, score.view(-1)[a:b],
+                                        self.theta[name].view(-1)[a:b], dst, scale)
             except BaseException as e:  # noqa: BLE001 - raised on the autograd thread
                 self.error = e
             finally:
@@ -137,6 +158,7 @@ class HostScoreBuffers:
     def finish(self) -> dict[str, torch.Tensor]:
         """Wait until every queued chunk is added; stop the worker; return {name: fp32 host
         buffer} of the parameters that got a gradient."""
+        self._close()
         self.jobs.join()
         self.close()
         self._check()
