@@ -62,8 +62,3 @@ class CudaOps:
 def ops_for(device: torch.device):
     """The transfer calls for `device`, or None where the work runs on the host itself."""
     return CudaOps(device) if device.type == "cuda" else None
-
-
-def ops_for(device: torch.device):
-    """The transfer calls for `device`, or None where the work runs on the host itself."""
-    return CudaOps(device) if device.type == "cuda" else None

@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
     p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--score-buffers", choices=BUFFERS, default="device",
-                   help="where the fp32 score buffers live: beside the model (fastest) or in "
+                   help="where the fp32 score buffers live: beside the model (default) or in "
                         "host memory (a GPU then holds none; one gradient copy per batch)")
     p.add_argument("--exclude", help="regex of tensor names not to score (kept unpatched)")
     p.add_argument("--max-shard-size", default="2GB")
