@@ -1,5 +1,7 @@
 """SNIP with the score buffers in host memory (score/host_buffers.py) gives the device
-buffers' scores bit for bit, through a fake asynchronous device too; on a GPU it holds less."""
+buffers' scores bit for bit. On the CPU the staging path runs through a fake asynchronous
+device (tests/test_transfer.py's): its copies happen only when an event is waited on, into
+slots that start as garbage. On a GPU it must also hold less device memory."""
 import pytest
 import torch
 from conftest import requires_cuda
@@ -7,8 +9,10 @@ from test_score_snip import _autograd_scores, _assert_close_scores, _setup
 from test_transfer import FakeAsyncOps
 
 from safepatch_merge import cuda_streams
+from safepatch_merge.derive.dataset import PairCollator
+from safepatch_merge.derive.loss import per_example_nll
 from safepatch_merge.score import host_buffers
-from safepatch_merge.score.snip import scored_parameters, snip_scores
+from safepatch_merge.score.snip import SnipAccumulator, scored_parameters, snip_scores
 
 
 def _score(model, tok, ex, params, **kw):
@@ -22,36 +26,52 @@ def _assert_identical(a, b):
         assert torch.equal(a[n], b[n]), n
 
 
+@pytest.fixture
+def fake(monkeypatch):
+    ops = FakeAsyncOps()
+    monkeypatch.setattr(cuda_streams, "ops_for", lambda device: ops)
+    return ops
+
+
+def _ring(monkeypatch, slot_bytes, slots):
+    monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
+    monkeypatch.setattr(host_buffers, "SLOTS", slots)
+
+
 @pytest.mark.parametrize("accumulation", ["signed", "abs_per_batch"])
-@pytest.mark.parametrize("slot_bytes,slots", [(None, None), (256, 1), (1000, 3)])
-def test_host_buffers_equal_device_buffers(monkeypatch, accumulation, slot_bytes, slots):
+@pytest.mark.parametrize("slot_bytes,slots", [(1 << 20, 4), (4096, 2), (256, 1), (1000, 3)])
+def test_host_buffers_equal_device_buffers(fake, monkeypatch, accumulation, slot_bytes, slots):
     # small slots split every weight over several slots and pack small ones together; one
     # slot makes a hook wait for the worker each time it needs a slot (the ring's backpressure)
-    if slot_bytes is not None:
-        monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
-        monkeypatch.setattr(host_buffers, "SLOTS", slots)
+    _ring(monkeypatch, slot_bytes, slots)
     model, tok, ex, params = _setup(True)
     dev = _score(model, tok, ex, params, accumulation=accumulation)
+    copies = fake.copies
     host = _score(model, tok, ex, params, accumulation=accumulation, buffers="host")
+    assert fake.copies - copies >= 3 * len(params)  # every gradient went through the fake
     _assert_identical(host, dev)
     assert all(p.grad is None for p in model.parameters())
     if accumulation == "signed":
         _assert_close_scores(host, _autograd_scores(model, ex, tok.pad_token_id), 2e-5)
 
 
-def test_small_gradients_share_a_slot(monkeypatch):
-    """The worker gets one job per slot, not per parameter: 3 batches of this model's
-    gradients (about 140 KB each) fit one 64 MiB slot, and 8 KiB slots are filled to the brim
-    (up to 63 bytes of alignment per part): fewer jobs than parameters × batches."""
-    from safepatch_merge.derive.dataset import PairCollator
-    from safepatch_merge.derive.loss import per_example_nll
-    from safepatch_merge.score.snip import SnipAccumulator
+def test_on_the_cpu_host_buffers_are_the_device_buffers():
+    model, tok, ex, params = _setup(False)
+    acc = SnipAccumulator(params, "signed", "host")
+    acc.remove()
+    assert acc.host is None  # no staging ring for a model already in host memory
+    _assert_identical(_score(model, tok, ex, params, buffers="host"), _score(model, tok, ex, params))
 
+
+def test_small_gradients_share_a_slot(fake, monkeypatch):
+    """The worker gets one job per slot, not per parameter: 3 batches of this model's
+    gradients (about 140 KB each) fit one 1 MiB slot, and 8 KiB slots are filled to the brim
+    (up to 63 bytes of alignment per part): fewer jobs than parameters × batches."""
     model, tok, ex, params = _setup(False)
     grad_bytes = sum(p.numel() * p.element_size() for p in params.values())
     packed = -(-3 * (grad_bytes + 64 * len(params)) // 8192)
-    for slot_bytes, most in ((64 << 20, 1), (8192, packed)):
-        monkeypatch.setattr(host_buffers, "SLOT_BYTES", slot_bytes)
+    for slot_bytes, most in ((1 << 20, 1), (8192, packed)):
+        _ring(monkeypatch, slot_bytes, 2)
         acc = SnipAccumulator(params, "signed", "host")
         collate = PairCollator(tok.pad_token_id)
         for i in range(0, 7, 3):
@@ -65,28 +85,12 @@ def test_small_gradients_share_a_slot(monkeypatch):
         _assert_close_scores(scores, _autograd_scores(model, ex, tok.pad_token_id), 2e-5)
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    ops = FakeAsyncOps()
-    monkeypatch.setattr(cuda_streams, "ops_for", lambda device: ops)
-    monkeypatch.setattr(host_buffers, "SLOT_BYTES", 4096)
-    monkeypatch.setattr(host_buffers, "SLOTS", 2)
-    return ops
-
-
-def test_host_buffers_through_a_fake_async_device(fake):
-    """Each slot's copies are deferred until the worker waits on the slot's event, into
-    staging slots that start as garbage, so the worker must wait before it adds. (The fake runs a copy only
-    when its own event is waited on, so a slot refilled too early is something only a GPU can
-    show; the ring hands a slot out again only after the worker's add.)"""
-    model, tok, ex, params = _setup(False)
-    dev = _score(model, tok, ex, params)
-    host = _score(model, tok, ex, params, buffers="host")
-    assert fake.copies > len(params)  # chunked: more copies than parameters
-    _assert_identical(host, dev)
-
-
 def test_a_worker_that_does_not_wait_for_the_copy_is_caught(fake, monkeypatch):
+    """The fake runs a slot's copies only when its event is waited on, so a worker that adds
+    without waiting reads garbage. (A slot refilled too early is something only a GPU can
+    show: the fake copies when waited on, and the ring hands a slot out again only after the
+    worker's add.)"""
+    _ring(monkeypatch, 4096, 2)
     model, tok, ex, params = _setup(False)
     dev = _score(model, tok, ex, params)
     monkeypatch.setattr(fake, "synchronize", lambda ev: None)
@@ -94,17 +98,18 @@ def test_a_worker_that_does_not_wait_for_the_copy_is_caught(fake, monkeypatch):
     assert any(not torch.equal(host[n], dev[n]) for n in dev)
 
 
-def test_a_failing_host_add_is_raised_and_the_worker_stops(monkeypatch):
+def test_a_failing_host_add_is_raised_and_the_worker_stops(fake, monkeypatch):
+    _ring(monkeypatch, 4096, 2)
     model, tok, ex, params = _setup(False)
     threads = []
     real = host_buffers.HostScoreBuffers.__init__
 
-    def init(self, params, accumulate, *a, **kw):
+    def init(self, params, ops, accumulate, *a, **kw):
         def boom(name, *args):
             if name == "model.layers.0.mlp.up_proj.weight":
                 raise ValueError("disk on fire")
             accumulate(name, *args)
-        real(self, params, boom, *a, **kw)
+        real(self, params, ops, boom, *a, **kw)
         threads.append(self.thread)
 
     monkeypatch.setattr(host_buffers.HostScoreBuffers, "__init__", init)

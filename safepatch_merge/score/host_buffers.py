@@ -16,8 +16,8 @@ slot's copies, adds each part into its host buffer (the same saliency op, on the
 gives the slot back. The autograd thread waits only when every slot is in flight.
 
 Costs: host memory for the fp32 buffers plus θ in its own dtype (6 bytes per bf16
-parameter), one device-to-host copy of every gradient per batch, and the CPU's add. It is
-correct on a CPU model too (copies are plain there), where it saves nothing.
+parameter), one device-to-host copy of every gradient per batch, and the CPU's add. For a
+model on the CPU the buffers are in host memory anyway, so SnipAccumulator does not use this.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ import time
 from typing import Callable
 
 import torch
-
-from .. import cuda_streams
 
 SLOT_BYTES = 64 << 20
 SLOTS = 4
@@ -42,30 +40,26 @@ Accumulate = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, float], No
 class HostScoreBuffers:
     """fp32 score buffers in host memory for `params`, filled by a worker thread.
 
-    params: {name: parameter}, on one device. accumulate: adds a chunk's contribution (runs on
-    the worker thread). slot_bytes, slots: the pinned staging ring (bytes per slot, count;
-    default SLOT_BYTES, SLOTS).
+    params: {name: parameter}, on one accelerator. ops: its transfer calls
+    (:func:`~safepatch_merge.cuda_streams.ops_for`). accumulate: adds a chunk's contribution
+    (runs on the worker thread). slot_bytes, slots: the pinned staging ring (bytes per slot,
+    count; default SLOT_BYTES, SLOTS).
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], accumulate: Accumulate,
+    def __init__(self, params: dict[str, torch.nn.Parameter], ops, accumulate: Accumulate,
                  slot_bytes: int | None = None, slots: int | None = None):
         slot_bytes = SLOT_BYTES if slot_bytes is None else slot_bytes
         slots = SLOTS if slots is None else slots
         if slot_bytes < 64 or slots < 1:
             raise ValueError("slot_bytes must be >= 64 and slots >= 1")
-        self.params, self.accumulate = params, accumulate
-        device = next(iter(params.values())).device
-        self.ops = cuda_streams.ops_for(device)
+        self.params, self.ops, self.accumulate = params, ops, accumulate
         # θ does not change while scoring: one host copy, read by every batch's adds
         self.theta = {n: p.detach().to("cpu").contiguous() for n, p in params.items()}
         self.scores: dict[str, torch.Tensor] = {}
         self.slot_bytes = slot_bytes
-        if self.ops is not None:
-            self.slots = [self.ops.pinned(slot_bytes) for _ in range(slots)]
-            self.compute = self.ops.current_stream()
-            self.copy_stream = self.ops.new_stream()
-        else:
-            self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
+        self.slots = [ops.pinned(slot_bytes) for _ in range(slots)]
+        self.compute = ops.current_stream()
+        self.copy_stream = ops.new_stream()
         self._open = None  # (slot, [bytes filled], parts) being filled by the hooks
         self.free: queue.Queue = queue.Queue()
         for k in range(slots):
@@ -85,9 +79,8 @@ class HostScoreBuffers:
         self._check()
         flat = grad.reshape(-1)
         es = flat.element_size()
-        if self.ops is not None:
-            self.ops.wait(self.copy_stream, self.ops.record(self.compute))
-            self.ops.retain(flat, self.copy_stream)
+        self.ops.wait(self.copy_stream, self.ops.record(self.compute))
+        self.ops.retain(flat, self.copy_stream)
         a, n = 0, flat.numel()
         while a < n:
             if self._open is None:
@@ -99,10 +92,7 @@ class HostScoreBuffers:
                 continue
             b = min(n, a + room)
             dst = self.slots[k][fill[0]:fill[0] + (b - a) * es].view(flat.dtype)
-            if self.ops is not None:
-                self.ops.copy(dst, flat[a:b], self.copy_stream)
-            else:
-                dst.copy_(flat[a:b])
+            self.ops.copy(dst, flat[a:b], self.copy_stream)
             segs.append((name, a, b, dst, float(scale)))
             fill[0] = -(-(fill[0] + (b - a) * es) // ALIGN) * ALIGN  # next part starts aligned
             a = b
@@ -112,8 +102,7 @@ class HostScoreBuffers:
         if self._open is not None:
             k, _, segs = self._open
             self._open = None
-            ev = self.ops.record(self.copy_stream) if self.ops is not None else None
-            self.jobs.put((k, segs, ev))
+            self.jobs.put((k, segs, self.ops.record(self.copy_stream)))
             self.handed += 1
 
     def _take(self) -> int:
@@ -135,8 +124,7 @@ class HostScoreBuffers:
             t0 = time.perf_counter()
             try:
                 if self.error is None:
-                    if ev is not None:
-                        self.ops.synchronize(ev)
+                    self.ops.synchronize(ev)
                     for name, a, b, dst, scale in segs:
                         score = self.scores.get(name)
                         if score is None:

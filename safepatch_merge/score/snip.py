@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cuda_streams
 from ..errors import CheckpointError, DataError
 from ..ops import backend_for, saliency_accumulate_, saliency_finalize_
 from ..derive.dataset import PairCollator, RenderedExample
@@ -84,7 +85,8 @@ class SnipAccumulator:
     Set `scale` before each backward (n_b/N). Each hook adds scale·θ⊙grad (or its absolute
     value for abs_per_batch) into the parameter's buffer and sets `.grad = None`, so no
     gradient outlives its hook. buffers: 'device' keeps the buffers beside the parameters;
-    'host' keeps them in host memory (:mod:`.host_buffers`), so a GPU holds no score buffer.
+    'host' keeps them in host memory (:mod:`.host_buffers`), so a GPU holds no score buffer
+    (for parameters on the CPU both are the same).
     Use as a context manager (hooks removed, host worker stopped on exit).
     """
 
@@ -106,7 +108,9 @@ class SnipAccumulator:
         # kernel for the small tensors (norms, biases) that are most of a model's parameters.
         self._checked: dict[str, object] = {}
         self._fns: dict[torch.device, object] = {}
-        self.host = HostScoreBuffers(params, self._add) if buffers == "host" else None
+        # On the CPU the buffers are in host memory already: 'host' changes nothing there.
+        ops = cuda_streams.ops_for(next(iter(params.values())).device) if buffers == "host" else None
+        self.host = HostScoreBuffers(params, ops, self._add) if ops is not None else None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(n))
                          for n, p in params.items()]
 
