@@ -134,15 +134,19 @@ def test_empty_set_and_exclude():
 
 @requires_cuda
 @pytest.mark.gpu
-def test_snip_on_cuda_equals_plain_autograd():
-    """On a GPU (hooks call the CUDA kernel; the loss check reads one batch late)."""
+@pytest.mark.parametrize("buffers", ["device", "host"])
+def test_snip_on_cuda_equals_plain_autograd(buffers):
+    """On a GPU (hooks call the CUDA kernel, or copy down to host buffers; the loss check
+    reads one batch late)."""
     model, tok, ex, _ = _setup(False)
     ref = _autograd_scores(model, ex, tok.pad_token_id)
     model = model.cuda()
     names = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     params = scored_parameters(model, names)
-    scores, nb = snip_scores(model, ex, tok.pad_token_id, params, batch_size=3)
+    scores, nb = snip_scores(model, ex, tok.pad_token_id, params, batch_size=3, buffers=buffers)
     assert nb == 3
+    want = "cpu" if buffers == "host" else "cuda"
+    assert all(s.device.type == want for s in scores.values())
     _assert_close_scores({n: s.cpu() for n, s in scores.items()}, ref, 2e-5)
     assert all(p.grad is None for p in model.parameters())
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -60,15 +59,16 @@ class HostScoreBuffers:
         self.slots = [ops.pinned(slot_bytes) for _ in range(slots)]
         self.compute = ops.current_stream()
         self.copy_stream = ops.new_stream()
-        self._open = None  # (slot, [bytes filled], parts) being filled by the hooks
+        # the slot the hooks are filling: its index, bytes used, and the parts in it
+        self._slot: int | None = None
+        self._fill = 0
+        self._parts: list = []
         self.free: queue.Queue = queue.Queue()
         for k in range(slots):
             self.free.put(k)
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.handed = 0  # slots handed to the worker
-        self.wait_s = 0.0  # autograd thread blocked on a free slot
-        self.busy_s = 0.0  # worker thread waiting for copies and adding
         self.thread = threading.Thread(target=self._run, name="safepatch-score-host", daemon=True)
         self.thread.start()
 
@@ -83,36 +83,25 @@ class HostScoreBuffers:
         self.ops.retain(flat, self.copy_stream)
         a, n = 0, flat.numel()
         while a < n:
-            if self._open is None:
-                self._open = (self._take(), [0], [])
-            k, fill, segs = self._open
-            room = (self.slot_bytes - fill[0]) // es  # negative once alignment passed the end
+            if self._slot is None:
+                self._slot, self._fill, self._parts = self.free.get(), 0, []
+            room = (self.slot_bytes - self._fill) // es  # negative once alignment passed the end
             if room <= 0:
                 self._close()
                 continue
             b = min(n, a + room)
-            dst = self.slots[k][fill[0]:fill[0] + (b - a) * es].view(flat.dtype)
+            dst = self.slots[self._slot][self._fill:self._fill + (b - a) * es].view(flat.dtype)
             self.ops.copy(dst, flat[a:b], self.copy_stream)
-            segs.append((name, a, b, dst, float(scale)))
-            fill[0] = -(-(fill[0] + (b - a) * es) // ALIGN) * ALIGN  # next part starts aligned
+            self._parts.append((name, a, b, dst, float(scale)))
+            self._fill = -(-(self._fill + (b - a) * es) // ALIGN) * ALIGN  # next part aligned
             a = b
 
     def _close(self) -> None:
         """Hand the slot being filled to the worker, behind an event after its copies."""
-        if self._open is not None:
-            k, _, segs = self._open
-            self._open = None
-            self.jobs.put((k, segs, self.ops.record(self.copy_stream)))
+        if self._slot is not None:
+            self.jobs.put((self._slot, self._parts, self.ops.record(self.copy_stream)))
+            self._slot, self._parts = None, []
             self.handed += 1
-
-    def _take(self) -> int:
-        try:
-            return self.free.get_nowait()
-        except queue.Empty:
-            t0 = time.perf_counter()
-            k = self.free.get()
-            self.wait_s += time.perf_counter() - t0
-            return k
 
     def _run(self) -> None:
         while True:
@@ -121,7 +110,6 @@ class HostScoreBuffers:
                 self.jobs.task_done()
                 return
             k, segs, ev = job
-            t0 = time.perf_counter()
             try:
                 if self.error is None:
                     self.ops.synchronize(ev)
@@ -135,7 +123,6 @@ class HostScoreBuffers:
             except BaseException as e:  # noqa: BLE001 - raised on the autograd thread
                 self.error = e
             finally:
-                self.busy_s += time.perf_counter() - t0
                 self.free.put(k)
                 self.jobs.task_done()
 
