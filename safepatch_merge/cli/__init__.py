@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 
+from ..dist import quiet_other_ranks
 from ..errors import SafepatchError
 
 # Order is the data flow: derive -> score -> merge -> eval -> push; then the pipelines.
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_other_ranks()  # under a launcher, INFO comes from rank 0 only
     try:
         return int(args.func(args) or 0)
     except SafepatchError as e:
