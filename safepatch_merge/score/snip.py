@@ -79,6 +79,11 @@ def scored_parameters(model, ckpt_names: dict[str, tuple], exclude: str | None =
     return out
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The elements this process holds: the local shard of an FSDP-sharded DTensor, else t."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class SnipAccumulator:
     """fp32 score buffers plus one post-accumulate-grad hook per scored parameter.
 
@@ -130,15 +135,15 @@ class SnipAccumulator:
     def _hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             with torch.no_grad():
-                g = p.grad.contiguous()
+                g = _local(p.grad).contiguous()
                 if self.host is not None:
                     self.host.add(name, g, self.scale)
                 else:
                     score = self.scores.get(name)
                     if score is None:
-                        score = self.scores[name] = torch.zeros(p.shape, dtype=torch.float32,
-                                                                device=p.device)
-                    self._add(name, score, p.detach().contiguous(), g, self.scale)
+                        score = self.scores[name] = torch.zeros(g.shape, dtype=torch.float32,
+                                                                device=g.device)
+                    self._add(name, score, _local(p.detach()).contiguous(), g, self.scale)
             p.grad = None  # free this gradient now: one gradient alive at a time
             self.fired[name] += 1
 
@@ -158,18 +163,20 @@ class SnipAccumulator:
         if self.host is not None:
             self.host.close()
 
-    def finalize(self) -> dict[str, torch.Tensor]:
+    def finalize(self, take_abs: bool = True) -> dict[str, torch.Tensor]:
         """Remove hooks; take |·| of signed sums in place; return {name: fp32 score} for every
         parameter (zeros where no gradient ever reached it), in the order of `params`, on the
-        parameters' device (on the CPU with host buffers)."""
+        parameters' device (on the CPU with host buffers). take_abs=False returns the sums
+        before |·|, to be added across processes first. For a parameter sharded by FSDP the
+        score is of this process's shard."""
         if self.host is not None:
             self.scores = self.host.finish()
         self.remove()
         self.scores = {n: self.scores[n] if n in self.scores else
-                       torch.zeros(p.shape, dtype=torch.float32,
+                       torch.zeros(_local(p).shape, dtype=torch.float32,
                                    device="cpu" if self.host is not None else p.device)
                        for n, p in self.params.items()}
-        if self.accumulation == "signed":
+        if self.accumulation == "signed" and take_abs:
             for s in self.scores.values():
                 saliency_finalize_(s)
         return self.scores
@@ -218,13 +225,18 @@ class _LossCheck:
 def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
                 params: dict[str, torch.nn.Parameter], loss: str = "response_nll",
                 batch_size: int = 8, accumulation: str = "signed", progress: bool = False,
-                buffers: str = "device") -> tuple[dict[str, torch.Tensor], int]:
+                buffers: str = "device", *, batch_ids: list[int] | None = None,
+                take_abs: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """SNIP scores of `params` (from :func:`scored_parameters`) over the scoring set.
 
     model: a causal LM whose parameters are θ_X (any float dtype), on its device.
     examples: the scoring set D_s (rendered); loss: 'response_nll' or 'prompt_nll'.
     buffers: 'device' (score buffers beside the parameters) or 'host' (in host memory, fed
     from the device: less device memory, one gradient copy per batch; see host_buffers).
+    batch_ids: indices of the batches (of `batch_size` consecutive examples) that this process
+    scores, None = all; each still weighs its share of the whole set, so processes that score
+    disjoint batches add up to the whole score (score/distributed.py). take_abs=False returns
+    the sums before the final |·|, for that addition.
     Returns ({name: float32 score, shape of the parameter}, number of batches); the scores
     are on the model's device, or on the CPU with host buffers.
     Raises DataError on an empty set and CheckpointError on a non-finite loss.
@@ -251,7 +263,9 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
     check = _LossCheck(loss)
     try:
         with SnipAccumulator(params, accumulation, buffers) as acc:
-            for bi, chunk in enumerate(tqdm(batches, disable=not progress, desc="score", unit="batch")):
+            mine = range(len(batches)) if batch_ids is None else batch_ids
+            for bi in tqdm(mine, disable=not progress, desc="score", unit="batch"):
+                chunk = batches[bi]
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
                 acc.scale = len(chunk) / N
                 logits = model(input_ids=batch["input_ids"],
@@ -265,7 +279,7 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
                 if kept is not None:
                     raise RuntimeError(f"gradient of {kept} survived its saliency hook")
             check.finish()
-            scores = acc.finalize()
+            scores = acc.finalize(take_abs)
     finally:
         for p in model.parameters():
             p.requires_grad_(saved_rg[id(p)])
