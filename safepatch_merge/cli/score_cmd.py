@@ -18,6 +18,12 @@ EPILOG = """examples:
   # magnitude |θ_X − θ| (no data, no gradients)
   safepatch score patches/se --backbone ./model --loss magnitude -o scores/se_mag
 
+  # several GPUs: each holds the model and scores its share of the batches
+  torchrun --nproc-per-node 8 -m safepatch_merge score patches/se --data pairs.jsonl -o scores/se
+  # parameters sharded with FSDP2 across the GPUs (a model too large for one)
+  torchrun --nproc-per-node 8 -m safepatch_merge score patches/se --data pairs.jsonl \\
+      --parallel fsdp -o scores/se
+
 Output: safetensors shards of scores under the model's tensor names (float32 unless
 --score-dtype), histograms.safetensors (digit-0 radix histograms) and score_info.json.
 SNIP adds the signed products θ⊙∇L_b, weighted by each batch's share of the set, and takes
@@ -28,6 +34,7 @@ score). The backbone defaults to the one recorded in the patch's derive_record.j
 
 def add_parser(sub) -> None:
     from ..score.api import LOSSES, SPLITS
+    from ..score.distributed import PARALLEL
     from ..score.snip import ACCUMULATIONS, BUFFERS
 
     p = sub.add_parser("score", help="saliency scores of a patch (SNIP or magnitude)",
@@ -59,6 +66,12 @@ def add_parser(sub) -> None:
     p.add_argument("--score-buffers", choices=BUFFERS, default="device",
                    help="where the fp32 score buffers live: beside the model (default) or in "
                         "host memory (a GPU then holds none; one gradient copy per batch)")
+    p.add_argument("--parallel", choices=PARALLEL, default="data",
+                   help="under torchrun/accelerate launch with several processes: data (each "
+                        "holds the model, scores its share of the batches; default) or fsdp "
+                        "(parameters sharded with FSDP2)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a collective waits for a missing process (default 1800)")
     p.add_argument("--exclude", help="regex of tensor names not to score (kept unpatched)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"),
@@ -80,9 +93,12 @@ def run(args) -> int:
         hf_split=args.hf_split, system_prompt=args.system_prompt,
         chat_template=args.chat_template, dtype=args.dtype, score_dtype=args.score_dtype,
         device=args.device, score_buffers=args.score_buffers, exclude=args.exclude,
-        max_shard_size=args.max_shard_size)
+        max_shard_size=args.max_shard_size, parallel=args.parallel,
+        dist_timeout=args.dist_timeout)
     info = score_patch(args.patch, args.out, args.data, args.backbone, cfg,
                        overwrite=args.overwrite, progress=not args.no_progress)
+    if info is None:  # not rank 0 of several processes
+        return 0
     print(json.dumps({"out": args.out, "loss": info["loss"], "tensors": info["tensors"],
                       "num_batches": info["num_batches"]}))
     return 0

@@ -19,9 +19,10 @@ from ..derive.record import versions, weights_sha256
 from ..errors import ConfigError, DataError
 from ..models.loading import (adapter_base_path, check_model_dir, is_adapter_dir, load_patched_model,
                               load_tokenizer)
+from .distributed import PARALLEL, scoring_processes
 from .scoredir import SCORE_DTYPES, write_score_dir
 from .snip import (ACCUMULATIONS, BUFFERS, checkpoint_tensor_names, magnitude_scores,
-                   scored_parameters, snip_scores)
+                   scored_parameters)
 
 log = logging.getLogger("safepatch_merge.score")
 
@@ -40,6 +41,9 @@ class ScoreConfig:
     exclude: regex of tensor names not to score (they are then not patched by the merge).
     score_buffers: 'device' (beside the model) or 'host' (host memory: a GPU then holds no
     fp32 score buffer, at the cost of copying every gradient down once per batch).
+    parallel: how processes started by a launcher share the work — 'data' (each holds the
+    model) or 'fsdp' (parameters sharded); dist_timeout: seconds a collective waits for a
+    missing rank (score/distributed.py).
     """
 
     loss: str = "response_nll"
@@ -61,6 +65,8 @@ class ScoreConfig:
     score_buffers: str = "device"
     exclude: str | None = None
     max_shard_size: str = "2GB"
+    parallel: str = "data"
+    dist_timeout: float = 1800.0
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -77,6 +83,8 @@ class ScoreConfig:
             raise ConfigError(f"score buffers must be device or host, got {self.score_buffers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be data or fsdp, got {self.parallel!r}")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -105,6 +113,8 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     data: harmful pairs (JSONL/JSON/CSV or dataset name); not needed for loss 'magnitude'.
     backbone: the unpatched model; defaults to the one in the patch's derive_record.json (or
     the adapter's base). Needed for adapters and for 'magnitude'.
+    Under a launcher with several processes every rank calls it; rank 0 writes `out` and
+    returns score_info, the others return None.
     """
     cfg = config or ScoreConfig()
     cfg.validate()
@@ -120,6 +130,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     adapter = is_adapter_dir(patch)
     if adapter and backbone is None:
         raise ConfigError(f"{patch} is a LoRA adapter that names no base model; pass --backbone")
+    procs = scoring_processes(cfg)  # one process, or this rank's part of several
     device = _resolve_device(cfg.device)
 
     info = {"patch": str(patch.resolve()), "backbone": str(backbone) if backbone else None,
@@ -141,7 +152,8 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     else:
         if data is None:
             raise ConfigError(f"loss {cfg.loss} needs scoring data; pass --data")
-        model, weights_dir = load_patched_model(patch, backbone, cfg.dtype, device)
+        model, weights_dir = load_patched_model(patch, backbone, cfg.dtype,
+                                                procs.load_device(device))
         tok_dir = patch if (patch / "tokenizer_config.json").is_file() else weights_dir
         tok = load_tokenizer(tok_dir, chat_template=cfg.chat_template)
         pairs = load_pairs(data, cfg.prompt_field, cfg.response_field, cfg.hf_split)
@@ -154,15 +166,21 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
         if not examples:
             raise DataError(f"{data}: no scoring example fits max_length={cfg.max_length}")
         where = f"backbone {weights_dir}" if adapter else f"patch {patch}"
+        model = procs.prepare(model)
         params = scored_parameters(model, checkpoint_tensor_names(weights_dir), cfg.exclude, where)
-        scores, nb = snip_scores(model, examples, tok.pad_token_id, params, cfg.loss,
-                                 cfg.batch_size, cfg.accumulation, progress, cfg.score_buffers)
+        scores, nb = procs.snip_scores(model, examples, tok.pad_token_id, params, cfg, progress)
         info.update(data={**data_identity(data), "num_examples": len(examples),
                           "split": cfg.split, "dropped_too_long": dropped},
                     num_batches=nb)
-    info["patch_sha256"] = weights_sha256(patch)
-    info["patch_kind"] = "lora_merged" if adapter else "full"
-    info["options"] = asdict(cfg)
-    info["versions"] = versions()
-    write_score_dir(out, scores, info, cfg.score_dtype, cfg.max_shard_size, overwrite)
+        if procs.record is not None:
+            info["distributed"] = procs.record
+    with procs.together():  # rank 0 writes; a failure there ends every rank
+        if procs.main:
+            info["patch_sha256"] = weights_sha256(patch)
+            info["patch_kind"] = "lora_merged" if adapter else "full"
+            info["options"] = asdict(cfg)
+            info["versions"] = versions()
+            write_score_dir(out, scores, info, cfg.score_dtype, cfg.max_shard_size, overwrite)
+    if not procs.main:
+        return None
     return json.loads((out / "score_info.json").read_text())
