@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..dist import collective_errors
 from ..errors import ConfigError, DataError
 from ..models.loading import (check_model_dir, load_causal_lm, load_tokenizer, merge_adapter,
                               parse_dtype)
@@ -273,7 +274,7 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
     step, epoch, examples, tokens, train_time, cpu_time = 0, 0, 0, 0, 0.0, 0.0
     stop_reason = None
     acc_nll, acc_n = torch.zeros((), device=accelerator.device), 0
-    bar = _progress(cfg.max_steps, progress and accelerator.is_local_main_process, cfg.objective)
+    bar = _progress(cfg.max_steps, progress and accelerator.is_main_process, cfg.objective)
     t0, c0 = time.perf_counter(), time.process_time()
     while stop_reason is None:
         if cfg.epochs is not None and epoch >= cfg.epochs:
@@ -282,10 +283,13 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
         epoch += 1
         for batch in train_loader:
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).logits
-                nll = per_example_nll(logits, batch["labels"]).mean()
+                # an error in one rank's forward reaches every rank before the backward's
+                # collectives, so none waits for the rank that failed
+                with collective_errors(accelerator.device):
+                    with accelerator.autocast():
+                        logits = model(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).logits
+                    nll = per_example_nll(logits, batch["labels"]).mean()
                 accelerator.backward(sign * nll)
                 acc_nll += nll.detach()
                 acc_n += 1
