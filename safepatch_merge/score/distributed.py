@@ -68,7 +68,12 @@ class ScoringProcesses:
         if self.mode != "fsdp":
             return model
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        try:
+            from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            raise ConfigError(f"--parallel fsdp needs FSDP2 (torch >= 2.6); this is torch "
+                              f"{torch.__version__}") from None
 
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -84,7 +89,8 @@ class ScoringProcesses:
             if isinstance(m, FSDPModule):
                 # a sum over ranks, not FSDP's mean: the losses carry their shares n_b/N
                 m.set_gradient_divide_factor(1.0)
-                m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+                if hasattr(m, "set_force_sum_reduction_for_comms"):
+                    m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
         return model
 
     def together(self):
@@ -179,6 +185,9 @@ class ScoringProcesses:
                     err = e
                 dist.agree(err)  # every rank, every step: all go on, or all raise
                 (lb * (len(chunk) / N if real else 0.0)).backward()
+            if not any(acc.fired.values()):
+                raise RuntimeError(f"FSDP called no saliency hook: torch {torch.__version__}'s "
+                                   "FSDP2 does not run post-accumulate-grad hooks")
             local = acc.finalize()
         return self._gather_to_main(local, params)
 
