@@ -229,9 +229,13 @@ def scores(single, setup, tmp_path_factory):
     for side, patch in patches.items():
         assert cli([str(a) for a in ["score", patch, "--data", data, "-o", root / f"one_{side}",
                                      *SCORE]]) == 0
+    assert cli([str(a) for a in ["score", patches["se"], "--data", data, "-o", root / "one_abs",
+                                 "--accumulation", "abs_per_batch", *SCORE]]) == 0
     cmds = [["score", patches[side], "--data", data, "-o", root / f"{mode}_{side}", "--parallel",
              mode, "--max-shard-size", "40KB", *SCORE]
             for mode in ("data", "fsdp") for side in ("se", "osm")]
+    cmds.append(["score", patches["se"], "--data", data, "-o", root / "data_abs",
+                 "--accumulation", "abs_per_batch", *SCORE])
     ranks, wall = _launch("torchrun", cmds, root / "run")
     return root, patches, ranks, wall
 
@@ -259,6 +263,18 @@ def test_parallel_scores_equal_single_process(scores, mode):
         assert all(torch.equal(hist[k], radix_histogram(s2[k], 0, 0)) for k in s2)
         worst = _assert_close(s2, s1, RTOL_SCORE, f"{mode} {side} scores")
         print(f"{mode} {side}: max |S_par - S_1| / max |S_1| over tensors = {worst:.2e}")
+
+
+def test_data_parallel_abs_per_batch_equals_single_process(scores):
+    """The named alternative (sum of per-batch |.|) adds up across processes the same way."""
+    root, _, _, _ = scores
+    info = json.loads((root / "data_abs" / "score_info.json").read_text())
+    assert info["accumulation"] == "abs_per_batch" and info["distributed"]["mode"] == "data"
+    s1, s2 = _tensors(root / "one_abs"), _tensors(root / "data_abs")
+    _assert_close(s2, s1, RTOL_SCORE, "abs_per_batch scores")
+    signed = _tensors(root / "one_se")
+    w = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(s2[w], signed[w], rtol=1e-3)
 
 
 def _merge(root: Path, bb: Path, patches: dict, score_dirs: dict, name: str) -> dict:

@@ -166,7 +166,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
         if not examples:
             raise DataError(f"{data}: no scoring example fits max_length={cfg.max_length}")
         where = f"backbone {weights_dir}" if adapter else f"patch {patch}"
-        model = procs.prepare(model)
+        model = procs.prepare(model, device)
         params = scored_parameters(model, checkpoint_tensor_names(weights_dir), cfg.exclude, where)
         scores, nb = procs.snip_scores(model, examples, tok.pad_token_id, params, cfg, progress)
         info.update(data={**data_identity(data), "num_examples": len(examples),

@@ -63,8 +63,9 @@ class ScoringProcesses:
         ever holds the whole model; otherwise `device` itself."""
         return torch.device("cpu") if self.mode == "fsdp" else device
 
-    def prepare(self, model):
-        """The model to score: sharded with FSDP2 in 'fsdp' mode, else `model` unchanged."""
+    def prepare(self, model, device: torch.device):
+        """The model to score: in 'fsdp' mode sharded with FSDP2 onto `device` (its type; the
+        index is each rank's own GPU), else `model` unchanged."""
         if self.mode != "fsdp":
             return model
         from torch.distributed.device_mesh import init_device_mesh
@@ -75,9 +76,7 @@ class ScoringProcesses:
             raise ConfigError(f"--parallel fsdp needs FSDP2 (torch >= 2.6); this is torch "
                               f"{torch.__version__}") from None
 
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        mesh = init_device_mesh(dev.type, (self.world,))
+        mesh = init_device_mesh(device.type, (self.world,))
         # gradients are summed across ranks in fp32, as the single-process buffers add them
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         units = set(getattr(model, "_no_split_modules", None) or ())
