@@ -111,7 +111,7 @@ class ScoringProcesses:
         if self.mode == "data":
             scores = self._data_parallel(model, examples, pad_token_id, params, cfg, progress, mine)
         else:
-            scores = self._fsdp(model, examples, pad_token_id, params, cfg, progress, mine)
+            scores = self._fsdp(model, examples, pad_token_id, params, cfg, progress)
         self.record = {"mode": self.mode, "world_size": self.world,
                        "batches_per_rank": self._gather_batch_ids(mine, nb)}
         return scores, nb
@@ -147,7 +147,7 @@ class ScoringProcesses:
 
     # -- FSDP -------------------------------------------------------------------------------
 
-    def _fsdp(self, model, examples, pad_token_id, params, cfg, progress, mine):
+    def _fsdp(self, model, examples, pad_token_id, params, cfg, progress):
         if not examples:
             raise DataError("the scoring set is empty")
         collate = PairCollator(pad_token_id, LOSS_TARGET[cfg.loss])
