@@ -90,13 +90,13 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
 
 def test_eval_errors(model_dir, tmp_path, capsys):
     out = tmp_path / "bad"
-    assert main(["eval", str(model_dir), "-o", str(out), "--suite", "nope"]) == 2
+    assert main(["eval", str(model_dir), "-o", str(out), "--suite", "nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("safepatch eval: error: unknown suite 'nope'") and "\n" not in err
     assert not (out / "results.json").exists()
-    assert main(["eval", str(tmp_path / "missing"), "-o", str(out), "--no-utility"]) == 2
+    assert main(["eval", str(tmp_path / "missing"), "-o", str(out), "--no-utility"]) == 1
     assert "model directory not found" in capsys.readouterr().err
-    assert main(["eval", "--compare", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    assert main(["eval", "--compare", str(tmp_path / "nothing"), "-o", str(out)]) == 1
     assert "no such results file" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""Every bad input: a one-line error naming the file/tensor/key, exit code 2, nothing at OUT."""
+"""Every bad input: a one-line error naming the file/tensor/key, exit code 1, nothing at OUT."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,7 @@ def run_cli(capsys, cfg, out, *extra):
 def expect_error(capsys, tmp_path, cfg, *needles, extra=()):
     out = tmp_path / "out"
     rc, line, err = run_cli(capsys, cfg, out, *extra)
-    assert rc == 2, err
+    assert rc == 1, err
     for n in needles:
         assert n in line, (n, line)
     assert "\n" not in line
@@ -206,7 +206,7 @@ def test_existing_output(inputs, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     cfg = write_config(tmp_path / "c.yaml", inputs)
     rc, line, _ = run_cli(capsys, cfg, out)
-    assert rc == 2 and str(out) in line and "--overwrite" in line
+    assert rc == 1 and str(out) in line and "--overwrite" in line
     assert (out / "keep.txt").read_text() == "x" and not (tmp_path / "out.partial").exists()
     rc, _, err = run_cli(capsys, cfg, out, "--overwrite")
     assert rc == 0, err

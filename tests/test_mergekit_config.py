@@ -144,7 +144,7 @@ def test_cli_merges_a_mergekit_yaml_as_is(tmp_path, monkeypatch, capsys):
         "merge_method": "ties", "base_model": "./base",
         "slices": [{"sources": [{"model": "./ft", "layer_range": [0, 2]}]}]}))
     capsys.readouterr()
-    assert main(["merge", "bad.yml", "out2", "--no-progress"]) == 2
+    assert main(["merge", "bad.yml", "out2", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "slices" in err[0]
     assert not (tmp_path / "out2").exists()

@@ -164,7 +164,7 @@ def test_cli_rerun_and_config_errors(first_run, tmp_path, capsys):
     bad = copy.deepcopy(cfg)
     bad["stages"][0]["merge"] = {"parameters": {"top_rate": 0.1}}
     y.write_text(yaml.safe_dump(bad))
-    assert main(["run", str(y), str(tmp_path / "o")]) == 2
+    assert main(["run", str(y), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "stages[0].merge" in err and "top_rate" in err
     assert not (tmp_path / "o").exists()

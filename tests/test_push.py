@@ -213,7 +213,7 @@ def test_api_push_to_main_twice(model_dir, monkeypatch):
 def test_cli_wrong_token_is_one_line_error(model_dir, tmp_path):
     with FakeHub(token=TOKEN) as hub:
         r = _cli([model_dir, "me/x"], hub, token="hf_wrong_token_abc", home=tmp_path / "hf")
-        assert r.returncode == 2
+        assert r.returncode == 1
         err = [ln for ln in r.stderr.splitlines() if ln.startswith("safepatch push: error:")]
         assert len(err) == 1 and "me/x" in err[0], r.stderr[-2000:]
         assert "hf_wrong_token_abc" not in r.stdout + r.stderr
@@ -248,7 +248,7 @@ def test_cli_incomplete_dir_uploads_nothing(tmp_path, capsys):
     d = _model_dir(tmp_path / "m")
     (d / "README.md").unlink()
     capsys.readouterr()  # drop save_pretrained's progress output
-    assert main(["push", str(d), "me/tiny"]) == 2
+    assert main(["push", str(d), "me/tiny"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("safepatch push: error:") and "README.md" in err
 

@@ -76,10 +76,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["derive", str(bb), "--data", str(data), "--objective", "ga", "-o",
                str(tmp_path / "x"), "--response-field", "answer"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.count("\n") == 0 and "no field 'answer'" in err
+    assert rc == 1 and err.count("\n") == 0 and "no field 'answer'" in err
     rc = main(["score", str(tmp_path / "missing"), "--data", str(data), "-o", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "not found" in err and err.count("\n") == 0
+    assert rc == 1 and "not found" in err and err.count("\n") == 0
     assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()
 
 
