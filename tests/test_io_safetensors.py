@@ -90,7 +90,10 @@ def test_overlapping_and_wrong_size_entries(tmp_path):
     with pytest.raises(CheckpointError, match="'x'.*needs 12"):
         read_header(f)
     f = write({"x": {"dtype": "Q7", "shape": [3], "data_offsets": [0, 8]}}, 8)
-    with pytest.raises(CheckpointError, match="unsupported dtype"):
+    with pytest.raises(CheckpointError, match="invalid dtype 'Q7'"):
+        read_header(f)
+    f = write({"x": {"dtype": "F4", "shape": [16], "data_offsets": [0, 8]}}, 8)
+    with pytest.raises(CheckpointError, match="unsupported dtype 'F4'"):
         read_header(f)
 
 

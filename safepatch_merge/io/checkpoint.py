@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
+from . import safe_json
+from .links import UntrustedLinkError, open_regular, trusted_target
 from .safetensors_header import TORCH_TO_ST, Header, TensorInfo, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -25,6 +27,7 @@ HISTOGRAMS_FILE = "histograms.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+MAX_INDEX_BYTES = 256 << 20  # an index names each tensor once: far below this
 
 
 @dataclass
@@ -62,6 +65,15 @@ class Checkpoint:
                 rec["sha256"] = content_sha256[f]
             out.append(rec)
         return out
+
+    def member(self, name: str) -> Path | None:
+        """Path of file `name` of this checkpoint's directory (e.g. histograms.safetensors),
+        None if absent; refused (CheckpointError) if the link rule does not trust it."""
+        p = self.root / name
+        if not os.path.lexists(p):
+            return None
+        trusted_target(p, self.root)
+        return p
 
     def hub_commit(self) -> str | None:
         """The Hub commit of a checkpoint resolved through huggingface_hub's cache."""
@@ -123,35 +135,50 @@ def resolve_source(source: str, role: str, revision: str | None = None,
     raise CheckpointError(f"{role} {source}: no such directory")
 
 
-def _inside(root: Path, rel: str) -> Path | None:
-    if os.path.isabs(rel) or not rel:
-        return None
-    real_root = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(real_root, rel))
-    if os.path.commonpath([real_root, full]) != real_root or full == real_root:
-        return None
-    return Path(full)
-
-
-def _read_index(root: Path, index_name: str, role: str) -> dict[str, Path]:
-    path = root / index_name
+def read_index(path: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of index file `path` (``{"weight_map": {...}}``).
+    Raises CheckpointError naming the file for unreadable or non-JSON text (JSON read as
+    safetensors reads headers: no NaN, bounded nesting and numbers), a missing weight_map, a
+    name listed twice, or a shard that is not a non-empty string."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable index ({e.strerror or e})") from None
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path}: index larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        obj = safe_json.loads(raw)
+    except safe_json.JSONError as e:
         raise CheckpointError(f"{path}: unreadable index ({e})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                           for k, v in wm.items()):
-        raise CheckpointError(f"{path}: index has no valid weight_map")
-    out: dict[str, Path] = {}
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{path}: index has no valid weight_map (an object of tensor "
+                              "name: shard file)")
+    if getattr(wm, "dups", None):
+        raise CheckpointError(f"{path}: tensor {brief(sorted(wm.dups)[0], 200)} is listed "
+                              "twice in the weight_map")
     for name, rel in wm.items():
-        full = _inside(root, rel)
-        if full is None:
-            raise CheckpointError(f"{path}: shard {rel!r} of tensor {name!r} points outside "
-                                  f"the directory {root}")
-        if not full.is_file():
-            raise CheckpointError(f"{path}: shard {rel!r} of tensor {name!r} does not exist")
-        out[name] = full
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{path}: shard of tensor {brief(name, 200)} is "
+                                  f"{brief(rel, 60)}, not a file name")
+    return dict(wm)
+
+
+def _shard_paths(root: Path, index: Path, wm: dict[str, str]) -> dict[str, Path]:
+    """{tensor: path of its shard in `root`}, every shard a regular file the link rule
+    (.links) trusts; refusals name the index, the shard and a tensor."""
+    out: dict[str, Path] = {}
+    seen: dict[str, Path] = {}
+    for name, rel in wm.items():
+        if rel not in seen:
+            what = f"{index}: shard {brief(rel, 200)} of tensor {brief(name, 200)}"
+            if os.path.isabs(rel):
+                raise UntrustedLinkError(f"{what} is an absolute path, outside {root}")
+            trusted_target(root / rel, root, what=what)
+            seen[rel] = Path(os.path.normpath(root / rel))
+        out[name] = seen[rel]
     return out
 
 
@@ -162,18 +189,21 @@ def open_checkpoint(source: str, role: str, *, revision: str | None = None,
     (e.g. "backbone", "patch_se", "scores_se"). Pickle checkpoints are refused unless
     allow_pickle. Raises CheckpointError with a one-line message naming the file/tensor."""
     root = resolve_source(source, role, revision)
-    if (root / SAFETENSORS_INDEX).is_file():
-        wm = _read_index(root, SAFETENSORS_INDEX, role)
-        return _from_safetensors(role, source, root, wm)
+    index = root / SAFETENSORS_INDEX
+    if os.path.lexists(index):
+        trusted_target(index, root)
+        wm = _shard_paths(root, index, read_index(index))
+        return _from_safetensors(role, source, root, wm, index=index)
     singles = sorted(p for p in root.glob("*.safetensors") if p.name not in exclude_files)
-    if (root / "model.safetensors").is_file():
+    if os.path.lexists(root / "model.safetensors"):
         singles = [root / "model.safetensors"]
     if len(singles) == 1:
+        trusted_target(singles[0], root)
         return _from_safetensors(role, source, root, None, singles[0])
     if len(singles) > 1:
         raise CheckpointError(f"{role} {source}: several .safetensors files but no "
                               f"{SAFETENSORS_INDEX}")
-    pickles = (root / PICKLE_INDEX).is_file() or (root / "pytorch_model.bin").is_file()
+    pickles = os.path.lexists(root / PICKLE_INDEX) or os.path.lexists(root / "pytorch_model.bin")
     if pickles:
         if not allow_pickle:
             raise CheckpointError(f"{role} {source}: pickle checkpoint (pytorch_model.bin) refused; "
@@ -184,28 +214,34 @@ def open_checkpoint(source: str, role: str, *, revision: str | None = None,
                           "pytorch_model.bin found")
 
 
-def _from_safetensors(role, source, root, weight_map, single=None) -> Checkpoint:
+def _from_safetensors(role, source, root, weight_map, single=None, *, index=None
+                      ) -> Checkpoint:
     files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else [single]
     headers = {f: read_header(f) for f in files}
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for name, info in headers[f].tensors.items():
             if weight_map is not None and weight_map.get(name) != f:
+                if name not in weight_map:
+                    raise CheckpointError(f"{f}: tensor {brief(name, 200)} is in this shard but "
+                                          f"not in the index {index}")
                 continue  # a stale copy the index does not point to
             tensors[name] = info
     if weight_map is not None:
         for name, f in weight_map.items():
             if name not in tensors:
-                raise CheckpointError(f"{f}: tensor {name!r} listed in the index is missing "
-                                      "from the shard")
+                raise CheckpointError(f"{f}: tensor {brief(name, 200)} listed in the index is "
+                                      "missing from the shard")
     return Checkpoint(role, str(source), root, files, tensors, headers)
 
 
 def _from_pickle(role, source, root) -> Checkpoint:
-    if (root / PICKLE_INDEX).is_file():
-        wm = _read_index(root, PICKLE_INDEX, role)
+    if os.path.lexists(root / PICKLE_INDEX):
+        trusted_target(root / PICKLE_INDEX, root)
+        wm = _shard_paths(root, root / PICKLE_INDEX, read_index(root / PICKLE_INDEX))
         files = list(dict.fromkeys(wm.values()))
     else:
+        trusted_target(root / "pytorch_model.bin", root)
         files = [root / "pytorch_model.bin"]
     tensors = {}
     for f in files:

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import load_pickle
+from .links import open_regular
 from .safetensors_header import TensorInfo
 
 _ALIGN = 64
@@ -155,7 +156,7 @@ class Prefetcher:
     def _fd(self, path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)  # never blocks on a FIFO swapped in since indexing
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._fds[path] = fd
