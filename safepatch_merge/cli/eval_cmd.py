@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
                                           "the shared data folder's benign_reference_completions")
     j.add_argument("--utility-limit", type=int, help="use the first N reference answers")
     j.add_argument("--utility-max-tokens", type=int, default=256)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle weights (pytorch_model.bin) with torch.load(weights_only="
+                        "True); refused by default")
     p.add_argument("--label", help="name of this model in tables and plots")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -106,7 +109,7 @@ def run(args) -> int:
                       utility_limit=args.utility_limit,
                       utility_max_tokens=args.utility_max_tokens, cache_path=args.cache,
                       label=args.label, threads=args.threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, allow_pickle=args.allow_pickle)
     print(markdown_table(result), end="")
     print(f"wrote {args.out}/results.json and results.md ({result['wall_time_s']} s)")
     return 0

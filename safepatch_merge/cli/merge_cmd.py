@@ -72,12 +72,38 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def check_writable_file(path: str, what: str, made_by_merge: str | None = None) -> None:
+    """Refuse (ConfigError) a file path that cannot be written, without creating it: an
+    existing directory, a missing or non-directory parent, no write permission. A parent
+    inside `made_by_merge` (the output directory) need not exist yet."""
+    import os
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    p = Path(path)
+    parent = p.absolute().parent
+    if not str(path).strip() or p.is_dir():
+        raise ConfigError(f"{what} {path!r}: not a file path")
+    out = Path(made_by_merge).absolute() if made_by_merge else None
+    if out is not None and (parent == out or out in parent.parents):
+        return
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: the directory {parent} does not exist")
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: not writable")
+
+
 def run(args) -> int:
     from pathlib import Path
 
+    from ..errors import ConfigError
+    from ..io.atomic import write_atomic
     from ..merge import merge
     from ..merge.stages import StageClock
 
+    if args.stats:  # before the merge, not after an hour of it
+        check_writable_file(args.stats, "--stats", args.out_dir)
     res = merge(args.config, args.out_dir, backend=args.backend, device=args.device,
                 max_memory=args.max_memory, resume=args.resume, overwrite=args.overwrite,
                 dry_run=args.dry_run, progress=not args.no_progress)
@@ -91,5 +117,9 @@ def run(args) -> int:
         doc = {"seconds": round(res.seconds, 3), "bytes_read": res.bytes_read,
                "prepass_bytes_read": res.prepass_bytes_read,
                "bytes_written": res.bytes_written, "stages": res.stages, "plan": res.plan}
-        Path(args.stats).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        try:
+            write_atomic(Path(args.stats), (json.dumps(doc, indent=1, default=str) + "\n").encode())
+        except OSError as e:
+            raise ConfigError(f"--stats {args.stats}: cannot write ({e.strerror or e}); the "
+                              f"merge itself finished: {res.out_dir}") from None
     return 0

@@ -15,7 +15,10 @@ examples:
 
 The directory must be complete: config.json, safetensors weights (shards matching
 model.safetensors.index.json), tokenizer files and a model card (README.md), and no sign of an
-unfinished write (*.partial, *.inprogress). The token is read by huggingface_hub from HF_TOKEN
+unfinished write (*.partial, *.inprogress). Only regular files inside the directory are
+uploaded: a symbolic link that points outside it is refused (or, with --skip-untrusted-links,
+left out), and dotfiles (.env ...) and files much larger than the model's shards are warned
+about (also in --dry-run). The token is read by huggingface_hub from HF_TOKEN
 or the `hf auth login` cache; it is never printed. HF_ENDPOINT selects another Hub.
 """
 
@@ -38,6 +41,9 @@ def add_parser(sub) -> None:
                         "5 GB or 100 files), yes, no (default auto)")
     p.add_argument("--dry-run", action="store_true",
                    help="check and list the files that would be uploaded; upload nothing")
+    p.add_argument("--skip-untrusted-links", action="store_true",
+                   help="leave out links that point outside OUT_DIR (warned) instead of "
+                        "refusing the push")
     p.set_defaults(func=run)
 
 
@@ -53,7 +59,8 @@ def run(args) -> int:
 
     large = {"auto": None, "yes": True, "no": False}[args.large_folder]
     res = push_model(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
-                     commit_message=args.commit_message, dry_run=args.dry_run, large=large)
+                     commit_message=args.commit_message, dry_run=args.dry_run, large=large,
+                     skip_untrusted=args.skip_untrusted_links)
     if args.dry_run:
         width = max(len(str(f.size)) for f in res.files)
         for f in res.files:

@@ -171,21 +171,28 @@ def dtype_kwarg(torch_dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
+               allow_pickle: bool = False):
     """(model, tokenizer) from a local Hugging Face model directory, for inference: eval mode,
-    left padding, a pad token (eos when the tokenizer has none). Never runs remote code."""
+    left padding, a pad token (eos when the tokenizer has none). Never runs remote code; the
+    weights' headers are validated first, and pickle weights (pytorch_model.bin) are loaded
+    (torch.load weights_only=True) only with `allow_pickle`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models.loading import check_model_dir
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory not found")
+    check_model_dir(path, "model", allow_pickle=allow_pickle)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                      trust_remote_code=False,
-                                                     **dtype_kwarg(torch_dtype))
+                                                     use_safetensors=None if allow_pickle
+                                                     else True, **dtype_kwarg(torch_dtype))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
     model.to(device).eval()

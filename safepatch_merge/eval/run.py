@@ -36,7 +36,8 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
              utility: bool = True, utility_file: str | Path | None = None,
              utility_limit: int | None = None, utility_max_tokens: int = 256,
              cache_path: str | Path | None = None, label: str | None = None,
-             threads: int | None = None, progress: bool = True) -> dict:
+             threads: int | None = None, progress: bool = True,
+             allow_pickle: bool = False) -> dict:
     """Evaluate one model directory; write results.json / results.md into `out_dir` and return
     the result dict.
 
@@ -45,7 +46,9 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
     removed (normalised exact match, then difflib ratio >= fuzzy_threshold). guard: a local
     guard model directory or a GuardJudge. The generation cache (default
     out_dir/generations.jsonl) makes a rerun resume per prompt. threads: CPU threads for
-    torch (on a busy shared host 1 can be ~10x faster than an oversubscribed default)."""
+    torch (on a busy shared host 1 can be ~10x faster than an oversubscribed default).
+    allow_pickle: load pickle weights (pytorch_model.bin) with torch.load(weights_only=True);
+    refused by default, as merge refuses them."""
     t0 = time.time()
     if threads is not None:
         import torch
@@ -75,7 +78,7 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
                      name, rep.removed_exact, rep.removed_fuzzy)
         prompts += fixed_subset(ps, limit, subset_seed)
 
-    model, tok = load_model(model_path, device=device, dtype=dtype)
+    model, tok = load_model(model_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     fp = model_fingerprint(model_path, dtype_name)
     cache = GenerationCache(cache_path or out_dir / "generations.jsonl")

@@ -66,6 +66,20 @@ class Checkpoint:
             out.append(rec)
         return out
 
+    def stat_identity(self) -> list[list]:
+        """Per file: [name, size, mtime_ns, inode, header sha256] of the file a link points
+        to — cheap, and changed by any rewrite that does not also restore the inode and
+        mtime (``output.hash_inputs`` adds the content hash for those)."""
+        import hashlib
+
+        out = []
+        for f in self.files:
+            st = os.stat(f)
+            h = self.headers.get(f)
+            out.append([f.name, st.st_size, st.st_mtime_ns, st.st_ino,
+                        hashlib.sha256(h.header_bytes).hexdigest() if h else None])
+        return out
+
     def member(self, name: str) -> Path | None:
         """Path of file `name` of this checkpoint's directory (e.g. histograms.safetensors),
         None if absent; refused (CheckpointError) if the link rule does not trust it."""
@@ -109,6 +123,11 @@ class ContentHasher:
         except OSError as e:
             self.error = e
 
+    def finished(self) -> bool:
+        """True once every file is hashed (without error)."""
+        return not self._t.is_alive() and self.error is None and \
+            len(self.digests) == len(self.files)
+
     def result(self) -> dict[Path, str]:
         self._t.join()
         if self.error is not None:
@@ -120,9 +139,10 @@ class ContentHasher:
 
 
 def resolve_source(source: str, role: str, revision: str | None = None,
-                   allow_hub: bool = True) -> Path:
+                   allow_hub: bool = True, hint: str | None = None) -> Path:
     """Local directory for `source`: a path, or a Hub id resolved through huggingface_hub's
-    cache (see :mod:`.hub`). Raises CheckpointError naming `role` and `source`."""
+    cache (see :mod:`.hub`). Raises CheckpointError naming `role` and `source` (and `hint`:
+    where else a relative path was looked for)."""
     p = Path(os.path.expanduser(str(source)))
     if p.is_dir():
         return p
@@ -131,8 +151,8 @@ def resolve_source(source: str, role: str, revision: str | None = None,
     if allow_hub and _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
         from .hub import snapshot
 
-        return snapshot(str(source), role, revision)
-    raise CheckpointError(f"{role} {source}: no such directory")
+        return snapshot(str(source), role, revision, hint)
+    raise CheckpointError(f"{role} {source}: {hint or 'no such directory'}")
 
 
 def read_index(path: Path) -> dict[str, str]:
@@ -183,12 +203,15 @@ def _shard_paths(root: Path, index: Path, wm: dict[str, str]) -> dict[str, Path]
 
 
 def open_checkpoint(source: str, role: str, *, revision: str | None = None,
-                    allow_pickle: bool = False, exclude_files: tuple[str, ...] = (HISTOGRAMS_FILE,)
+                    allow_pickle: bool = False, exclude_files: tuple[str, ...] = (HISTOGRAMS_FILE,),
+                    hint: str | None = None, pickle_opt_in: str = "set allow_pickle: true"
                     ) -> Checkpoint:
     """Index and validate checkpoint `source` (directory or Hub id); `role` names it in errors
     (e.g. "backbone", "patch_se", "scores_se"). Pickle checkpoints are refused unless
-    allow_pickle. Raises CheckpointError with a one-line message naming the file/tensor."""
-    root = resolve_source(source, role, revision)
+    allow_pickle (the refusal names `pickle_opt_in`, the caller's way to allow them). `hint`:
+    where a missing relative path was looked for (for the error).
+    Raises CheckpointError with a one-line message naming the file/tensor."""
+    root = resolve_source(source, role, revision, hint=hint)
     index = root / SAFETENSORS_INDEX
     if os.path.lexists(index):
         trusted_target(index, root)
@@ -207,7 +230,7 @@ def open_checkpoint(source: str, role: str, *, revision: str | None = None,
     if pickles:
         if not allow_pickle:
             raise CheckpointError(f"{role} {source}: pickle checkpoint (pytorch_model.bin) refused; "
-                                  "convert it to safetensors or set allow_pickle: true to load it "
+                                  f"convert it to safetensors or {pickle_opt_in} to load it "
                                   "with torch.load(weights_only=True)")
         return _from_pickle(role, source, root)
     raise CheckpointError(f"{role} {source}: no model.safetensors, {SAFETENSORS_INDEX} or "

@@ -48,6 +48,17 @@ def hub_blobs_of(directory: str | Path) -> Path | None:
     return None
 
 
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """The containment half of the rule: `path`, links followed, is inside ``realpath(root)``
+    or, for a `root` in a huggingface_hub snapshot, inside that repository's ``blobs/``."""
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(path)
+    if _within(target, real_root) and target != real_root:
+        return True
+    blobs = hub_blobs_of(root)
+    return blobs is not None and _within(target, str(blobs)) and target != str(blobs)
+
+
 def trusted_target(path: str | Path, root: str | Path, *, what: str | None = None) -> Path:
     """The real path of `path` (a file in directory `root`) if the link rule trusts it and it
     is a regular file; else UntrustedLinkError (outside) or CheckpointError (missing, not a
@@ -57,13 +68,8 @@ def trusted_target(path: str | Path, root: str | Path, *, what: str | None = Non
     snapshot, inside that repository's ``blobs/``.
     """
     name = what or str(path)
-    real_root = os.path.realpath(root)
     target = os.path.realpath(path)
-    inside = _within(target, real_root) and target != real_root
-    if not inside:
-        blobs = hub_blobs_of(root)
-        inside = blobs is not None and _within(target, str(blobs)) and target != str(blobs)
-    if not inside:
+    if not resolves_inside(path, root):
         where = f"{root}" + (" or its Hub cache's blobs/" if hub_blobs_of(root) else "")
         raise UntrustedLinkError(f"{name} resolves to {target}, outside {where}; refusing to "
                                  "follow it")

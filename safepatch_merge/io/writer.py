@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SafepatchError
+from .atomic import write_atomic
 from .hashing import file_sha256
 from .safetensors_header import DTYPES, build_header
 
@@ -89,14 +90,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+write_file_atomic = write_atomic  # fsynced temporary file + rename (io/atomic.py)
 
 
 class _WriteThread:
@@ -215,34 +209,75 @@ class OutputBuilder:
     def __init__(self, out: str | Path, plan_id: str, *, resume: bool = False,
                  overwrite: bool = False):
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self._named = bool(str(out).strip()) and self.out.name not in ("", ".", "..")
+        self.partial = self.out.with_name(self.out.name + ".partial") if self._named else None
         self.plan_id, self.resume, self.overwrite = plan_id, resume, overwrite
         self.done: dict[str, dict] = {}
         self.thread: _WriteThread | None = None
+        # extra manifest fields, read back on resume (e.g. the inputs' content hashes)
+        self.meta: dict = {}
+        self.meta_provider = None  # callable -> dict merged into meta at each manifest write
 
     def check_target(self) -> None:
-        """Refuse an existing OUT without overwrite, or an unrelated OUT.partial (no I/O)."""
+        """Refuse, before any work: an OUT that names no directory ('.', '..', '' or '/'), an
+        existing OUT without overwrite, an OUT.partial that is a link or was not made by this
+        builder (no manifest of ours; an empty directory counts as ours), an unrelated
+        OUT.partial without resume/overwrite, and an output parent that cannot be written."""
+        if not self._named:
+            raise OutputError(f"output directory {str(self.out)!r} names no directory of its own "
+                              "(give a new directory's name, not '.', '..', '/' or empty)")
         if self.out.exists() and not self.overwrite:
             raise OutputError(f"{self.out} already exists; pass --overwrite to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"{self.out} exists and is not a directory")
-        if self.partial.exists() and not (self.resume or self.overwrite):
-            raise OutputError(f"{self.partial} exists (an interrupted merge); pass --resume to "
-                              "continue it or --overwrite to start over")
+        p = self.partial
+        if p.is_symlink():
+            raise OutputError(f"{p} is a symbolic link; refusing to build the output through it "
+                              "(remove the link)")
+        if p.exists():
+            if not p.is_dir():
+                raise OutputError(f"{p} exists and is not a directory")
+            if not (self.resume or self.overwrite):
+                raise OutputError(f"{p} exists (an interrupted merge); pass --resume to "
+                                  "continue it or --overwrite to start over")
+            if self._foreign():
+                raise OutputError(f"{p} exists but was not made by safepatch merge (no manifest "
+                                  f"{MANIFEST} in it); remove it or choose another output")
+        anc = self.out.absolute().parent
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise OutputError(f"cannot create {p}: {anc} is not a directory")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot create {p}: {anc} is not writable")
+
+    def _foreign(self) -> bool:
+        """True if OUT.partial holds files but no manifest this builder wrote."""
+        m = self.partial / MANIFEST
+        if m.is_symlink() or not m.is_file():
+            return any(self.partial.iterdir())
+        try:
+            doc = json.loads(m.read_bytes())
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(doc, dict) and isinstance(doc.get("plan_id"), str))
 
     def open(self) -> None:
         """Create or resume OUT.partial; afterwards :attr:`done` lists the shards to skip."""
         self.check_target()
-        if self.partial.exists() and self.resume:
-            self._load_manifest()
-        elif self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        (self.partial / WORK_DIR).mkdir(exist_ok=True)
-        for p in self.partial.glob("*.inprogress"):
-            p.unlink()
-        self._write_manifest()
-        fsync_dir(self.partial.parent)
+        try:
+            if self.partial.exists() and self.resume:
+                self._load_manifest()
+            elif self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True, exist_ok=True)
+            (self.partial / WORK_DIR).mkdir(exist_ok=True)
+            for p in self.partial.glob("*.inprogress"):
+                p.unlink()
+            self._write_manifest()
+            fsync_dir(self.partial.parent)
+        except OSError as e:
+            raise OutputError(f"cannot create {self.partial} ({e.strerror or e})") from None
         self.thread = _WriteThread()
 
     @property
@@ -251,24 +286,38 @@ class OutputBuilder:
         return self.partial / WORK_DIR
 
     def _load_manifest(self) -> None:
-        try:
+        try:  # absent only in an empty directory (check_target refused the rest)
             m = json.loads((self.partial / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             m = {}
         if m and m.get("plan_id") != self.plan_id:
             raise OutputError(f"{self.partial} was made by a different merge (config or inputs "
                               "changed); pass --overwrite to start over")
-        for name, rec in (m.get("shards") or {}).items():
+        shards = m.get("shards") if isinstance(m.get("shards"), dict) else {}
+        for name, rec in shards.items():
             p = self.partial / name
-            if p.is_file() and p.stat().st_size == rec.get("size") \
+            if not isinstance(rec, dict) or os.sep in name or name.startswith("."):
+                continue
+            if p.is_file() and not p.is_symlink() and p.stat().st_size == rec.get("size") \
                     and file_sha256(p) == rec.get("sha256"):
                 self.done[name] = rec
-            elif p.exists():
+            elif p.exists() or p.is_symlink():
                 p.unlink()
+        self.meta = {k: v for k, v in m.items() if k not in ("plan_id", "shards")}
+
+    def discard_done(self) -> None:
+        """Forget (and delete) the finished shards of a resumed partial directory."""
+        for name in self.done:
+            (self.partial / name).unlink(missing_ok=True)
+        self.done = {}
+        self._write_manifest()
 
     def _write_manifest(self) -> None:
-        data = json.dumps({"plan_id": self.plan_id, "shards": self.done}, indent=1, sort_keys=True)
-        write_file_atomic(self.partial / MANIFEST, data.encode())
+        if self.meta_provider is not None:
+            self.meta.update(self.meta_provider())
+        doc = {**self.meta, "plan_id": self.plan_id, "shards": self.done}
+        write_file_atomic(self.partial / MANIFEST,
+                          json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def _record(self, filename: str, size: int, sha: str) -> None:
         self.done[filename] = {"size": size, "sha256": sha}
@@ -306,7 +355,10 @@ class OutputBuilder:
         os.replace(self.partial, self.out)
         fsync_dir(self.out.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # the link is replaced, never what it points to
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def abandon(self) -> None:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 from . import defaults
 
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMMON_KEYS = ("method", "backbone", "output", "include", "exclude", "allow_pickle", "revision")
-OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card", "hash_inputs")
+OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card", "hash_inputs",
+               "allow_nonfinite")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as huggingface_hub spells it
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
@@ -32,13 +34,13 @@ def parse_size(value: Any, key: str) -> int:
     else:
         m = _SIZE.match(str(value))
         if not m:
-            raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {value!r}")
+            raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {brief(value)}")
         unit = (m.group(2) or "").lower().rstrip("b")
         base = 1024 if unit.endswith("i") else 1000
         power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
         n = float(m.group(1)) * base ** power
     if not math.isfinite(n) or n <= 0:
-        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+        raise ConfigError(f"{key}: size must be positive, got {brief(value)}")
     return int(n)
 
 
@@ -50,7 +52,8 @@ def check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     for k in d:
         if k not in allowed:
-            raise ConfigError(f"unknown config key {where + '.' if where else ''}{k!s} "
+            shown = k if isinstance(k, str) and len(k) <= 120 else brief(k)
+            raise ConfigError(f"unknown config key {where + '.' if where else ''}{shown} "
                               f"(allowed: {', '.join(allowed)})")
     return d
 
@@ -59,7 +62,7 @@ def get_float(d: dict, key: str, default: float, where: str, lo: float | None = 
               hi: float | None = None) -> float:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{where}.{key}: expected a finite number, got {v!r}")
+        raise ConfigError(f"{where}.{key}: expected a finite number, got {brief(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ConfigError(f"{where}.{key} = {v!r} is out of range [{lo}, {hi}]")
     return float(v)
@@ -68,14 +71,14 @@ def get_float(d: dict, key: str, default: float, where: str, lo: float | None = 
 def get_choice(d: dict, key: str, default: str, choices: tuple[str, ...], where: str) -> str:
     v = d.get(key, default)
     if v not in choices:
-        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {v!r}")
+        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {brief(v)}")
     return v
 
 
 def get_bool(d: dict, key: str, default: bool, where: str) -> bool:
     v = d.get(key, default)
     if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: expected true or false, got {v!r}")
+        raise ConfigError(f"{where}.{key}: expected true or false, got {brief(v)}")
     return v
 
 
@@ -85,7 +88,7 @@ def get_str(d: dict, key: str, where: str, required: bool = True) -> str | None:
         return None
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{where}{'.' if where else ''}{key}: expected a path or Hub id, "
-                          f"got {v!r}")
+                          f"got {brief(v)}")
     return v
 
 
@@ -96,6 +99,7 @@ class OutputConfig:
     copy_tokenizer: bool = True
     model_card: bool = True
     hash_inputs: bool = False  # sha256 of every input file's content into the provenance
+    allow_nonfinite: bool = False  # write NaN/inf that a merge produces instead of failing
 
 
 @dataclass
@@ -112,15 +116,38 @@ class MergeConfig:
     method_params: dict = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
     raw: dict = field(default_factory=dict)
+    hints: dict = field(default_factory=dict, repr=False)  # see resolve()
 
     def resolve(self, source: str) -> str:
-        """A relative local path resolved against the config file's directory; Hub ids and
-        absolute paths unchanged."""
+        """A relative local path resolved against the config file's directory (never the
+        working directory); absolute paths unchanged; ``org/name`` that exists nowhere
+        locally stays a Hub id. A path that does not exist is returned resolved, with a note
+        for :meth:`hint` naming where it was looked for, so the error that opening it raises
+        names both candidates."""
         p = Path(source).expanduser()
         if p.is_absolute():
             return str(p)
         cand = self.base_dir / p
-        return str(cand) if cand.exists() or source.startswith(".") else source
+        if cand.exists():
+            return str(cand)
+        here = Path.cwd() / p
+        if here.exists() and here.resolve() != cand.resolve():
+            self.hints[str(cand)] = (
+                f"no such directory beside the config ({cand}); {here} exists relative to the "
+                "working directory, but relative paths are resolved against the config's "
+                "directory (give an absolute path)")
+            return str(cand)
+        where = f"beside the config ({cand})" + (
+            f" or in the working directory ({here})" if here != cand else "")
+        if _HUB_ID.match(source) and not source.startswith("."):
+            self.hints[source] = f"not a directory {where}"
+            return source
+        self.hints[str(cand)] = f"no such directory {where}"
+        return str(cand)
+
+    def hint(self, resolved: str) -> str | None:
+        """Where `resolve` looked for a path it returned but did not find (None if found)."""
+        return self.hints.get(resolved)
 
 
 def _patterns(v: Any, key: str) -> list[str]:
@@ -129,7 +156,7 @@ def _patterns(v: Any, key: str) -> list[str]:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-        raise ConfigError(f"{key}: expected a glob pattern or a list of them, got {v!r}")
+        raise ConfigError(f"{key}: expected a glob pattern or a list of them, got {brief(v)}")
     return list(v)
 
 
@@ -152,10 +179,11 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
         copy_tokenizer=get_bool(out, "copy_tokenizer", True, "output"),
         model_card=get_bool(out, "model_card", True, "output"),
         hash_inputs=get_bool(out, "hash_inputs", False, "output"),
+        allow_nonfinite=get_bool(out, "allow_nonfinite", False, "output"),
     )
     rev = raw.get("revision")
     if rev is not None and not isinstance(rev, str):
-        raise ConfigError(f"revision: expected a string, got {rev!r}")
+        raise ConfigError(f"revision: expected a string, got {brief(rev)}")
     cfg = MergeConfig(
         method=method, backbone=get_str(raw, "backbone", ""), output=oc,
         include=_patterns(raw.get("include"), "include"),
@@ -170,15 +198,20 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
 
 
 def read_yaml(path: Path) -> Any:
-    """The parsed YAML file at `path` (safe_load); unreadable, invalid or empty -> ConfigError."""
+    """The parsed YAML file at `path` (safe_load); unreadable, invalid or empty, or a mapping
+    with a key given twice (YAML keeps the last silently) -> ConfigError."""
     import yaml
 
+    from .yaml_load import DuplicateKeyError, safe_load_unique
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_load_unique(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())[:300]})") from None
     if raw is None:
         raise ConfigError(f"{path}: empty config")
     return raw

@@ -32,9 +32,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError, SafepatchError
+from ..errors import ConfigError, SafepatchError, brief
 from ..io import (Checkpoint, ContentHasher, OutputBuilder, Part, Prefetcher, ShardPlan,
                   index_json, item_bytes, open_checkpoint, plan_shards)
+from ..io.links import hub_blobs_of, trusted_target
+from ..io.outpath import check_apart
 from ..io.safetensors_header import DTYPES, TORCH_TO_ST
 from ..ops import backend_for, set_backend
 from .card import COPY_FILES, TOKENIZER_FILES, model_card, provenance, rewrite_config_dtype
@@ -42,6 +44,7 @@ from .config import MergeConfig, load_config, parse_config, parse_size
 from . import transfer
 from .methods import MergeMethod, get_method
 from .stages import StageClock
+from .value_checks import ValueWatch
 
 log = logging.getLogger("safepatch_merge.merge")
 
@@ -257,12 +260,16 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         builder.check_target()
 
     method: MergeMethod = get_method(cfg.method)(cfg)
-    ckpts = {"base": open_checkpoint(cfg.resolve(cfg.backbone), "backbone", revision=cfg.revision,
-                                     allow_pickle=cfg.allow_pickle)}
+    backbone = cfg.resolve(cfg.backbone)
+    ckpts = {"base": open_checkpoint(backbone, "backbone", revision=cfg.revision,
+                                     allow_pickle=cfg.allow_pickle, hint=cfg.hint(backbone))}
     for role, src in method.input_sources().items():
         ckpts[role] = open_checkpoint(src, role, revision=cfg.revision,
-                                      allow_pickle=cfg.allow_pickle)
+                                      allow_pickle=cfg.allow_pickle, hint=cfg.hint(src))
     base = ckpts["base"]
+    if not dry_run:
+        _check_apart(out_dir, ckpts, config)
+    _check_patterns(cfg, base)
     selected = [n for n in base.tensors
                 if (not cfg.include or _matches(n, cfg.include)) and not _matches(n, cfg.exclude)]
     method.check_inputs(ckpts, selected)
@@ -312,13 +319,17 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         with clock("device_init"):
             ctx.cache_budget = max(0, min(budget - est, ctx.transfer.cache_limit()))
     plan_id = _plan_id(cfg, ckpts, shards, backend_name)
-    builder.plan_id = plan_id
-    hasher = None
+    builder.plan_id = _resume_id(plan_id, ckpts)
+    hasher = content = None
     if not dry_run:
         builder.open()
         ctx.work_dir = builder.work_dir
-        if cfg.output.hash_inputs:  # reads every input once more, beside the merge
-            hasher = ContentHasher([f for ck in ckpts.values() for f in ck.files])
+        if cfg.output.hash_inputs:
+            try:
+                hasher, content = _start_content_hashes(builder, ckpts)
+            except BaseException:
+                builder.close_thread()
+                raise
     threads = torch.get_num_threads()
     try:
         if pre_threads is not None:
@@ -345,11 +356,12 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         if op_threads is not None:
             torch.set_num_threads(op_threads)
         with clock("stream"):
-            read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt)
+            read, written = _stream_pass(ctx, method, builder, shards, roles_of, out_dt,
+                                         check_output=not cfg.output.allow_nonfinite)
         clock.add("stream.writer_busy", builder.thread.busy_seconds)
         summary = method.summary()
         with clock("finish"):
-            sha = None
+            sha = content
             if hasher is not None:
                 with clock("finish.hash_wait"):
                     sha = hasher.result()
@@ -402,6 +414,74 @@ def method_scratch(method: MergeMethod, backend_name: str) -> int:
     return 96 if backend_name == "reference" else 16
 
 
+def _check_patterns(cfg: MergeConfig, base: Checkpoint) -> None:
+    """Every include/exclude pattern must match some backbone tensor (a typo would otherwise
+    patch everything, or nothing, without a word)."""
+    for key, pats in (("include", cfg.include), ("exclude", cfg.exclude)):
+        for pat in pats:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in base.tensors):
+                example = next(iter(base.tensors), "")
+                raise ConfigError(f"{key} pattern {brief(pat)} matches no tensor of the backbone "
+                                  f"{base.source} (names look like {brief(example)})")
+
+
+def _check_apart(out_dir: Path, ckpts: dict[str, Checkpoint], config) -> None:
+    """OUT must not be, lie inside or contain an input (checkpoints, their Hub cache
+    repository, the config file)."""
+    dirs = {}
+    for role, ck in ckpts.items():
+        label = "backbone" if role == "base" else f"{role} input"
+        dirs[label] = ck.root
+        blobs = hub_blobs_of(ck.root)
+        if blobs is not None:
+            dirs[f"{label}'s Hub cache repository"] = blobs.parent
+    files = {"config": Path(config)} if isinstance(config, (str, Path)) else {}
+    check_apart(out_dir, dirs, files)
+
+
+def _resume_id(plan_id: str, ckpts: dict[str, Checkpoint]) -> str:
+    """What a partial output must have been made under to be resumed: the plan, plus each
+    input file's size, mtime_ns, inode and header hash, so that new bytes under an unchanged
+    header (a patch rewritten between a kill and --resume) start a different plan."""
+    stats = {r: c.stat_identity() for r, c in ckpts.items()}
+    doc = json.dumps({"plan": plan_id, "inputs": stats}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _start_content_hashes(builder: OutputBuilder, ckpts: dict[str, Checkpoint]):
+    """(background ContentHasher, None) for output.hash_inputs; on a resume that keeps
+    finished shards, (None, digests) computed now and compared with the digests the
+    interrupted run recorded: different content is refused; unrecorded content (the run was
+    killed before hashing finished) cannot vouch for the finished shards, which are redone.
+    The digests go into the manifest as soon as they are known."""
+    from ..io.hashing import file_sha256
+    from ..io.writer import OutputError
+
+    files = list(dict.fromkeys(f for ck in ckpts.values() for f in ck.files))
+    if builder.done:
+        content = {f: file_sha256(f) for f in files}
+        now = {str(f): d for f, d in content.items()}
+        before = builder.meta.get("input_sha256")
+        if before is not None and before != now:
+            changed = sorted(k for k in now if before.get(k) != now[k])
+            raise OutputError(f"{builder.partial} was made from inputs whose content has changed "
+                              f"since (e.g. {changed[0] if changed else '?'}); pass --overwrite "
+                              "to start over")
+        if before is None:
+            log.warning("output.hash_inputs: the interrupted merge had not hashed its inputs, "
+                        "so its %d finished shards cannot be verified; redoing them",
+                        len(builder.done))
+            builder.discard_done()
+        builder.meta["input_sha256"] = now
+        builder._write_manifest()
+        return None, content
+    hasher = ContentHasher(files)
+    builder.meta_provider = lambda: ({"input_sha256": {str(f): d for f, d in
+                                                        hasher.digests.items()}}
+                                     if hasher.finished() else {})
+    return hasher, None
+
+
 def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str) -> str:
     from .. import __version__ as ours
 
@@ -412,11 +492,16 @@ def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt
-                 ) -> tuple[int, int]:
+def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt,
+                 check_output: bool = True) -> tuple[int, int]:
     """The merge's one streaming pass: every backbone tensor, in shard order, read, merged on
-    the engine's device (or copied as is) and handed to the writer in order."""
+    the engine's device (or copied as is) and handed to the writer in order. Every score
+    chunk read is checked (finite, >= 0) and, with `check_output`, every merged chunk
+    (finite); see value_checks."""
     base = ctx.ckpts["base"]
+    watch = ValueWatch()
+    score_label = {r: f"{r} {ck.source}" for r, ck in ctx.ckpts.items()
+                   if r.startswith("scores_")}
     items, meta = [], []  # meta: (shard index, name, offset, count, last chunk of shard)
     todo = [i for i, s in enumerate(shards) if s.filename not in builder.done]
     for si in todo:
@@ -472,6 +557,7 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
         written += cnt * DTYPES[out_dt[name]][1]
         bar.update(nbytes)
         if last:
+            watch.check()  # deferred device checks: nothing unchecked is ever recorded
             with clock("stream.shard_finish"):  # drain, fsync, rename, manifest
                 writer.finish()
             writer = None
@@ -506,8 +592,13 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                 if r not in views:  # kept on the device by the pre-pass; used once
                     views[r] = ctx.cache.pop((r, name, off, cnt))
             with clock("stream.compute"):
+                for r in roles_of[name]:
+                    if r in score_label:
+                        watch.scores(score_label[r], name, views[r], off)
                 if roles_of[name]:
                     out = method.merge_chunk(name, views, off, DTYPES[dt][0])
+                    if check_output:
+                        watch.output(name, out, off)
                 else:
                     out = views["base"].to(DTYPES[dt][0])
                 if out.dtype != DTYPES[dt][0] or out.numel() != cnt:
@@ -527,6 +618,7 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
             hand_finished(holding_slots=False)
         while fifo:
             hand_one()
+        watch.check()
     except BaseException:
         if writer is not None:
             try:
@@ -552,12 +644,13 @@ def _finish_files(cfg: MergeConfig, method, builder: OutputBuilder, ckpts, shard
     out_dtype = None if cfg.output.dtype == "auto" else cfg.output.dtype
     for fname in list(names) + extra:
         src = base.root / fname
-        if not src.is_file():
+        if not os.path.lexists(src):
             continue
+        real = trusted_target(src, base.root, what=f"backbone file {src}")  # the link rule
         if fname == "config.json" and out_dtype is not None:
-            builder.add_file(fname, rewrite_config_dtype(src.read_bytes(), out_dtype))
+            builder.add_file(fname, rewrite_config_dtype(real.read_bytes(), out_dtype))
         else:
-            builder.copy_file(src, fname)
+            builder.copy_file(real, fname)  # a regular file with the target's bytes
     if not (base.root / "config.json").is_file():
         log.warning("backbone %s has no config.json; the output cannot be loaded with "
                     "from_pretrained without one", base.source)

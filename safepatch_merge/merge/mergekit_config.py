@@ -301,18 +301,11 @@ def load_mergekit_config(path: str | Path, raw: dict | None = None,
     `base_dir`, default the current directory (as mergekit resolves them). `overrides`:
     top-level keys of this package's own config form (e.g. ``seed``, ``output``) applied
     after translation."""
-    from .config import parse_config
+    from .config import parse_config, read_yaml
 
     path = Path(path)
     if raw is None:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(path)
     if not is_mergekit_config(raw):
         raise ConfigError(f"{path}: not a mergekit config (no merge_method key)")
     native = from_mergekit(raw, str(path))

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointError
+from ..io.atomic import write_atomic
 from ..io.checkpoint import HISTOGRAMS_FILE, Checkpoint
 from ..io.safetensors_header import read_header
+from ..io.writer import OutputError
 from ..ops import NUM_BINS, radix_histogram
 from ..select import InvalidScoresError, Selection, ThresholdPlan, check_histogram, group_of
 
@@ -39,26 +41,23 @@ def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[s
     """{name: int64 (65536,) digit-0 histogram} for `names` of score checkpoint `role`."""
     ck: Checkpoint = ctx.ckpts[role]
     out: dict[str, torch.Tensor] = {}
-    hist_path = ck.root / HISTOGRAMS_FILE
-    if hist_path.is_file():
+    hist_path = ck.member(HISTOGRAMS_FILE)  # the link rule applies here too
+    if hist_path is not None:
         h = read_header(hist_path)
         for name in names:
             info = h.tensors.get(name)
             if info is None or info.dtype != "I64" or info.shape != (NUM_BINS,):
                 continue
             hist = _read_small(hist_path, info.start, info.end)
-            if int(hist.sum()) == ck.tensors[name].numel:
+            if _fits(hist, ck.tensors[name].numel):
                 out[name] = hist
     cache = ctx.work_dir / f"hist0_{role}.safetensors" if ctx.work_dir is not None else None
     missing = [n for n in names if n not in out]
-    if missing and cache is not None and cache.is_file():
-        from safetensors.torch import load_file
-
-        cached = load_file(cache)
-        for n in missing:
-            if n in cached and int(cached[n].sum()) == ck.tensors[n].numel:
-                out[n] = cached[n]
-        missing = [n for n in names if n not in out]
+    cached = _read_hist_cache(cache) if missing and cache is not None else {}
+    for n in missing:
+        if n in cached and _fits(cached[n], ck.tensors[n].numel):
+            out[n] = cached[n]
+    missing = [n for n in names if n not in out]
     if missing:
         acc = {}  # on the engine's device: no host sync per chunk
 
@@ -74,14 +73,38 @@ def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[s
                for n in missing}
         out.update(acc)
         if cache is not None:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            prev = {}
-            if cache.is_file():
-                from safetensors.torch import load_file
-                prev = load_file(cache)
-            save_file({**prev, **acc}, str(cache))
+            _write_cache(cache, save({**_read_hist_cache(cache), **acc}), "histogram")
     return out
+
+
+def _fits(hist: torch.Tensor, numel: int) -> bool:
+    """A digit-0 histogram usable for a tensor of `numel` elements."""
+    return hist.dtype == torch.int64 and hist.shape == (NUM_BINS,) \
+        and int(hist.sum()) == numel and bool((hist >= 0).all())
+
+
+def _read_hist_cache(cache: Path) -> dict[str, torch.Tensor]:
+    """The work directory's histogram cache; {} if absent or unreadable (it is only a cache:
+    a torn or foreign file is recomputed, never trusted)."""
+    if not cache.is_file() or cache.is_symlink():
+        return {}
+    from safetensors.torch import load_file
+
+    try:
+        read_header(cache)  # one-line refusal of anything safetensors would choke on
+        return load_file(cache)
+    except Exception:  # noqa: BLE001 - any unreadable cache counts as absent
+        return {}
+
+
+def _write_cache(path: Path, data: bytes, what: str) -> None:
+    """Replace a work-directory cache atomically; a failure (a full disk) is an OutputError."""
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the {what} cache ({e.strerror or e})") from None
 
 
 class ThresholdJob:
@@ -95,9 +118,7 @@ class ThresholdJob:
         self.role, self.ckpt = role, ctx.ckpts[role]
         self.cache_file = ctx.work_dir / "thresholds.json" if ctx.work_dir is not None else None
         self.key = json.dumps([role, repr(float(rate)), granularity, names])
-        self.cached = None
-        if self.cache_file is not None and self.cache_file.is_file():
-            self.cached = json.loads(self.cache_file.read_text()).get(self.key)
+        self.cached = _cached_selection(_read_json_cache(self.cache_file), self.key)
         self.prefix: dict[str, int] = {}
         self.gname: dict[str, str] = {}
         self._refine: dict[str, torch.Tensor] = {}
@@ -144,10 +165,33 @@ class ThresholdJob:
         self._refine = {}
         res = self.plan.result()
         if self.cache_file is not None:
-            allc = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+            allc = _read_json_cache(self.cache_file)
             allc[self.key] = {g: [s.threshold, s.k, s.n, s.selected] for g, s in res.items()}
-            self.cache_file.write_text(json.dumps(allc))
+            _write_cache(self.cache_file, json.dumps(allc).encode(), "threshold")
         return res
+
+
+def _read_json_cache(path: Path | None) -> dict:
+    """The threshold cache as a dict; {} if absent or unreadable."""
+    if path is None or not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _cached_selection(doc: dict, key: str) -> dict | None:
+    """A cached {group: [threshold, k, n, selected]} entry, None if absent or malformed."""
+    entry = doc.get(key)
+    if not isinstance(entry, dict):
+        return None
+    for v in entry.values():
+        if not (isinstance(v, list) and len(v) == 4 and isinstance(v[0], (int, float))
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v[1:])):
+            return None
+    return entry
 
 
 def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple[str, list[str], float,

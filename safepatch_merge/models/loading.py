@@ -34,16 +34,36 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def check_model_dir(path: str | Path, what: str = "model") -> Path:
-    """The path, after checking it is a directory with config.json and safetensors weights."""
+def check_model_dir(path: str | Path, what: str = "model", allow_pickle: bool = False) -> Path:
+    """The path, after checking it is a directory with config.json and intact weights:
+    safetensors headers validated and every file trusted by the link rule (io.links), so a
+    truncated or corrupt shard is a one-line CheckpointError here, not a crash inside
+    transformers. Pickle weights (pytorch_model.bin) only with `allow_pickle`."""
+    from ..io.checkpoint import open_checkpoint
+
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{what} directory not found: {p}")
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{what} directory {p} has no config.json")
-    if not any(p.glob("*.safetensors")):
-        raise CheckpointError(f"{what} directory {p} has no .safetensors weights "
-                              "(pickled .bin checkpoints are not loaded)")
+    if any(p.glob("*.safetensors")):
+        open_checkpoint(str(p), what)  # headers only; transformers then loads these
+    elif (p / "pytorch_model.bin").exists() or (p / "pytorch_model.bin.index.json").exists():
+        if not allow_pickle:
+            open_checkpoint(str(p), what, pickle_opt_in="pass --allow-pickle")  # refuses
+    else:
+        raise CheckpointError(f"{what} directory {p} has no .safetensors weights")
+    return p
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter directory whose safetensors weights (if any) have an intact header."""
+    from ..io.links import trusted_target
+    from ..io.safetensors_header import read_header
+
+    p = Path(path)
+    for f in sorted(p.glob("adapter_model*.safetensors")):
+        read_header(trusted_target(f, p))
     return p
 
 
@@ -123,6 +143,7 @@ def load_patched_model(path: str | Path, backbone: str | Path | None = None,
         raise CheckpointError(f"patched model directory not found: {p}")
     if not is_adapter_dir(p):
         return load_causal_lm(p, dtype, device), p
+    check_adapter_dir(p)
     base = backbone or adapter_base_path(p)
     if not base:
         raise ConfigError(f"adapter {p} names no base model; pass --backbone")

@@ -11,12 +11,13 @@ or the `token` argument; it is never printed or logged.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, SafepatchError
-from .check import UploadFile, check_model_dir
+from .check import UploadFile, check_model_dir, upload_warnings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class PushResult:
     method: str = "upload_folder"
     dry_run: bool = False
     url: str | None = None
+    warnings: list[str] = field(default_factory=list)  # see push.check.upload_warnings
+    skipped: list[str] = field(default_factory=list)  # links left out (skip_untrusted)
+
+
+def exact_patterns(paths: list[str]) -> list[str]:
+    """fnmatch patterns that match exactly these relative paths (wildcards escaped), so an
+    upload sends the checked files and nothing else."""
+    return [re.sub(r"([\[\]*?])", r"[\1]", p) for p in paths]
 
 
 def human_size(n: int) -> str:
@@ -83,7 +92,7 @@ def _one_line(e: BaseException, token: str | None) -> str:
 def push_model(out_dir: str | Path, repo_id: str, *, private: bool = False,
                revision: str | None = None, commit_message: str | None = None,
                dry_run: bool = False, large: bool | None = None, token: str | None = None,
-               endpoint: str | None = None) -> PushResult:
+               endpoint: str | None = None, skip_untrusted: bool = False) -> PushResult:
     """Upload the model directory `out_dir` to the Hub model repository `repo_id`.
 
     out_dir: a finished patched checkpoint (checked with push.check.check_model_dir; an
@@ -95,9 +104,17 @@ def push_model(out_dir: str | Path, repo_id: str, *, private: bool = False,
     large: force (True) or forbid (False) the large-folder path; None decides by size.
     token: a Hub token; default: huggingface_hub's own lookup (HF_TOKEN, login cache).
     endpoint: Hub URL; default huggingface_hub's (HF_ENDPOINT).
+    skip_untrusted: leave out links that resolve outside the directory (warned and listed in
+        the result's `skipped`) instead of refusing the push (io.links).
+    Only the checked files are sent (exact allow patterns): never what a link points to
+    outside the directory. Dotfiles and oversized files are warned about (result.warnings).
     Returns a PushResult. Hub failures raise SafepatchError with a one-line message.
     """
-    files = check_model_dir(out_dir)
+    skipped: list[str] = []
+    files = check_model_dir(out_dir, skip_untrusted, skipped)
+    notes = upload_warnings(out_dir, files)
+    for w in notes:
+        log.warning("%s: %s", out_dir, w)
     try:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -107,7 +124,9 @@ def push_model(out_dir: str | Path, repo_id: str, *, private: bool = False,
     branch = revision or "main"
     result = PushResult(repo_id=repo_id, revision=branch, files=files,
                         total_bytes=sum(f.size for f in files),
-                        method=choose_method(files, large), dry_run=dry_run)
+                        method=choose_method(files, large), dry_run=dry_run,
+                        warnings=notes, skipped=skipped)
+    allow = exact_patterns([f.path for f in files])
     if dry_run:
         return result
 
@@ -136,12 +155,12 @@ def push_model(out_dir: str | Path, repo_id: str, *, private: bool = False,
                 warnings.simplefilter("ignore", DeprecationWarning)
                 api.upload_large_folder(repo_id=repo_id, folder_path=str(out_dir),
                                         repo_type="model", revision=branch, private=private,
-                                        print_report=False)
+                                        allow_patterns=allow, print_report=False)
             result.url = str(repo_url)
         else:
             info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir),
                                      repo_type="model", revision=branch,
-                                     commit_message=message)
+                                     commit_message=message, allow_patterns=allow)
             result.url = getattr(info, "commit_url", None) or str(repo_url)
     except SafepatchError:
         raise

@@ -128,6 +128,8 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     if backbone is not None:
         backbone = check_model_dir(backbone, "backbone")
     adapter = is_adapter_dir(patch)
+    if not adapter:
+        check_model_dir(patch, "patch")  # intact weights before any file is read
     if adapter and backbone is None:
         raise ConfigError(f"{patch} is a LoRA adapter that names no base model; pass --backbone")
     procs = scoring_processes(cfg)  # one process, or this rank's part of several
