@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -193,7 +194,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
                                                      trust_remote_code=False,
                                                      use_safetensors=None if allow_pickle
                                                      else True, **dtype_kwarg(torch_dtype))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # unpickling: weights_only refused
         raise CheckpointError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     tok.padding_side = "left"
