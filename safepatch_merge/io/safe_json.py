@@ -91,6 +91,20 @@ def _check_strings(obj) -> None:
             stack.extend(o)
 
 
+def first_duplicate(obj) -> str | None:
+    """A key that some object anywhere inside `obj` repeats, else None."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            if getattr(o, "dups", None):
+                return sorted(o.dups)[0]
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return None
+
+
 def loads(raw: bytes):
     """Parse UTF-8 JSON bytes as serde_json would; JSONError (one line) otherwise."""
     try:
