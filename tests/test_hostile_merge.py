@@ -74,6 +74,15 @@ def test_single_file_checkpoint_linked_outside_is_refused(tmp_path, capsys):
     refuse(capsys, tmp_path, cfg, ["patch", "model.safetensors", "outside"])
 
 
+def test_histograms_file_linked_outside_is_refused(inputs, tmp_path, capsys):
+    hist = inputs["scores_se"] / "histograms.safetensors"
+    outside = tmp_path / "hist.safetensors"
+    shutil.move(hist, outside)
+    os.symlink(outside, hist)
+    cfg = write_config(tmp_path / "c.yaml", inputs)
+    refuse(capsys, tmp_path, cfg, [str(hist), str(outside), "outside"])
+
+
 def test_backbone_file_linked_outside_is_not_copied(inputs, tmp_path, capsys):
     secret = tmp_path / "passwd"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n")

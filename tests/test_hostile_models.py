@@ -92,3 +92,22 @@ def test_score_on_a_truncated_safetensors_file(model, prompts, tmp_path, capsys,
     argv = ["score", f.parent, "-o", out, "--loss", loss, "--backbone", model, "--no-progress",
             "--device", "cpu"] + (["--data", data] if loss != "magnitude" else [])
     expect_refusal(capsys, argv, [str(f), "truncated"], watch=tmp_path, out=out)
+
+
+def test_score_dir_writer_refuses_dot_and_a_link_at_its_partial(tmp_path, monkeypatch):
+    from safepatch_merge.errors import ConfigError
+    from safepatch_merge.score.scoredir import write_score_dir
+
+    scores = {"w": torch.rand(4)}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="names no directory of its own"):
+        write_score_dir(".", scores, {}, overwrite=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    import os
+
+    os.symlink(victim, tmp_path / "s.partial")
+    with pytest.raises(ConfigError, match="s.partial is a symbolic link"):
+        write_score_dir(tmp_path / "s", scores, {})
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"] and not (tmp_path / "s").exists()

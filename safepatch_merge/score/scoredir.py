@@ -68,8 +68,12 @@ def write_score_dir(out: str | Path, scores: dict[str, torch.Tensor], info: dict
     if dtype not in SCORE_DTYPES:
         raise ConfigError(f"score dtype must be one of {', '.join(SCORE_DTYPES)}, got {dtype!r}")
     out = Path(out)
+    if not str(out).strip() or out.name in ("", ".", ".."):
+        raise ConfigError(f"output {str(out)!r} names no directory of its own")
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} exists; pass --overwrite to replace it")
+    if out.with_name(out.name + ".partial").is_symlink():
+        raise ConfigError(f"{out}.partial is a symbolic link; refusing to write through it")
     limit = parse_size(max_shard_size)
     sdt = SCORE_DTYPES[dtype]
     stored = {n: s.detach().to("cpu", sdt) for n, s in scores.items()}
