@@ -305,6 +305,11 @@ class OutputBuilder:
                 p.unlink()
         self.meta = {k: v for k, v in m.items() if k not in ("plan_id", "shards")}
 
+    def set_meta(self, key: str, value) -> None:
+        """Record an extra manifest field (read back into :attr:`meta` on resume)."""
+        self.meta[key] = value
+        self._write_manifest()
+
     def discard_done(self) -> None:
         """Forget (and delete) the finished shards of a resumed partial directory."""
         for name in self.done:

@@ -472,8 +472,7 @@ def _start_content_hashes(builder: OutputBuilder, ckpts: dict[str, Checkpoint]):
                         "so its %d finished shards cannot be verified; redoing them",
                         len(builder.done))
             builder.discard_done()
-        builder.meta["input_sha256"] = now
-        builder._write_manifest()
+        builder.set_meta("input_sha256", now)
         return None, content
     hasher = ContentHasher(files)
     builder.meta_provider = lambda: ({"input_sha256": {str(f): d for f, d in

@@ -23,8 +23,10 @@ class ValueWatch:
     """Collects chunks to check. ``scores(label, name, chunk, offset)``: finite and >= 0;
     ``output(name, chunk, offset)``: finite. ``check()`` raises for deferred device chunks."""
 
-    def __init__(self):
+    def __init__(self, defer: bool | None = None):
+        """defer: keep running extremes and judge at check() (default: for device chunks)."""
         self._dev: dict[tuple[str, str, bool], list[torch.Tensor]] = {}
+        self._defer = defer
 
     def scores(self, label: str, name: str, chunk: torch.Tensor, offset: int) -> None:
         self._add(label, name, chunk, offset, True)
@@ -36,7 +38,7 @@ class ValueWatch:
         if chunk.numel() == 0 or not chunk.is_floating_point():
             return
         lo, hi = torch.aminmax(chunk)
-        if chunk.device.type == "cpu":
+        if not (chunk.device.type != "cpu" if self._defer is None else self._defer):
             if _bad(float(lo), float(hi), nonneg):
                 raise _error(label, name, nonneg, _describe(chunk, nonneg, offset))
             return
