@@ -384,6 +384,8 @@ def test_torn_caches_in_the_work_dir_are_recomputed(inputs, tmp_path, capsys, mo
     assert hist.is_file() and thr.is_file()
     hist.write_bytes(hist.read_bytes()[:100])
     thr.write_text(thr.read_text()[:7])
+    (work / "thresholds.json.tmp").write_text('{"half')  # killed inside an atomic write
+    (tmp_path / "out.partial" / ".safepatch_manifest.json.tmp").write_text("{")
     rc, _, err = run_cli(capsys, merge_argv(cfg, tmp_path / "out", "--resume"))
     assert rc == 0, err
     assert dir_bytes(tmp_path / "out") == dir_bytes(tmp_path / "ref")

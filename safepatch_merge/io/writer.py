@@ -272,8 +272,9 @@ class OutputBuilder:
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True, exist_ok=True)
             (self.partial / WORK_DIR).mkdir(exist_ok=True)
-            for p in self.partial.glob("*.inprogress"):
-                p.unlink()
+            for pat in ("*.inprogress", "*.tmp", f"{WORK_DIR}/*.tmp"):  # a killed run's
+                for p in self.partial.glob(pat):
+                    p.unlink()
             self._write_manifest()
             fsync_dir(self.partial.parent)
         except OSError as e:

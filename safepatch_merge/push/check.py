@@ -32,7 +32,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Left behind by an unfinished or interrupted write (safepatch_merge.io.writer and others).
 PARTIAL_MARKERS = (".safepatch_manifest.json", ".safepatch_work", "*.partial", "*.partial-*",
-                   "*.inprogress", "*.incomplete", "*.tmp", "*.tmp-*")
+                   "*.inprogress", "*.incomplete", "*.tmp")
 # dotfiles that belong in a model repository (no warning)
 EXPECTED_DOTFILES = (".gitattributes",)
 LARGE_FACTOR, LARGE_FLOOR = 2, 16 << 20  # "much larger": > 2x the largest shard and > 16 MiB
