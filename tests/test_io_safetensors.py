@@ -230,3 +230,32 @@ def test_writer_streams_shards_atomically(tmp_path):
         loaded = load_file(out / s.filename)
         for name, _, _ in s.entries:
             assert torch.equal(loaded[name], t[name])
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_prefetcher_check_runs_on_the_reader_thread(tmp_path, zero_copy):
+    """check(part, chunk) sees every part's bytes on the reader thread; what it raises
+    reaches the consumer after the items before it, in order."""
+    import threading
+
+    f = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(f))
+    info = open_checkpoint(str(tmp_path), "x").tensors["w"]
+    seen = []
+
+    def check(part, chunk):
+        seen.append((threading.current_thread().name, part.key, part.elem_start,
+                     float(chunk[0]), chunk.dtype))
+        if part.elem_start == 500:
+            raise CheckpointError("bad chunk at 500")
+
+    items = [[Part("s", info, o, 100)] for o in range(0, 1000, 100)]
+    got = []
+    with Prefetcher(items, 512, depth=2, zero_copy=zero_copy, check=check) as pf:
+        with pytest.raises(CheckpointError, match="bad chunk at 500"):
+            for item in pf:
+                got.append(float(item.views["s"][0]))
+                item.release()
+    assert got == [0.0, 100.0, 200.0, 300.0, 400.0]
+    assert seen[:6] == [("safepatch-reader", "s", o, float(o), torch.float32)
+                        for o in range(0, 600, 100)]

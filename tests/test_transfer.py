@@ -149,11 +149,7 @@ def test_classic_prepass_through_the_fake_device(models, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("broken", ["no_compute_wait", "written_before_download"])
 def test_broken_orderings_are_caught(inputs, tmp_path, monkeypatch, broken):
-    """The fake is strict enough: each of these mistakes changes the output, or, where the
-    compute reads device buffers before their upload, trips the merge pass's score check
-    (the garbage bytes read as negative scores)."""
-    from safepatch_merge.errors import CheckpointError
-
+    """The fake is strict enough: each of these mistakes changes the output."""
     monkeypatch.setenv("SAFEPATCH_MERGE_MIN_CHUNK", "300")
     _safepatch(inputs, tmp_path, "cpu", max_memory="1KB")
     ops = FakeAsyncOps()
@@ -161,12 +157,9 @@ def test_broken_orderings_are_caught(inputs, tmp_path, monkeypatch, broken):
     if broken == "no_compute_wait":
         real = ops.wait
         monkeypatch.setattr(ops, "wait", lambda s, ev: None if s is ops.compute else real(s, ev))
-        with pytest.raises(CheckpointError, match="scores of tensor .* negative"):
-            _safepatch(inputs, tmp_path, "dev", max_memory="1KB")
-        assert not (tmp_path / "dev").exists()
-        return
-    monkeypatch.setattr(ops, "synchronize", lambda ev: None)
-    monkeypatch.setattr(ops, "query", lambda ev: True)
+    else:
+        monkeypatch.setattr(ops, "synchronize", lambda ev: None)
+        monkeypatch.setattr(ops, "query", lambda ev: True)
     _safepatch(inputs, tmp_path, "dev", max_memory="1KB")
     assert dir_bytes(tmp_path / "cpu") != dir_bytes(tmp_path / "dev")
 

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -127,11 +127,16 @@ class Prefetcher:
     ``zero_copy`` (default: when not pinning) delivers mapped windows of the files instead of
     slot copies; the slots are then allocated only if some part must be copied.
     Errors in the reader thread (short reads) are raised in the consumer as CheckpointError.
+    ``check(part, chunk)``, if given, runs on the reader thread for every part once its bytes
+    are in host memory (chunk: 1-D, the part's dtype; not to be kept); what it raises is
+    raised in the consumer, in item order (e.g. value checks that should not cost the
+    consumer's thread).
     """
 
     def __init__(self, items: list[list[Part]], slot_bytes: int, depth: int = 2, pin: bool = False,
-                 zero_copy: bool | None = None):
+                 zero_copy: bool | None = None, check: Callable | None = None):
         self.items = items
+        self.check = check
         self.depth = max(1, depth)
         self.zero_copy = (not pin) if zero_copy is None else bool(zero_copy and not pin)
         slot_bytes = max(_ALIGN, slot_bytes)
@@ -204,6 +209,14 @@ class Prefetcher:
             done += n
         self.bytes_read += done
 
+    def _check(self, part: Part, raw: torch.Tensor) -> None:
+        """Run the check on the part's bytes; the view is dropped before the window can be
+        unmapped (a live export would keep the mapping)."""
+        try:
+            self.check(part, raw.view(part.info.torch_dtype))
+        finally:
+            del raw
+
     def _run(self) -> None:
         try:
             for idx, parts in enumerate(self.items):
@@ -224,9 +237,14 @@ class Prefetcher:
                         m, o = self._map(part)
                         maps.append(m)
                         views[part.key] = (len(maps) - 1, o, n, part.info.torch_dtype)
+                        if self.check is not None and n:
+                            self._check(part, torch.frombuffer(m, dtype=torch.uint8, count=n,
+                                                               offset=o))
                         continue
                     self._read_into(part, buf[off:off + n])
                     views[part.key] = (-1, off, n, part.info.torch_dtype)
+                    if self.check is not None and n:
+                        self._check(part, self.slots[slot][off:off + n])
                     off += -(-n // _ALIGN) * _ALIGN
                 self.busy_seconds += time.perf_counter() - t0
                 self._ready.put((idx, slot, views, maps))

@@ -11,6 +11,7 @@ Writes go through a background thread (bounded queue) so disk and compute overla
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -135,6 +136,8 @@ class _WriteThread:
     def check(self) -> None:
         if self.error is not None:
             e, self.error = self.error, None
+            if isinstance(e, SafepatchError):  # a check a job ran (ShardWriter.write)
+                raise e
             raise OutputError(f"writing the output failed: {e}") from e
 
     def close(self):
@@ -158,9 +161,11 @@ class ShardWriter:
         self.written = 0
         self._put(header)
 
-    def _put(self, data, on_done=None) -> None:
+    def _put(self, data, on_done=None, before=None) -> None:
         def job(data=data):
             try:
+                if before is not None:
+                    before()
                 mv = memoryview(data).cast("B")
                 # hash on the hasher thread while this one writes (both release the GIL for
                 # large buffers): the writer was the merge's critical path, 1.4 GB of sha256
@@ -174,12 +179,15 @@ class ShardWriter:
                     on_done()
         self.b.thread.submit(job)
 
-    def write(self, t: torch.Tensor, on_done=None) -> None:
+    def write(self, t: torch.Tensor, on_done=None, check=None) -> None:
         """Queue tensor (or chunk) `t`'s bytes (CPU, contiguous, not modified until written);
         `on_done()` runs on the writer thread once the bytes are written (e.g. to free a
-        reader slot that `t` views)."""
+        reader slot that `t` views). `check(t)` runs on the writer thread first; what it
+        raises (a SafepatchError) stops the writing and is raised by the next write or
+        finish, so a shard with a failed check is never recorded."""
         t = t.detach().contiguous().reshape(-1)
-        self._put(t.view(torch.uint8).numpy() if t.numel() else b"", on_done)
+        self._put(t.view(torch.uint8).numpy() if t.numel() else b"", on_done,
+                  None if check is None else functools.partial(check, t))
 
     def finish(self) -> None:
         self.b.thread.drain()

@@ -137,8 +137,8 @@ class MergeConfig:
                 "working directory, but relative paths are resolved against the config's "
                 "directory (give an absolute path)")
             return str(cand)
-        where = f"beside the config ({cand})" + (
-            f" or in the working directory ({here})" if here != cand else "")
+        where = (f"beside the config ({cand}) or in the working directory ({here})"
+                 if here != cand else f"at {cand}")
         if _HUB_ID.match(source) and not source.startswith("."):
             self.hints[source] = f"not a directory {where}"
             return source

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -44,7 +45,8 @@ from .config import MergeConfig, load_config, parse_config, parse_size
 from . import transfer
 from .methods import MergeMethod, get_method
 from .stages import StageClock
-from .value_checks import ValueWatch
+from .value_checks import check_output as check_output_values
+from .value_checks import score_reader_check
 
 log = logging.getLogger("safepatch_merge.merge")
 
@@ -105,6 +107,8 @@ class EngineContext:
         self.cache: dict[tuple[str, str, int, int], torch.Tensor] = {}
         self.cache_budget = 0  # bytes; set by merge() from what --max-memory leaves
         self.cache_bytes = 0
+        # run on the reader thread for every part read (value_checks.score_reader_check)
+        self.read_check: Callable | None = None
 
     def keep(self, role: str, name: str, offset: int, chunk: torch.Tensor) -> None:
         """Keep a copy of this pre-pass chunk on the accelerator for the merge pass, if the
@@ -160,7 +164,7 @@ class EngineContext:
         bar = _bar(sum(item_bytes(p) for p in items), desc, self.progress)
         ops = self.transfer
         pf = Prefetcher(items, slot, self.depth, pin=ops is not None and ops.pin,
-                        zero_copy=None if ops is None else False)
+                        zero_copy=None if ops is None else False, check=self.read_check)
         up = transfer.Uploader(ops, slot, self.depth) if ops is not None else None
         return pf, up, bar
 
@@ -315,6 +319,10 @@ def merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *,
         base.tensors[n].numel * per_elem for n in whole if base.tensors[n].numel > chunk)
 
     ctx = EngineContext(ckpts, dev, chunk, depth, None, progress, clock)
+    # every score read from disk, in the pre-pass or the merge pass, is checked on the reader
+    # thread: a stale histogram or threshold cache cannot let bad scores through
+    ctx.read_check = score_reader_check({r: f"{r} {ck.source}" for r, ck in ckpts.items()
+                                         if r.startswith("scores_")})
     if ctx.transfer is not None and not dry_run:
         with clock("device_init"):
             ctx.cache_budget = max(0, min(budget - est, ctx.transfer.cache_limit()))
@@ -494,13 +502,10 @@ def _plan_id(cfg: MergeConfig, ckpts, shards: list[ShardPlan], backend_name: str
 def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, roles_of, out_dt,
                  check_output: bool = True) -> tuple[int, int]:
     """The merge's one streaming pass: every backbone tensor, in shard order, read, merged on
-    the engine's device (or copied as is) and handed to the writer in order. Every score
-    chunk read is checked (finite, >= 0) and, with `check_output`, every merged chunk
-    (finite); see value_checks."""
+    the engine's device (or copied as is) and handed to the writer in order. With
+    `check_output`, every merged chunk is checked to be finite on the writer thread (see
+    value_checks)."""
     base = ctx.ckpts["base"]
-    watch = ValueWatch()
-    score_label = {r: f"{r} {ck.source}" for r, ck in ctx.ckpts.items()
-                   if r.startswith("scores_")}
     items, meta = [], []  # meta: (shard index, name, offset, count, last chunk of shard)
     todo = [i for i, s in enumerate(shards) if s.filename not in builder.done]
     for si in todo:
@@ -549,14 +554,16 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                 ops.synchronize(ev)
         if writer is None:
             writer = builder.shard(shards[si])
+        check = None
+        if check_output and roles_of[name]:
+            check = functools.partial(check_output_values, name, offset=off)
         with clock("stream.write_wait"):  # the writer's queue is bounded
-            writer.write(t, on_done=on_done)
+            writer.write(t, on_done=on_done, check=check)
         nbytes = item_bytes(items[i])
         read += nbytes
         written += cnt * DTYPES[out_dt[name]][1]
         bar.update(nbytes)
         if last:
-            watch.check()  # deferred device checks: nothing unchecked is ever recorded
             with clock("stream.shard_finish"):  # drain, fsync, rename, manifest
                 writer.finish()
             writer = None
@@ -591,13 +598,8 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
                 if r not in views:  # kept on the device by the pre-pass; used once
                     views[r] = ctx.cache.pop((r, name, off, cnt))
             with clock("stream.compute"):
-                for r in roles_of[name]:
-                    if r in score_label:
-                        watch.scores(score_label[r], name, views[r], off)
                 if roles_of[name]:
                     out = method.merge_chunk(name, views, off, DTYPES[dt][0])
-                    if check_output:
-                        watch.output(name, out, off)
                 else:
                     out = views["base"].to(DTYPES[dt][0])
                 if out.dtype != DTYPES[dt][0] or out.numel() != cnt:
@@ -617,7 +619,6 @@ def _stream_pass(ctx: EngineContext, method, builder: OutputBuilder, shards, rol
             hand_finished(holding_slots=False)
         while fifo:
             hand_one()
-        watch.check()
     except BaseException:
         if writer is not None:
             try:
