@@ -180,14 +180,17 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     (torch.load weights_only=True) only with `allow_pickle`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.loading import check_model_dir
+    from ..models.loading import check_adapter_dir, check_model_dir, is_adapter_dir
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory not found")
-    check_model_dir(path, "model", allow_pickle=allow_pickle)
+    if is_adapter_dir(path):  # transformers loads a PEFT adapter over its base model
+        check_adapter_dir(path)
+    else:
+        check_model_dir(path, "model", allow_pickle=allow_pickle)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
