@@ -8,7 +8,6 @@ are then loaded with ``torch.load(weights_only=True)``. Nothing is read beyond h
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
