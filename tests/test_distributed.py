@@ -210,7 +210,7 @@ def test_ddp_derive_failure_on_one_rank_ends_both(ddp):
     for r in range(WORLD):
         res = ranks[r]["results"][3]
         errors = [ln for ln in res["stderr"].splitlines() if ln.startswith("safepatch ")]
-        assert res["rc"] == 2 and "Traceback" not in res["stderr"]
+        assert res["rc"] == 1 and "Traceback" not in res["stderr"]
         assert errors == ["safepatch derive: error: rank 1 of 2: injected failure in this "
                           "rank's training batch"], (r, res["stderr"])
     assert not (root / "fail").exists()
@@ -350,7 +350,7 @@ def test_score_failure_on_one_rank_ends_both_within_timeout(single, setup, tmp_p
     for r in range(WORLD):
         for res in ranks[r]["results"]:
             errors = [ln for ln in res["stderr"].splitlines() if ln.startswith("safepatch ")]
-            assert res["rc"] == 2 and errors == [want] and "Traceback" not in res["stderr"], res
+            assert res["rc"] == 1 and errors == [want] and "Traceback" not in res["stderr"], res
     for mode in ("data", "fsdp"):
         assert not (tmp_path / f"out_{mode}").exists()
         assert not (tmp_path / f"out_{mode}.partial").exists()
@@ -404,5 +404,5 @@ def test_fsdp_without_a_launcher_is_a_config_error(setup, tmp_path, capsys):
     rc = cli(["score", str(bb), "--data", str(data), "-o", str(tmp_path / "s"), "--parallel",
               "fsdp", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.count("\n") == 0 and "torchrun --nproc-per-node" in err
+    assert rc == 1 and err.count("\n") == 0 and "torchrun --nproc-per-node" in err
     assert not (tmp_path / "s").exists()
