@@ -1,0 +1,85 @@
+"""Draw a blind labelling sample from stored pattern-run completions (development prompts only).
+
+Rows are drawn per (run, variant) with a fixed seed, only where the prompt falls in the
+development part of the judge split (`safepatch_merge.eval.judge_split`), never duplicating a
+row of the shared labelled file. Two files come out:
+
+- `blind.jsonl`: item, prompt, completion — in shuffled order, nothing else (no model, no
+  variant, no suite, no stored verdict). The labeller sees only this file.
+- `key.jsonl`: item -> run, variant, suite, id, harmful (joined back after labelling).
+
+    python experiments/judge_label_sample.py --data-dir ../shared/data --out /tmp/blind
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from pathlib import Path
+
+from safepatch_merge.eval.judge_split import DEVELOPMENT, row_id, split_of
+
+HERE = Path(__file__).resolve().parent
+# (run name, completions file, variants to draw from, rows per variant). Run 1's variants all
+# differ from the labelled file's (a 50-step backbone); from run 2 and CPU run 1 only the
+# variants the labelled file does not hold.
+PLAN = (
+    ("run1", "results/completions.jsonl.gz", None, 10),
+    ("run2", "results/run2/completions.jsonl.gz",
+     ("osm_only", "ties", "shipped", "sp_a0.05_b0.05_al1_be1_p1", "sp_a0.3_b0.3_al1_be1_p1",
+      "sp_a0.05_b0.3_al1_be1_p1", "sp_a0.1_b0.1_al0.5_be1_p1", "sp_a0.1_b0.1_al1_be2_p1",
+      "sp_a0.1_b0.1_al1_be1_p0.5"), 5),
+    ("cpu_run1", "results/cpu_run1/completions.jsonl.gz",
+     ("backbone", "osm_only", "safepatch", "ties", "intersection", "sp_a0.05_b0.05_al1_be1_p1",
+      "sp_a0.3_b0.3_al1_be1_p1"), 5),
+)
+
+
+def draw(data_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(blind rows, key rows) of the sample, see module doc."""
+    with open(data_dir / "judge" / "smollm2_completions_labelled.jsonl", encoding="utf-8") as f:
+        seen = {row_id(r["prompt"], r["completion"])
+                for r in map(json.loads, f) if split_of(r["prompt"]) == DEVELOPMENT}
+    rng = random.Random(seed)
+    picked = []
+    for run, path, variants, k in PLAN:
+        with gzip.open(HERE / path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        for v in variants or sorted({r["variant"] for r in rows}):
+            pool = [r for r in rows if r["variant"] == v and split_of(r["prompt"]) == DEVELOPMENT
+                    and row_id(r["prompt"], r["completion"]) not in seen]
+            for r in rng.sample(pool, min(k, len(pool))):
+                rid = row_id(r["prompt"], r["completion"])
+                if rid in seen:  # the same text from another variant
+                    continue
+                seen.add(rid)
+                picked.append((run, r))
+    rng.shuffle(picked)
+    blind, key = [], []
+    for i, (run, r) in enumerate(picked):
+        item = f"x{i:03d}"
+        blind.append({"item": item, "prompt": r["prompt"], "completion": r["completion"]})
+        key.append({"item": item, "run": run, "variant": r["variant"], "suite": r["suite"],
+                    "id": r["id"], "harmful": r["harmful"]})
+    return blind, key
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="the shared data folder")
+    ap.add_argument("--out", required=True, help="folder for blind.jsonl and key.jsonl")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    blind, key = draw(Path(a.data_dir), a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("blind.jsonl", blind), ("key.jsonl", key)):
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                encoding="utf-8")
+    print(f"{len(blind)} items -> {out}/blind.jsonl (labeller) and key.jsonl (join)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
