@@ -30,6 +30,21 @@ HERE = Path(__file__).resolve().parent
 EXTRA = HERE / "judge_labels" / "smollm2_extra_labelled.jsonl"
 
 
+def _no_models(f: dict) -> dict:
+    f.pop("per_model")
+    return f
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    import os
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def development(data_dir: Path) -> dict[str, dict]:
     """{source: figures} of the development rows (see module doc)."""
     dev = read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT)
@@ -39,12 +54,15 @@ def development(data_dir: Path) -> dict[str, dict]:
     out = {}
     n = len(dev)
     out["SmolLM2 development, v2 out of fold"] = figures(dev, oof[:n])
-    out["blind labels (development), v2 out of fold"] = figures(extra, oof[n:])
+    # per model only where the models are the shared file's (the blind labels spread 33
+    # variants over 210 rows)
+    out["blind labels (development), v2 out of fold"] = _no_models(figures(extra, oof[n:]))
     out["SmolLM2 development, v2 out of fold, prompt kind not given"] = figures(
         dev, out_of_fold_outcomes(rows, harmful_known=False)[:n])
     v1 = RulesV1Judge()
     out["SmolLM2 development, rules-v1"] = figures(dev, judge_outcomes(v1, dev))
-    out["blind labels (development), rules-v1"] = figures(extra, judge_outcomes(v1, extra))
+    out["blind labels (development), rules-v1"] = _no_models(figures(extra,
+                                                                     judge_outcomes(v1, extra)))
     return out
 
 
@@ -81,15 +99,16 @@ def main(argv=None) -> int:
     meta = {"command": "python experiments/validate_judge.py --data-dir DATA --out STEM" +
                        (" --lockbox" if a.lockbox else "") + (" --xstest" if a.xstest else ""),
             "commit": commit, "judge_version": JudgeV2().version,
-            "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
+            "python": platform.python_version(),
             "seconds": round(time.time() - t0, 1)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "figures": res}, indent=1)
                                         + "\n", encoding="utf-8")
     head = (f"# Refusal judge validation\n\n- command: `{meta['command']}`\n- commit "
-            f"{commit[:12]}, judge v2 {meta['judge_version']}, {meta['date']}, Python "
-            f"{meta['python']}\n\n")
+            f"{commit[:12]}, judge v2 {meta['judge_version']}, {meta['date']}, "
+            f"{meta['machine']}, Python {meta['python']}\n\n")
     out.with_suffix(".md").write_text(head + markdown(res), encoding="utf-8")
     print(head + markdown(res))
     return 0

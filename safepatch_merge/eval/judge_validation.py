@@ -235,7 +235,7 @@ def markdown(results: dict[str, dict]) -> str:
               "| source | model | n | refusal recall [95% CI] (n) | false refusals / compliant |",
               "|---|---|---|---|---|"]
     for src, f in results.items():
-        for model, m in f["per_model"].items():
+        for model, m in f.get("per_model", {}).items():
             r = m["refusal_recall"]
             lines.append(f"| {src} | {model} | {m['n']} | "
                          f"{_pct(r) if r['n'] else '–'} ({r['n']}) | "
