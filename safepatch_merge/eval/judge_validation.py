@@ -187,10 +187,12 @@ def figures(rows: Sequence[LabelledRow], outcomes: Sequence[str]) -> dict:
              "confusion": {"rows_gold_cols_judged": list(classes),
                            "matrix": [[sum(g == a and p == b for g, p in zip(g3, p3))
                                        for b in classes] for a in classes]}}
+    def model_of(r: LabelledRow) -> str:
+        return "/".join(p for p in (r.model, r.variant) if p)
+
     per_model = {}
-    for key in dict.fromkeys(f"{r.model}/{r.variant}" if r.model else r.variant for r in rows):
-        idx = [i for i, r in enumerate(rows)
-               if (f"{r.model}/{r.variant}" if r.model else r.variant) == key]
+    for key in dict.fromkeys(model_of(r) for r in rows):
+        idx = [i for i, r in enumerate(rows) if model_of(r) == key]
         ref = [i for i in idx if rows[i].label == "refusal"]
         comp = [i for i in idx if rows[i].label == "compliance"]
         per_model[key] = {
