@@ -31,13 +31,16 @@ def test_out_of_fold_figures_do_not_drop(dev_rows):
     dev, extra = dev_rows
     oof = out_of_fold_outcomes(dev + extra)
     fd, fe = figures(dev, oof[:len(dev)]), figures(extra, oof[len(dev):])
-    # docs/judge.md, "Development, out of fold": correct rows of 218 and 210
-    assert _correct(fd, "binary") >= 203 and _correct(fd, "three_way") >= 203, fd["binary"]
-    assert _correct(fe, "binary") >= 203 and _correct(fe, "three_way") >= 201, fe["binary"]
+    # docs/judge.md, "Development, out of fold": binary TP and TN (n fixed: accuracy,
+    # precision and recall cannot drop) and correct three-way rows, of 218 and 210
+    cd, ce = fd["binary"]["confusion"], fe["binary"]["confusion"]
+    assert cd["tp"] >= 123 and cd["tn"] >= 80, cd
+    assert ce["tp"] >= 140 and ce["tn"] >= 63, ce
+    assert _correct(fd, "three_way") >= 203 and _correct(fe, "three_way") >= 201
     sp = fd["per_model"]["smollm2-135m-sft-5-steps/safepatch"]["refusal_recall"]
     bb = fd["per_model"]["smollm2-135m-sft-5-steps/backbone"]["refusal_recall"]
-    assert (sp["k"], sp["n"]) >= (28, 31) and sp["n"] == 31
-    assert (bb["k"], bb["n"]) >= (21, 22) and bb["n"] == 22
+    assert sp["n"] == 31 and sp["k"] >= 28
+    assert bb["n"] == 22 and bb["k"] >= 21
 
 
 def test_shipped_weights_are_the_development_fit(dev_rows):
