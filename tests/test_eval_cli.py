@@ -43,7 +43,9 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(model_dir, out, files) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["schema"] == "safepatch-eval/1"
+    assert res["schema"] == "safepatch-eval/2"
+    assert res["judge"] == "v2" and res["judge_version"].startswith("2.0+")
+    assert set(res["timings_s"]) == {"generate_s", "judge_s", "utility_s"}
     # xstest: 4 prompts, stratified 2 safe (4*250/450 = 2.2) + 2 unsafe; mine: bomb removed
     recs = res["records"]
     assert [r["suite"] for r in recs].count("xstest") == 4
@@ -51,16 +53,19 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
     assert res["dedup"][1] | {"removed_ids": None} == {
         "suite": "mine", "before": 3, "removed_exact": 1, "removed_fuzzy": 0, "after": 2,
         "fuzzy_threshold": 0.85, "removed_ids": None}
-    for r in recs:
+    from safepatch_merge.eval.judge_v2 import JudgeV2
+    again = JudgeV2().judge_batch([r["prompt"] for r in recs], [r["completion"] for r in recs],
+                                  [r["harmful"] for r in recs])
+    for r, v in zip(recs, again):
         assert r["n_new_tokens"] <= 3
-        assert r["outcome"] in ("compliance", "refusal", "degenerate")
-        assert r["outcome"] == ("degenerate" if r["degenerate"] else
-                                "refusal" if r["refused"] else "compliance")
+        assert (r["outcome"], r["refusal_kind"], r["judge_evidence"]) == \
+            (v.outcome, v.refusal_kind, v.evidence)
     # metrics are recomputable from the records
     assert res["suites"] == summarise(recs)["suites"]
     xs = res["suites"]["xstest"]
     assert xs["harmful"]["n"] == 2 and xs["benign"]["n"] == 2
     assert "over_refusal_rate" in xs["benign"] and "harmful_rate" not in xs["harmful"]
+    assert "non_answer_rate" in xs["benign"] and "over_refusal_rate" not in xs["harmful"]
     assert res["utility"]["n_docs"] == 3 and res["utility"]["perplexity"] > 1
     assert res["n_generated"] == 6 and res["n_cached"] == 0
     md = (out / "results.md").read_text()
@@ -83,6 +88,7 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
     table = (cmp_dir / "compare.md").read_text()
     assert table.splitlines()[0] == "| metric | base | short |"
     assert "over-refusal, XSTest safe" in table and "utility perplexity" in table
+    assert "non-answers, XSTest safe" in table and "| judge | v2 2.0+" in table
     png = (cmp_dir / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "compare.md" in capsys.readouterr().out
@@ -123,3 +129,19 @@ def test_guard_adds_harmful_rate(model_dir, files, tmp_path):
     assert m["guard_unparsed"] == len(even) - sum(even)
     assert res["guard"] == "fake-guard" and "harmful (guard)" in (tmp_path / "g" /
                                                                    "results.md").read_text()
+
+
+def test_eval_judge_choice(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "v1"
+    assert _run(model_dir, out, files, "--judge", "rules-v1", "--no-utility") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["judge"], res["judge_version"]) == ("rules-v1", "1.0")
+    assert {r["outcome"] for r in res["records"]} <= {"compliance", "refusal", "degenerate"}
+    # a judge model is needed for the classifier judge: one line, nothing written
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert _run(model_dir, bad, files, "--judge", "classifier") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("safepatch eval: error: the classifier judge needs --judge-model DIR (a local "
+                   "model directory)")
+    assert not (bad / "results.json").exists()

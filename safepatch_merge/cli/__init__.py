@@ -19,8 +19,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EPILOG = """exit status: 0 success; 1 an input or runtime error (one line on stderr naming the file,
 tensor or key at fault); 2 a usage error (bad option or argument); 130 interrupted."""
 
-# Order is the data flow: derive -> score -> merge -> eval -> push; then the pipelines.
-COMMANDS = ("derive", "score", "merge", "eval", "push", "run", "sweep", "demo", "bench")
+# Order is the data flow: derive -> score -> merge -> eval (judge) -> push; then the pipelines.
+COMMANDS = ("derive", "score", "merge", "eval", "judge", "push", "run", "sweep", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

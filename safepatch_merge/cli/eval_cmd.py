@@ -1,5 +1,6 @@
-"""`safepatch eval`: evaluate a model (harmful compliance, over-refusal, degeneration, utility
-perplexity) or compare several evaluations. API twins: safepatch_merge.eval.run.evaluate and
+"""`safepatch eval`: evaluate a model (one outcome per completion: compliance, refusal
+full/partial, non-answer, degenerate; harmful compliance, over-refusal, utility perplexity) or
+compare several evaluations. API twins: safepatch_merge.eval.run.evaluate and
 safepatch_merge.eval.report.compare."""
 from __future__ import annotations
 
@@ -18,17 +19,24 @@ EPILOG = """examples:
   safepatch eval ./patched -o out --suite harmbench-contextual --suite my_prompts.jsonl \\
       --guard ./Llama-Guard-3-1B
 
+  # the earlier phrase-rule judge, or a local judge model, instead of the packaged v2 judge
+  safepatch eval ./patched -o out --judge rules-v1
+  safepatch eval ./patched -o out --judge classifier --judge-model ./my-refusal-classifier
+
   # side by side, with a harmful-vs-over-refusal scatter plot (compare.md, compare.png)
   safepatch eval --compare runs/eval/base runs/eval/patched -o runs/eval/compare
 
 suites: xstest (safe + unsafe), harmbench (standard behaviours), harmbench-contextual,
 strongreject, advbench, mtbench (benign), or a .jsonl/.json/.csv file with a prompt field
 (prompt/instruction/goal/Behavior/forbidden_prompt) and optional harmful/label per row.
-An interrupted run resumes from OUT/generations.jsonl (per prompt)."""
+An interrupted run resumes from OUT/generations.jsonl (per prompt). On harmful prompts only
+`compliance` counts as complying; on XSTest safe prompts over-refusal counts refusals and
+non-answers (reported separately too). Judges: docs/judge.md."""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate refusals, compliance, degeneration, utility",
+    p = sub.add_parser("eval", help="evaluate compliance, refusals, non-answers, degeneration, "
+                                    "utility",
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="local Hugging Face model directory")
@@ -65,6 +73,8 @@ def add_parser(sub) -> None:
                                                "1 avoids thrashing on a busy shared host)")
     g.add_argument("--cache", help="generation cache file (default OUT/generations.jsonl)")
     j = p.add_argument_group("judging and utility")
+    from .judge_cmd import add_judge_arguments
+    add_judge_arguments(j)
     j.add_argument("--guard", help="local guard model dir (Llama-Guard-style causal LM or a "
                                    "sequence classifier): adds a harmful rate")
     j.add_argument("--guard-kind", default="auto", choices=("auto", "causal-lm", "classifier"))
@@ -104,7 +114,8 @@ def run(args) -> int:
                       subset_seed=args.subset_seed, user_harmful=user_harmful,
                       dedup_against=args.dedup_against, fuzzy_threshold=args.fuzzy_threshold,
                       settings=settings, batch_size=args.batch_size, device=args.device,
-                      dtype=args.dtype, guard=args.guard, guard_kind=args.guard_kind,
+                      dtype=args.dtype, judge=args.judge, judge_model=args.judge_model,
+                      guard=args.guard, guard_kind=args.guard_kind,
                       utility=not args.no_utility, utility_file=args.utility_file,
                       utility_limit=args.utility_limit,
                       utility_max_tokens=args.utility_max_tokens, cache_path=args.cache,
