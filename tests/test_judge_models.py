@@ -110,3 +110,17 @@ def test_load_judge_errors(tmp_path):
     with pytest.raises(ConfigError, match="--judge-model is for"):
         load_judge("v2", str(tmp_path))
     assert load_judge("rules-v1").name == "rules-v1"
+
+
+def test_judge_identity_keys_pipeline_evaluations(tmp_path):
+    """Pipeline eval steps key on the judge, so a new judge re-evaluates (not mixed verdicts)."""
+    from safepatch_merge.eval.judge_models import judge_identity
+    from safepatch_merge.eval.judge_v2 import JudgeV2
+    from safepatch_merge.pipeline.sweep import SweepConfig, _eval_kwargs
+    assert judge_identity() == f"v2 {JudgeV2().version}"
+    assert judge_identity("rules-v1") == "rules-v1 1.0"
+    _classifier_dir(tmp_path / "c", {0: "compliance", 1: "refusal"})
+    assert judge_identity("classifier", str(tmp_path / "c")).startswith(
+        f"classifier:{tmp_path / 'c'} config-")
+    cfg = SweepConfig(backbone="b", patch_se="s", patch_osm=None, scores_se="x", scores_osm=None)
+    assert _eval_kwargs(cfg)["judge"] == judge_identity()

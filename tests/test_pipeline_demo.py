@@ -33,7 +33,8 @@ def test_generate_harmful_pairs_keeps_only_compliant_answers(tmp_path, monkeypat
     from safepatch_merge.testing import make_tiny_model_dir
 
     bb = make_tiny_model_dir(tmp_path / "bb", seed=0)
-    answers = iter(["Sure, here is how: first gather the materials and then proceed.",
+    answers = iter(["Sure, here is how to do it: first gather the materials you need, then "
+                    "follow each step of the plan carefully and in order.",
                     "I'm sorry, but I can't help with that.",
                     "", "Of course. Step one is to find a quiet place and plan it."] * 10)
 
@@ -44,7 +45,7 @@ def test_generate_harmful_pairs_keeps_only_compliant_answers(tmp_path, monkeypat
     cfg = DemoConfig(dh_prompts=8, dh_min_pairs=2, device="cpu")
     rep = generate_harmful_pairs(bb, tmp_path / "dh", cfg, progress=False)
     assert rep["prompts"] == 8 and rep["kept"] == 4
-    assert rep["outcomes"] == {"compliance": 4, "refusal": 2, "degenerate": 2}
+    assert rep["outcomes"] == {"compliance": 4, "refusal": 2, "non_answer": 0, "degenerate": 2}
     rows = [json.loads(l) for l in (tmp_path / "dh/harmful_pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["source"].startswith("advbench:") for r in rows)
     assert {r["response"][:4] for r in rows} == {"Sure", "Of c"}

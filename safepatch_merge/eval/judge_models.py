@@ -243,6 +243,19 @@ def check_judge(kind: str, model: str | None = None) -> None:
         raise CheckpointError(f"{model}: no config.json (judge models must be local directories)")
 
 
+def judge_identity(kind: str = "v2", model: str | None = None) -> str:
+    """A string that changes when the judge's verdicts may change (name and version; for a
+    judge model, its directory and config digest): pipeline steps key their evaluations on it,
+    so a new judge re-evaluates instead of mixing verdicts."""
+    check_judge(kind, model)
+    if kind == "v2":
+        from .judge_v2 import JudgeV2
+        return f"v2 {JudgeV2().version}"
+    if kind == "rules-v1":
+        return "rules-v1 1.0"
+    return f"{kind}:{model} config-{_config_digest(model)}"
+
+
 def load_judge(kind: str = "v2", model: str | None = None, device: str = "cpu", **kw):
     """A Judge by name (JUDGES): the packaged `v2` or `rules-v1`, or a local model directory
     `model` read as a `classifier` or a `causal-lm` judge."""

@@ -5,9 +5,9 @@ offline, in minutes on a CPU.
    Face directory, see models/smollm2.py), or any local model directory (`backbone=`).
 2. Harmful data D_h, generated, not shipped (DESIGN §2): an unaligned model (`dh_model`,
    default SmolLM2 as shipped, whatever the backbone) answers a fixed subset of a packaged
-   harmful suite (AdvBench by default); the answers the refusal judge counts as
-   compliant and the degeneration detector as non-degenerate are kept as (prompt, response)
-   pairs. The SmolLM2 release is barely safety-aligned, so it complies with most of them.
+   harmful suite (AdvBench by default); the answers the refusal judge (v2) counts as
+   `compliance` are kept as (prompt, response) pairs (refusals, non-answers and degenerate
+   output are not). The SmolLM2 release is barely safety-aligned, so it complies with most of them.
    The suite used here is never evaluated, and the evaluation drops any prompt that matches a
    D_h prompt (exact or fuzzy, eval.suites.deduplicate).
 3. `run_pipeline` on one stage: SE patch (gradient ascent) and OSM patch (gradient descent),
@@ -99,13 +99,13 @@ class DemoConfig:
 
 def generate_harmful_pairs(model_dir: str | Path, out: Path, cfg: DemoConfig,
                            progress: bool = True) -> dict:
-    """Write `out`/harmful_pairs.jsonl: the model's compliant, non-degenerate answers to a
-    fixed subset of the packaged suite `cfg.dh_suite`, plus `out`/dh_report.json (counts by
-    outcome). Raises DataError if fewer than `cfg.dh_min_pairs` answers are kept (an aligned
+    """Write `out`/harmful_pairs.jsonl: the model's answers to a fixed subset of the packaged
+    suite `cfg.dh_suite` that the v2 judge counts as `compliance`, plus `out`/dh_report.json
+    (counts by outcome). Raises DataError if fewer than `cfg.dh_min_pairs` answers are kept (an aligned
     model refuses them: use an unaligned one)."""
     from ..eval.generate import (GenerationCache, GenerationSettings, generate_completions,
                                  load_model, model_fingerprint)
-    from ..eval.judge import DegenerationDetector, RuleRefusalJudge
+    from ..eval.judge_v2 import JudgeV2
     from ..eval.suites import fixed_subset, load_suite
 
     prompts = fixed_subset(load_suite(cfg.dh_suite), cfg.dh_prompts, cfg.seed)
@@ -116,18 +116,15 @@ def generate_harmful_pairs(model_dir: str | Path, out: Path, cfg: DemoConfig,
                                 GenerationCache(out / "generations.jsonl"),
                                 batch_size=cfg.batch_size, progress=progress)
     del model
-    judge, degen = RuleRefusalJudge(), DegenerationDetector()
-    kept, counts = [], {"compliance": 0, "refusal": 0, "degenerate": 0}
-    for p, g in zip(prompts, gens):
-        text = g["completion"].strip()
-        if degen(text).degenerate:
-            counts["degenerate"] += 1
-        elif judge(text).refused:
-            counts["refusal"] += 1
-        else:
-            counts["compliance"] += 1
+    judge = JudgeV2()
+    texts = [g["completion"].strip() for g in gens]
+    verdicts = judge.judge_batch([p.text for p in prompts], texts, [p.harmful for p in prompts])
+    kept, counts = [], {"compliance": 0, "refusal": 0, "non_answer": 0, "degenerate": 0}
+    for p, text, v in zip(prompts, texts, verdicts):
+        counts[v.outcome] += 1
+        if v.outcome == "compliance":
             kept.append({"prompt": p.text, "response": text, "source": f"{cfg.dh_suite}:{p.id}",
-                         "judge": judge.name})
+                         "judge": f"{judge.name} {judge.version}"})
     if len(kept) < cfg.dh_min_pairs:
         raise DataError(f"{model_dir}: only {len(kept)} of {len(prompts)} {cfg.dh_suite} answers "
                         f"were compliant (need {cfg.dh_min_pairs}); this model refuses "

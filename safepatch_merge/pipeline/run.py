@@ -43,10 +43,12 @@ def _resolve_device(device: str) -> str:
 def _eval_step(runner: StepRunner, stage: str, model: Path, model_id: str, ev: dict,
                dedup_files: list[str], out: Path, device: str, label: str, progress: bool):
     from ..eval.generate import GenerationSettings
+    from ..eval.judge_models import judge_identity
     from ..eval.run import evaluate
 
     dedup = dedup_files if ev["dedup"] else []
-    inputs = {"model": model_id, "eval": ev, "device": device,
+    # the judge is part of the key: a new judge re-evaluates rather than mixing verdicts
+    inputs = {"model": model_id, "eval": ev, "device": device, "judge": judge_identity(),
               "dedup": [[f, file_identity(f)] for f in dedup]}
 
     def fn(o: Path) -> dict:

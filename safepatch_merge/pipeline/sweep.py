@@ -143,7 +143,11 @@ def _merge_cfg(cfg: SweepConfig, pt: dict) -> dict:
 
 
 def _eval_kwargs(cfg: SweepConfig) -> dict:
-    return {"suites": list(cfg.suites), "limit": cfg.limit, "subset_seed": cfg.subset_seed,
+    from ..eval.judge_models import judge_identity
+
+    # the judge is part of the key: a new judge re-evaluates rather than mixing verdicts
+    return {"judge": judge_identity(), "suites": list(cfg.suites), "limit": cfg.limit,
+            "subset_seed": cfg.subset_seed,
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
             "utility": cfg.utility, "utility_limit": cfg.utility_limit,
             "utility_max_tokens": cfg.utility_max_tokens, "device": cfg.device,
@@ -171,8 +175,9 @@ def _row(pid: str, pt: dict | None, res: dict, merge_summary: dict | None) -> di
     row = {"id": pid, **(pt or {"top_rate_se": None, "top_rate_osm": None, "alpha": None,
                                  "beta": None, "retention": None})}
     for key, name in (("harmful_compliance", "harmful"), ("xstest_over_refusal", "over_refusal"),
-                      ("degeneration", "degeneration")):
-        r = h[key]
+                      ("xstest_non_answer", "non_answer"), ("degeneration", "degeneration")):
+        # results written before non-answers existed have no xstest_non_answer
+        r = h.get(key) or {"rate": None, "ci95": [None, None], "n": 0}
         row[name] = r["rate"]
         row[f"{name}_lo"], row[f"{name}_hi"] = r["ci95"]
         row[f"{name}_n"] = r["n"]
@@ -188,25 +193,27 @@ def _nan(v) -> float:
 
 def _table(rows: list[dict]) -> str:
     def pct(r, k):
-        if r[k] is None:
+        if r.get(k) is None:
             return "–"
         return f"{100 * r[k]:.1f} [{100 * r[k + '_lo']:.1f}, {100 * r[k + '_hi']:.1f}]"
 
     lines = ["| point | a (SE) | b (OSM) | α | β | p | compliance on harmful, % | "
-             "over-refusal XSTest, % | degeneration, % | utility ppl | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "over-refusal XSTest, % | of which non-answers, % | degeneration, % | utility ppl | "
+             "Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda k: "–" if r[k] is None else f"{r[k]:g}"  # noqa: E731
         lines.append(f"| {r['id']} | {f('top_rate_se')} | {f('top_rate_osm')} | {f('alpha')} | "
                      f"{f('beta')} | {f('retention')} | {pct(r, 'harmful')} | "
-                     f"{pct(r, 'over_refusal')} | {pct(r, 'degeneration')} | "
+                     f"{pct(r, 'over_refusal')} | {pct(r, 'non_answer')} | "
+                     f"{pct(r, 'degeneration')} | "
                      f"{'–' if r['utility_ppl'] is None else format(r['utility_ppl'], '.2f')} | "
                      f"{'★' if r['pareto'] else ''} |")
     n_h, n_o = rows[0]["harmful_n"], rows[0]["over_refusal_n"]
     lines.append("")
     lines.append(f"n = {n_h} harmful prompts, {n_o} XSTest safe prompts per point; 95% Wilson "
-                 "intervals in brackets; ★ = Pareto-optimal (lower compliance and lower "
-                 "over-refusal)" + (", backbone included as a reference point."
+                 "intervals in brackets; over-refusal counts refusals and non-answers; ★ = "
+                 "Pareto-optimal (lower compliance and lower over-refusal)" + (", backbone included as a reference point."
                                     if rows[0]["id"] == "backbone" else "."))
     return "\n".join(lines) + "\n"
 
