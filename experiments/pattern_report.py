@@ -47,18 +47,34 @@ def _params(v: dict) -> str:
     return ""
 
 
+def over_refusal(m: dict) -> dict:
+    """XSTest over-refusal of a variant's metrics: refusals + non-answers (records judged
+    before non-answers existed carry only `refusal`)."""
+    return m["xstest"].get("over_refusal") or m["xstest"]["refusal"]
+
+
+def judges(record: dict) -> list[str]:
+    """The judges that produced the variants' rates, in order of first use."""
+    return list(dict.fromkeys(v["metrics"].get("judge") or "rules-v1"
+                              for v in record.get("variants", {}).values()
+                              if v.get("status") == "done"))
+
+
 def markdown(record: dict) -> str:
     """The whole report table (and its context) as markdown."""
-    lines = ["# SafePatching pattern on SmolLM2-135M-Instruct (issue 9)", ""]
+    lines = ["# SafePatching pattern on SmolLM2-135M-Instruct", ""]
     env = record.get("environment", {})
     lines += [f"- preset `{record.get('preset', {}).get('name')}`, device {env.get('device')} "
               f"({env.get('device_name')}), eval dtype {record.get('eval_dtype')}, "
               f"seed {record.get('preset', {}).get('seed')}",
               f"- finished {record.get('finished')}; wall time {record.get('wall_time_s')} s"
               + (" — stopped by the time budget" if record.get("stopped_by_budget") else ""),
-              "- rates in % with 95% Wilson intervals; n = prompts. *Compliance* = not refused "
-              "and not degenerate by the keyword judge (no guard model here: this is not a "
-              "judged harmful rate). *Over-refusal* = refused XSTest safe prompts.", ""]
+              "- rates in % with 95% Wilson intervals; n = prompts. *Compliance* = the judge's "
+              "`compliance` outcome (not a refusal, non-answer or degenerate output; no guard "
+              "model here: this is not a judged harmful rate). *Over-refusal* = XSTest safe "
+              "prompts judged refusal or non-answer (XSTest's scheme); non-answers also apart.",
+              f"- judge: {', '.join(judges(record)) or '–'}"
+              + (f" ({record['rejudged']})" if record.get("rejudged") else ""), ""]
     sizes = record.get("prompt_sets", {})
     if sizes:
         lines += ["| prompt set | before dedup | removed exact | removed fuzzy | used |",
@@ -68,13 +84,14 @@ def markdown(record: dict) -> str:
                          f"| {s['used']} |")
         lines.append("")
     lines += ["| model | params | HarmBench compliance | StrongREJECT compliance | "
-              "pooled harmful compliance | harmful degenerate | XSTest over-refusal | "
-              "XSTest degenerate | utility ppl | paper (harmful / XSTest) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "pooled harmful compliance | harmful non-answer | harmful degenerate | "
+              "XSTest over-refusal | XSTest non-answer | XSTest degenerate | utility ppl | "
+              "paper (harmful / XSTest) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in record.get("variants", {}).items():
         if v.get("status") != "done":
             lines.append(f"| {name} | {_params(v)} | {v.get('status')}: "
-                         f"{(v.get('error') or '')[:80]} | | | | | | | |")
+                         f"{(v.get('error') or '')[:80]} | | | | | | | | | |")
             continue
         m = v["metrics"]
         paper = PAPER.get(v.get("paper_row") or "")
@@ -82,8 +99,10 @@ def markdown(record: dict) -> str:
             f"| {name} | {_params(v)} | {_fmt(m['harmbench']['compliance'])} (n={m['harmbench']['n']}) | "
             f"{_fmt(m['strongreject']['compliance'])} (n={m['strongreject']['n']}) | "
             f"{_fmt(m['harmful_pooled']['compliance'])} (n={m['harmful_pooled']['n']}) | "
+            f"{_fmt(m['harmful_pooled'].get('non_answer'))} | "
             f"{_fmt(m['harmful_pooled']['degenerate'])} | "
-            f"{_fmt(m['xstest']['refusal'])} (n={m['xstest']['n']}) | "
+            f"{_fmt(over_refusal(m))} (n={m['xstest']['n']}) | "
+            f"{_fmt(m['xstest'].get('non_answer'))} | "
             f"{_fmt(m['xstest']['degenerate'])} | {_ppl(m.get('utility'))} | "
             f"{f'{paper[0]:.1f} / {paper[1]:.1f}' if paper else ''} |")
     u = next((v["metrics"].get("utility") for v in record.get("variants", {}).values()
@@ -94,9 +113,12 @@ def markdown(record: dict) -> str:
                       "95% interval). Lower is better."]
     cal = record.get("calibration")
     if cal:
+        cal_judge = {c.get("judge") or "rules-v1" for c in cal.get("candidates", [])}
         lines += ["", "## Safety-tuned backbone: candidates (calibration prompts, never reported "
                       "as results)", "",
                   f"Rule: {cal.get('rule')}", "",
+                  f"Judge: {', '.join(sorted(cal_judge))} (as run: the calibration completions "
+                  "are not exported, so these rates were not re-judged)", "",
                   "| candidate | SFT steps | harmful compliance (calib) | benign refusal (Alpaca) "
                   "| over-refusal (held-out XSTest) | chosen |",
                   "|---|---|---|---|---|---|"]
@@ -145,7 +167,7 @@ def plot(record: dict, path: Path) -> bool:
     for name, v in record.get("variants", {}).items():
         if v.get("status") != "done":
             continue
-        h, x = v["metrics"]["harmful_pooled"]["compliance"], v["metrics"]["xstest"]["refusal"]
+        h, x = v["metrics"]["harmful_pooled"]["compliance"], over_refusal(v["metrics"])
         if not h.get("n") or not x.get("n"):
             continue
         hx, xy = 100 * h["rate"], 100 * x["rate"]
@@ -159,7 +181,7 @@ def plot(record: dict, path: Path) -> bool:
         ax.annotate(str(i), (hx, xy), textcoords="offset points", xytext=(4, 3 + 7 * (i % 3)),
                     fontsize=7, color=c)
     ax.set_xlabel("compliance on harmful prompts, % (HarmBench + StrongREJECT)")
-    ax.set_ylabel("over-refusal on XSTest safe prompts, %")
+    ax.set_ylabel("over-refusal on XSTest safe prompts (refusals + non-answers), %")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)

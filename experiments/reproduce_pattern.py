@@ -14,8 +14,9 @@ One command, resumable stages, everything cached under --out:
 4. scores: SNIP saliency of both patches on D_h;
 5. variants: backbone, SE only, OSM only, SafePatching (default), task arithmetic, TIES,
    intersection, then the sweep over (a, b, α, β, p), then the shipped model — each merged
-   (streaming engine) and evaluated (harmful compliance, XSTest over-refusal, degeneration,
-   perplexity utility proxy), one failure never stopping the others;
+   (streaming engine) and evaluated (the v2 judge's outcomes: harmful compliance, XSTest
+   over-refusal = refusals + non-answers, non-answers, degeneration; perplexity utility
+   proxy), one failure never stopping the others;
 6. report: results.json, table.md, pattern.png and run.log, flat in --results-dir.
 
 --time-budget stops launching new work once exceeded and still writes the report of what
@@ -76,11 +77,17 @@ def _setup_logging(path: Path) -> None:
 
 
 def _rates(recs: list[dict]) -> dict:
+    """Outcome rates of records (eval.outcome); `over_refusal` is the benign-prompt mapping
+    (refusals + non-answers), meaningful where the prompts are benign."""
     from safepatch_merge.eval.metrics import rate
+    from safepatch_merge.eval.outcome import counts_as_refusal
 
     return {"n": len(recs),
             "compliance": rate(r["outcome"] == "compliance" for r in recs).as_dict(),
             "refusal": rate(r["outcome"] == "refusal" for r in recs).as_dict(),
+            "partial_refusal": rate(r.get("refusal_kind") == "partial" for r in recs).as_dict(),
+            "non_answer": rate(r["outcome"] == "non_answer" for r in recs).as_dict(),
+            "over_refusal": rate(counts_as_refusal(r["outcome"], False) for r in recs).as_dict(),
             "degenerate": rate(r["outcome"] == "degenerate" for r in recs).as_dict()}
 
 
@@ -93,6 +100,7 @@ def summarise_eval(result: dict) -> dict:
             "strongreject": _rates(by["strongreject"]),
             "harmful_pooled": _rates(by["harmbench_test"] + by["strongreject"]),
             "xstest": _rates(by["xstest_safe"]),
+            "judge": f"{result.get('judge')} {result.get('judge_version') or ''}".strip(),
             "utility": result.get("utility"),
             "eval_wall_s": result.get("wall_time_s")}
 
@@ -253,24 +261,27 @@ class Experiment:
                                src, self.data / "sft_mix.jsonl", o, cfg, overwrite=True,
                                progress=not self.args.quiet))
             cal_out = self.out / "evals" / f"calib_{name}"
+            from safepatch_merge.eval.judge_models import judge_identity
+
             self.step("01-backbone", f"calib_{name}",
                       {"model": st.output_id, "prompts": self.data_step.output_id,
-                       "gen": [p.max_new_tokens, p.eval_batch, self.args.eval_dtype]},
+                       "gen": [p.max_new_tokens, p.eval_batch, self.args.eval_dtype],
+                       "judge": judge_identity()},
                       cal_out, lambda o, m=out, name=name: self.evaluate(
                           m, o, calib_files, f"calib-{name}", utility=False) and None)
             res = json.loads((cal_out / "results.json").read_text())
             recs = res["records"]
             harm = _rates([r for r in recs if r["suite"] == "calib_harmful"])
             ben = _rates([r for r in recs if r["suite"] == "calib_alpaca"])
-            c = {"name": name, "steps": steps, "dir": str(out),
-                 "harmful_compliance": harm["compliance"], "benign_refusal": ben["refusal"],
-                 "harmful_degenerate": harm["degenerate"]}
+            c = {"name": name, "steps": steps, "dir": str(out), "judge": res.get("judge"),
+                 "harmful_compliance": harm["compliance"],
+                 "benign_refusal": ben["over_refusal"], "harmful_degenerate": harm["degenerate"]}
             if p.calib_xstest:
                 c["xstest_refusal"] = _rates([r for r in recs
-                                              if r["suite"] == "calib_xstest"])["refusal"]
+                                              if r["suite"] == "calib_xstest"])["over_refusal"]
             cands.append(c)
             log.info("candidate %s (%d steps): calib harmful compliance %.3f, alpaca refusal %.3f%s",
-                     name, steps, harm["compliance"]["rate"] or 0, ben["refusal"]["rate"] or 0,
+                     name, steps, harm["compliance"]["rate"] or 0, ben["over_refusal"]["rate"] or 0,
                      f", held-out XSTest refusal {c['xstest_refusal']['rate'] or 0:.3f}"
                      if "xstest_refusal" in c else "")
             prev, prev_id, done_steps = out, st.output_id, steps
@@ -382,9 +393,12 @@ class Experiment:
                      "id": {"backbone": self.backbone_id, "se_only": self.patch_ids.get("se"),
                             "osm_only": self.patch_ids.get("osm"),
                             "shipped": shipped_id}[v["name"]]}
+        from safepatch_merge.eval.judge_models import judge_identity
+
         inputs = {"variant": ident, "prompts": self.data_step.output_id,
                   "gen": [self.p.max_new_tokens, self.p.eval_batch, self.args.eval_dtype,
-                          self.p.utility_limit, self.p.utility_max_tokens]}
+                          self.p.utility_limit, self.p.utility_max_tokens],
+                  "judge": judge_identity()}
         merged_dir = self.out / "merged" / v["name"]
 
         def run(o: Path) -> dict:
@@ -461,7 +475,7 @@ class Experiment:
                 m = self.record["variants"][v["name"]]["metrics"]
                 log.info("%s: harmful compliance %s, XSTest over-refusal %s, ppl %s",
                          v["name"], m["harmful_pooled"]["compliance"]["rate"],
-                         m["xstest"]["refusal"]["rate"],
+                         m["xstest"]["over_refusal"]["rate"],
                          (m.get("utility") or {}).get("perplexity"))
             except Exception as e:  # one failed variant must not cost the others
                 log.error("variant %s failed: %s\n%s", v["name"], e, traceback.format_exc())
@@ -513,7 +527,7 @@ class Experiment:
                 for r in json.loads(res.read_text())["records"]:
                     f.write(json.dumps({"variant": name, **{k: r.get(k) for k in (
                         "suite", "id", "harmful", "prompt", "completion", "n_new_tokens",
-                        "hit_eos", "outcome", "refusal_rule", "degeneration_reason")}},
+                        "hit_eos", "outcome", "refusal_kind", "judge_evidence")}},
                         ensure_ascii=False) + "\n")
         tmp.replace(path)
 
