@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does SafePatching show the paper's pattern on a model we can run? (issue 9)
+"""Does SafePatching show the paper's pattern on a model we can run?
 
 One command, resumable stages, everything cached under --out:
 
