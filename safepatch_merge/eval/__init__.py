@@ -1,5 +1,7 @@
-"""Evaluation: prompt suites, batched generation, refusal judge, metrics, utility, reports.
+"""Evaluation: prompt suites, batched generation, judging (one outcome per completion), metrics,
+utility, reports.
 
-Python API twin of `safepatch eval`: `safepatch_merge.eval.run.evaluate` (one model) and
-`safepatch_merge.eval.report.compare` (several result files side by side).
+Python API twins: `safepatch eval` -> `safepatch_merge.eval.run.evaluate` (one model) and
+`safepatch_merge.eval.report.compare` (several result files side by side); `safepatch judge`
+-> `safepatch_merge.eval.judge_file.judge_file`.
 """
