@@ -140,7 +140,7 @@ def test_eval_judge_choice(model_dir, files, tmp_path, capsys):
     # a judge model is needed for the classifier judge: one line, nothing written
     bad = tmp_path / "bad"
     capsys.readouterr()
-    assert _run(model_dir, bad, files, "--judge", "classifier") == 2
+    assert _run(model_dir, bad, files, "--judge", "classifier") == 1
     err = capsys.readouterr().err.strip()
     assert err == ("safepatch eval: error: the classifier judge needs --judge-model DIR (a local "
                    "model directory)")

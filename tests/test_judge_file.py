@@ -80,7 +80,7 @@ def test_malformed_input_one_line_error_no_output(tmp_path, capsys, name, conten
     src = tmp_path / name
     src.write_text(content, encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    assert main(["judge", str(src), "-o", str(out)]) == 2
+    assert main(["judge", str(src), "-o", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"safepatch judge: error: {src}: ")
     assert message in err
@@ -97,10 +97,10 @@ def test_non_utf8_names_the_line(tmp_path):
 
 
 def test_missing_input_and_bad_judge(tmp_path, capsys):
-    assert main(["judge", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["judge", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 1
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     src = _jsonl(tmp_path / "in.jsonl", ROWS[:1])
     assert main(["judge", str(src), "-o", str(tmp_path / "o.jsonl"), "--judge",
-                 "causal-lm"]) == 2
+                 "causal-lm"]) == 1
     assert "the causal-lm judge needs --judge-model DIR" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
