@@ -37,9 +37,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-# No JIT build of the C++/CUDA extension inside a timed run (it can take minutes on a fresh
-# machine); the ops fall back to the reference (plain torch) or Triton.
-os.environ.setdefault("SAFEPATCH_NO_EXT", "1")
 
 from pattern_data import build_dh, build_prompt_files, build_sft_mix  # noqa: E402
 from pattern_presets import PRESETS, Preset, get_preset  # noqa: E402
@@ -663,6 +660,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # No JIT build of the C++/CUDA extension inside a timed run (it can take minutes on a fresh
+    # machine); the ops fall back to the reference (plain torch) or Triton. Set here, not at
+    # import, so importing this module (the report and rejudge scripts do) changes nothing.
+    os.environ.setdefault("SAFEPATCH_NO_EXT", "1")
     args = parse_args(argv)
     if args.report_only:
         rec = json.loads(Path(args.report_only).read_text())
