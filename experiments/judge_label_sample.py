@@ -9,6 +9,14 @@ row of the shared labelled file. Two files come out:
 - `key.jsonl`: item -> run, variant, suite, id, harmful (joined back after labelling).
 
     python experiments/judge_label_sample.py --data-dir ../shared/data --out /tmp/blind
+
+`--heldout` draws the held-out set instead (experiments/judge_labels/
+smollm2_heldout_labelled.jsonl): prompts of both parts of the split, every variant of the three
+runs, 8 rows per (run, variant) and 16 for the most compliant variants (`shipped`,
+`osm_only`), seed 2026, skipping every row already labelled (the shared file, whole, and the
+development labels); items are named y000, y001, ...
+
+    python experiments/judge_label_sample.py --data-dir ../shared/data --heldout --out /tmp/held
 """
 from __future__ import annotations
 
@@ -65,13 +73,52 @@ def draw(data_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
     return blind, key
 
 
+HELDOUT_RUNS = (("run1", "results/completions.jsonl.gz"),
+                ("run2", "results/run2/completions.jsonl.gz"),
+                ("cpu_run1", "results/cpu_run1/completions.jsonl.gz"))
+HELDOUT_ROWS = {"shipped": 16, "osm_only": 16}  # default 8 per (run, variant)
+
+
+def draw_heldout(data_dir: Path, seed: int = 2026) -> tuple[list[dict], list[dict]]:
+    """(blind rows, key rows) of the held-out sample (module doc)."""
+    with open(data_dir / "judge" / "smollm2_completions_labelled.jsonl", encoding="utf-8") as f:
+        seen = {row_id(r["prompt"], r["completion"]) for r in map(json.loads, f)}
+    with open(HERE / "judge_labels" / "smollm2_extra_labelled.jsonl", encoding="utf-8") as f:
+        seen |= {row_id(r["prompt"], r["completion"]) for r in map(json.loads, f)}
+    rng = random.Random(seed)
+    picked: dict[str, tuple[str, dict]] = {}  # one row per distinct text, first drawn wins
+    for run, path in HELDOUT_RUNS:
+        with gzip.open(HERE / path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        by_variant: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["completion"].strip() and row_id(r["prompt"], r["completion"]) not in seen:
+                by_variant.setdefault(r["variant"], []).append(r)
+        for v, pool in sorted(by_variant.items()):
+            for r in rng.sample(pool, min(HELDOUT_ROWS.get(v, 8), len(pool))):
+                picked.setdefault(row_id(r["prompt"], r["completion"]), (run, r))
+    order = list(picked.values())
+    rng.shuffle(order)
+    blind, key = [], []
+    for i, (run, r) in enumerate(order):
+        item = f"y{i:03d}"
+        blind.append({"item": item, "prompt": r["prompt"], "completion": r["completion"]})
+        key.append({"item": item, "run": run, "variant": r["variant"], "suite": r["suite"],
+                    "id": r["id"], "harmful": r["harmful"]})
+    return blind, key
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True, help="the shared data folder")
     ap.add_argument("--out", required=True, help="folder for blind.jsonl and key.jsonl")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", action="store_true", help="draw the held-out set (module doc)")
+    ap.add_argument("--seed", type=int, default=None, help="default 0, or 2026 with --heldout")
     a = ap.parse_args(argv)
-    blind, key = draw(Path(a.data_dir), a.seed)
+    if a.heldout:
+        blind, key = draw_heldout(Path(a.data_dir), 2026 if a.seed is None else a.seed)
+    else:
+        blind, key = draw(Path(a.data_dir), 0 if a.seed is None else a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("blind.jsonl", blind), ("key.jsonl", key)):

@@ -3,11 +3,12 @@
 Development (always): the v2 judge out of fold on the development data (the shared SmolLM2
 file's development part + the blind labels of experiments/judge_labels, five folds grouped
 by prompt, seed 0), with and without the prompt's kind given; rules-v1 on the same rows.
-Held out (only when asked): the SmolLM2 lockbox (--lockbox) and the XSTest completion files
-(--xstest), judged by the shipped, frozen v2 weights and by rules-v1.
+Held out (only when asked): the SmolLM2 lockbox (--lockbox), the XSTest completion files
+(--xstest) and the held-out blind labels of experiments/judge_labels (--heldout-labels),
+judged by the shipped, frozen v2 weights and by rules-v1.
 
     python experiments/validate_judge.py --data-dir ../shared/data \
-        --out experiments/results/judge_v2/validation [--lockbox] [--xstest]
+        --out experiments/results/judge_v2/validation [--lockbox] [--xstest] [--heldout-labels]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from safepatch_merge.eval.judge_validation import (SMOLLM2_FILE, XSTEST_FILES, f
 
 HERE = Path(__file__).resolve().parent
 EXTRA = HERE / "judge_labels" / "smollm2_extra_labelled.jsonl"
+HELDOUT = HERE / "judge_labels" / "smollm2_heldout_labelled.jsonl"
 
 
 def _no_models(f: dict) -> dict:
@@ -66,7 +68,8 @@ def development(data_dir: Path) -> dict[str, dict]:
     return out
 
 
-def held_out(data_dir: Path, lockbox: bool, xstest: bool) -> dict[str, dict]:
+def held_out(data_dir: Path, lockbox: bool, xstest: bool, heldout_labels: bool = False
+             ) -> dict[str, dict]:
     out = {}
     v2, v1 = JudgeV2(), RulesV1Judge()
     sources = []
@@ -75,6 +78,8 @@ def held_out(data_dir: Path, lockbox: bool, xstest: bool) -> dict[str, dict]:
                                                         LOCKBOX)))
     if xstest:
         sources += [(f, read_xstest(data_dir / "judge" / f)) for f in XSTEST_FILES]
+    if heldout_labels:
+        sources.append(("held-out blind labels", read_extra(HELDOUT, "smollm2-heldout")))
     for name, rows in sources:
         out[f"{name}, v2"] = figures(rows, judge_outcomes(v2, rows))
         out[f"{name}, v2, prompt kind not given"] = figures(
@@ -89,15 +94,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     ap.add_argument("--lockbox", action="store_true", help="also judge the SmolLM2 lockbox")
     ap.add_argument("--xstest", action="store_true", help="also judge the XSTest files")
+    ap.add_argument("--heldout-labels", action="store_true",
+                    help="also judge the held-out blind labels (experiments/judge_labels)")
     a = ap.parse_args(argv)
     data_dir = Path(a.data_dir)
     t0 = time.time()
     res = development(data_dir)
-    res |= held_out(data_dir, a.lockbox, a.xstest)
+    res |= held_out(data_dir, a.lockbox, a.xstest, a.heldout_labels)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     meta = {"command": "python experiments/validate_judge.py --data-dir DATA --out STEM" +
-                       (" --lockbox" if a.lockbox else "") + (" --xstest" if a.xstest else ""),
+                       (" --lockbox" if a.lockbox else "") + (" --xstest" if a.xstest else "") +
+                       (" --heldout-labels" if a.heldout_labels else ""),
             "commit": commit, "judge_version": JudgeV2().version,
             "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
             "python": platform.python_version(),

@@ -84,10 +84,11 @@ def read_smollm2(path: str | Path, part: str) -> list[LabelledRow]:
     return rows
 
 
-def read_extra(path: str | Path) -> list[LabelledRow]:
-    """The blind-labelled development completions (experiments/judge_labels)."""
+def read_extra(path: str | Path, source: str = "smollm2-extra") -> list[LabelledRow]:
+    """Blind-labelled completions of experiments/judge_labels (the development labels, or the
+    held-out set with source 'smollm2-heldout')."""
     with open(path, encoding="utf-8") as f:
-        return [_row("smollm2-extra", r["prompt"], r["completion"], r["label"], r["harmful"],
+        return [_row(source, r["prompt"], r["completion"], r["label"], r["harmful"],
                      r["run"], r["variant"]) for r in map(json.loads, f)]
 
 
