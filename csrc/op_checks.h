@@ -55,12 +55,32 @@ inline void check_saliency_args(const at::Tensor& score, const at::Tensor& weigh
   check_like(grad, score, op, "grad", "score");
 }
 
-inline void check_histogram_args(const at::Tensor& scores, int64_t prefix, int64_t digit) {
+inline void check_histogram_args(const at::Tensor& scores, int64_t prefix, int64_t digit,
+                                 int64_t keep_threshold, int64_t name_hash, int64_t patch_id,
+                                 int64_t offset) {
   const char* op = "safepatch::radix_histogram";
   check_dense(scores, op, "scores");
   TORCH_CHECK(digit == 0 || digit == 1, op, ": digit must be 0 or 1, got ", num(digit));
   TORCH_CHECK(digit == 0 || (prefix >= 0 && prefix < kNumBins), op,
               ": prefix must be in [0, 65535] for digit 1, got ", num(prefix));
+  TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= (int64_t(1) << 32), op,
+              ": keep_threshold must be floor(p * 2^32) with p in [0, 1], got ", num(keep_threshold));
+  TORCH_CHECK(name_hash >= 0 && name_hash < (int64_t(1) << 32), op,
+              ": name_hash must be a uint32, got ", num(name_hash));
+  TORCH_CHECK(patch_id == 0 || patch_id == 1, op, ": patch_id must be 0 (SE) or 1 (OSM), got ",
+              num(patch_id));
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", num(offset));
+}
+
+// Optional int64 (2,) accumulator of applied-element counts, on base's device.
+inline void check_counts_arg(const c10::optional<at::Tensor>& counts, const at::Tensor& base) {
+  const char* op = "safepatch::masked_merge";
+  if (!counts.has_value()) return;
+  const at::Tensor& c = *counts;
+  TORCH_CHECK(c.scalar_type() == c10::ScalarType::Long && c.numel() == 2 && c.is_contiguous(), op,
+              ": applied_counts must be a contiguous int64 tensor of 2 elements");
+  TORCH_CHECK(c.device() == base.device(), op, ": applied_counts is on ", c.device(),
+              " but base is on ", base.device());
 }
 
 inline void check_merge_args(const at::Tensor& base, const c10::optional<at::Tensor>& patch_se,

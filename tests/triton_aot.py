@@ -35,20 +35,23 @@ def _compile(fn, sig: dict, consts: dict, num_warps: int) -> None:
 
 
 def main() -> int:
-    merge_cases = [  # HAS_SE, HAS_OSM, MODE, DRAW, DELTAS, MASKS, SHIFT, out dtype
-        (True, True, 0, True, True, False, 0, "bf16"),
-        (True, True, 1, True, False, True, 3, "fp16"),
-        (True, False, 2, False, True, True, 1, "fp32"),
-        (False, True, 3, False, False, True, 0, "fp16"),
+    merge_cases = [  # HAS_SE, HAS_OSM, MODE, DRAW, RETAIN_FIRST, DELTAS, MASKS, COUNT, SHIFT, out
+        (True, True, 0, True, False, True, False, False, 0, "bf16"),
+        (True, True, 1, True, False, False, True, True, 3, "fp16"),
+        (True, False, 2, False, False, True, True, False, 1, "fp32"),
+        (False, True, 3, False, False, False, True, True, 0, "fp16"),
+        (True, True, 0, False, True, True, False, True, 2, "bf16"),  # retention before selection
+        (True, False, 1, False, True, False, False, False, 0, "fp32"),
     ]
-    for has_se, has_osm, mode, draw, deltas, masks, shift, out in merge_cases:
+    for has_se, has_osm, mode, draw, first, deltas, masks, count, shift, out in merge_cases:
         sig = {"base_ptr": "*bf16", "pse_ptr": "*fp32", "posm_ptr": "*fp16", "sse_ptr": "*fp16",
                "sosm_ptr": "*bf16", "out_ptr": f"*{out}", "mse_ptr": "*u8", "mosm_ptr": "*u8",
-               "n": "i64", "blk0": "i64",
+               "counts_ptr": "*i64", "n": "i64", "blk0": "i64",
                "key_se": "i32", "key_osm": "i32", "c_se": "fp32", "c_osm": "fp32", "keep_i32": "i32",
                "seed_i32": "i32", "hash_i32": "i32"}
-        consts = dict(HAS_SE=has_se, HAS_OSM=has_osm, MODE=mode, DRAW=draw, DELTAS=deltas, MASKS=masks,
-                      SHIFT=shift, ROWS=256)  # the launcher's default launch: rows=256, 4 warps
+        consts = dict(HAS_SE=has_se, HAS_OSM=has_osm, MODE=mode, DRAW=draw, RETAIN_FIRST=first,
+                      DELTAS=deltas, MASKS=masks, COUNT=count, SHIFT=shift,
+                      ROWS=256)  # the launcher's default launch: rows=256, 4 warps
         sig.update({k: "constexpr" for k in consts})
         compile_one(masked_merge._masked_merge_kernel, sig, consts, num_warps=4)
     for dt, digit in (("fp32", 0), ("bf16", 1), ("fp16", 1)):
@@ -56,6 +59,12 @@ def main() -> int:
                "DIGIT": "constexpr", "COPIES": "constexpr", "BLOCK": "constexpr"}
         consts = dict(DIGIT=digit, COPIES=4, BLOCK=4096)
         compile_one(histogram._histogram_kernel, sig, consts)
+        sig = {"x_ptr": f"*{dt}", "hist_ptr": "*i32", "n": "i64", "blk0": "i64", "prefix": "i32",
+               "keep_i32": "i32", "seed_i32": "i32", "hash_i32": "i32", "DIGIT": "constexpr",
+               "PATCH_ID": "constexpr", "COPIES": "constexpr", "SHIFT": "constexpr",
+               "ROWS": "constexpr"}
+        consts = dict(DIGIT=digit, PATCH_ID=digit, COPIES=4, SHIFT=digit * 3, ROWS=1024)
+        compile_one(histogram._histogram_retained_kernel, sig, consts)
     for w, g in (("bf16", "fp16"), ("fp32", "fp32")):
         sig = {"score_ptr": "*fp32", "w_ptr": f"*{w}", "g_ptr": f"*{g}", "n": "i64", "scale": "fp32",
                "ROWS": "constexpr"}

@@ -1,5 +1,7 @@
 // 65536-bin histogram of one 16-bit digit of the score keys. Each worker counts a contiguous
-// slice into its own histogram (no atomics); the histograms are summed at the end.
+// slice into its own histogram (no atomics); the histograms are summed at the end. With a
+// retention draw (keep_threshold < 2^32) the keys are those of the retained scores: a dropped
+// element counts as key 0 unless its key is invalid (>= 0x7F800000).
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 
@@ -10,6 +12,7 @@
 #include "../philox.h"
 #include "convert.h"
 #include "kernels.h"
+#include "philox_lanes.h"
 
 namespace safepatch {
 namespace cpu {
@@ -70,28 +73,106 @@ void count_slice(const typename T::raw* __restrict__ s, int64_t lo, int64_t hi, 
   }
 }
 
+// The retention draw of a histogram of retained scores.
+struct Draw {
+  int64_t offset;  // absolute index of the tensor's element 0 of this call's scores
+  uint32_t keep, seed, name_hash, patch_id;
+};
+
+constexpr int kDrawLanes = 128;                // Philox blocks per tile
+constexpr int64_t kDrawTile = 4 * kDrawLanes;  // elements per tile, aligned to absolute indices
+
+// count_slice for retained scores: tiles aligned to absolute element indices, one Philox call
+// per four elements. digit 1 under a non-zero prefix draws only for tiles holding a key under
+// the prefix (a dropped element's key 0 is never counted there).
+template <typename T>
+void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int64_t hi,
+                          int64_t prefix, int64_t digit, const Draw& d,
+                          int64_t* __restrict__ hist) {
+  alignas(64) uint32_t words[kDrawTile];
+  alignas(64) uint32_t keys[kDrawTile];
+  const uint32_t want = static_cast<uint32_t>(prefix);
+  // digit 0: four interleaved 32-bit sub-histograms, as in count_slice.
+  std::vector<uint32_t> sub(digit == 0 ? static_cast<size_t>(4 * kNumBins) : 0, 0);
+  uint32_t* __restrict__ h = sub.data();
+  int64_t pending = 0;  // increments in `sub` since its last flush
+  auto flush = [&] {
+    for (int64_t b = 0; b < kNumBins; ++b) {
+      hist[b] += static_cast<int64_t>(h[b]) + h[kNumBins + b] + h[2 * kNumBins + b] +
+                 h[3 * kNumBins + b];
+    }
+    std::fill(sub.begin(), sub.end(), 0u);
+    pending = 0;
+  };
+  int64_t i = lo;
+  while (i < hi) {
+    const uint64_t a = static_cast<uint64_t>(d.offset + i);
+    const uint64_t tile0 = a / kDrawTile * kDrawTile;
+    const int64_t end = std::min<int64_t>(hi, static_cast<int64_t>(tile0 + kDrawTile) - d.offset);
+    const int64_t n = end - i;
+    const int64_t sh = static_cast<int64_t>(a - tile0);
+    uint32_t any = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      keys[k] = score_key_from_bits(T::key_bits(s[i + k]));
+      any |= static_cast<uint32_t>((keys[k] >> 16) == want);
+    }
+    if (digit == 0 || want == 0 || any) {
+      philox_words_lanes<kDrawLanes>(tile0 >> 2, d.seed, d.name_hash, d.patch_id, words);
+      const uint32_t* __restrict__ w = words + sh;
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t kept = static_cast<uint32_t>(w[k] < d.keep) |
+                              static_cast<uint32_t>(keys[k] >= 0x7F800000u);
+        keys[k] &= 0u - kept;
+      }
+      if (digit == 0) {
+        if (pending + n >= (int64_t(1) << 31)) flush();
+        for (int64_t k = 0; k < n; ++k) h[(k & 3) * kNumBins + (keys[k] >> 16)] += 1;
+        pending += n;
+      } else {
+        for (int64_t k = 0; k < n; ++k) {
+          if ((keys[k] >> 16) == want) hist[keys[k] & 0xFFFFu] += 1;
+        }
+      }
+    }
+    i = end;
+  }
+  if (digit == 0) flush();
+}
+
 }  // namespace
 
-at::Tensor radix_histogram(const at::Tensor& scores, int64_t prefix, int64_t digit) {
-  check_histogram_args(scores, prefix, digit);
+at::Tensor radix_histogram(const at::Tensor& scores, int64_t prefix, int64_t digit,
+                           int64_t keep_threshold, int64_t seed, int64_t name_hash,
+                           int64_t patch_id, int64_t offset) {
+  check_histogram_args(scores, prefix, digit, keep_threshold, name_hash, patch_id, offset);
   at::Tensor out = at::zeros({kNumBins}, scores.options().dtype(at::kLong));
   const int64_t n = scores.numel();
   int64_t* hist = out.data_ptr<int64_t>();
   const int64_t workers =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinPerWorker));
+  const bool draw = keep_threshold < kKeepAll;
+  const Draw d{offset, static_cast<uint32_t>(keep_threshold & 0xFFFFFFFF),
+               static_cast<uint32_t>(static_cast<uint64_t>(seed)), static_cast<uint32_t>(name_hash),
+               static_cast<uint32_t>(patch_id)};
   dispatch_float(scores.scalar_type(), "scores", [&](auto tag) {
     using T = decltype(tag);
     const auto* s = static_cast<const typename T::raw*>(scores.data_ptr());
+    auto slice = [&](int64_t lo, int64_t hi, int64_t* h) {
+      if (draw) {
+        count_slice_retained<T>(s, lo, hi, prefix, digit, d, h);
+      } else {
+        count_slice<T>(s, lo, hi, prefix, digit, h);
+      }
+    };
     if (workers == 1) {
-      count_slice<T>(s, 0, n, prefix, digit, hist);
+      slice(0, n, hist);
       return;
     }
     std::vector<int64_t> local(static_cast<size_t>(workers * kNumBins), 0);
     const int64_t per = (n + workers - 1) / workers;
     at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
-        count_slice<T>(s, w * per, std::min(n, (w + 1) * per), prefix, digit,
-                       local.data() + w * kNumBins);
+        slice(w * per, std::min(n, (w + 1) * per), local.data() + w * kNumBins);
       }
     });
     at::parallel_for(0, kNumBins, 4096, [&](int64_t b0, int64_t b1) {

@@ -2,6 +2,8 @@
 //   in_X      = key(S_X) >= key_X && key(S_X) > 0       (patch absent -> false; mode none -> true)
 //   M_X       = by mode from in_SE, in_OSM
 //   applied_X = M_X && philox word < keep_threshold
+// Retention before selection (retain_first, modes other than none, p < 1): the retention test
+// moves into in_X (in_X = selected && kept) and applied_X = M_X.
 //   acc = float(base); acc += c_se * d_se if applied_se; acc += c_osm * d_osm if applied_osm
 //   out = acc rounded (nearest even) to out_dtype
 // Work goes in tiles of kTile elements aligned to absolute element indices (offset + i), so a
@@ -14,6 +16,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "../op_checks.h"
@@ -97,6 +100,7 @@ struct Tile {
   alignas(64) uint32_t words[kTile];
   alignas(64) float acc[kTile];
   alignas(64) uint32_t keep_words[2][kTile];  // fused path; stay 0 (= kept) when p == 1
+  int64_t counted[2] = {0, 0};                // applied elements of this worker, per patch
 };
 
 struct Merge;
@@ -114,6 +118,8 @@ struct Merge {
   bool deltas;
   uint32_t seed, name_hash, keep;
   int64_t offset;
+  bool retain_first = false;  // retention folded into in_X (before selection)
+  bool count = false;         // add applied elements into Tile::counted
   FusedFn fused = nullptr;  // single-pass kernel for the common dtype combinations
 
   // Asks for the inputs of elements j .. j+n-1 ahead of use: six concurrent streams per
@@ -151,9 +157,19 @@ struct Merge {
         for (int64_t k = 0; k < n; ++k) in[k] = 1;
       } else {
         q.keys(q.score + j * q.score_esize, n, q.key_t, in);
+        if (retain_first) {  // T_X = selected and kept (q.draw holds: retain_first needs p < 1)
+          uint32_t any = 0;
+          for (int64_t k = 0; k < n; ++k) any |= in[k];
+          if (any) {
+            philox_words_lanes<kLanes>(tile0 >> 2, seed, name_hash, q.patch_id, t.words);
+            const uint32_t* __restrict__ w = t.words + sh;
+            const uint32_t thr = keep;
+            for (int64_t k = 0; k < n; ++k) in[k] &= static_cast<uint32_t>(w[k] < thr);
+          }
+        }
       }
     }
-    // M_X by mode, written into applied[X]; retention is and-ed in below.
+    // M_X by mode, written into applied[X]; retention (after selection) is and-ed in below.
     uint32_t* __restrict__ m0 = t.applied[0];
     uint32_t* __restrict__ m1 = t.applied[1];
     const uint32_t* __restrict__ i0 = t.in[0];
@@ -181,11 +197,16 @@ struct Merge {
       uint32_t any = 0;
       for (int64_t k = 0; k < n; ++k) any |= m[k];
       if (!any) continue;  // nothing selected here: no draw, no patch read
-      if (q.draw) {
+      if (q.draw && !retain_first) {
         philox_words_lanes<kLanes>(tile0 >> 2, seed, name_hash, q.patch_id, t.words);
         const uint32_t* __restrict__ w = t.words + sh;
         const uint32_t thr = keep;
         for (int64_t k = 0; k < n; ++k) m[k] &= static_cast<uint32_t>(w[k] < thr);
+      }
+      if (count) {
+        uint32_t c = 0;
+        for (int64_t k = 0; k < n; ++k) c += m[k];
+        t.counted[p] += c;
       }
       float* __restrict__ d = t.delta[p];
       q.load(q.data + j * q.esize, n, d);
@@ -212,6 +233,23 @@ struct Merge {
   }
 };
 
+
+// The fused tiles' outputs besides the merged values: the applied masks (when asked for) and
+// this worker's applied counts (when counting); t.applied holds the final masks.
+inline void fused_outputs(const Merge& mg, Tile& t, int64_t j, int64_t n) {
+  for (int p = 0; p < 2; ++p) {
+    const uint32_t* __restrict__ m = t.applied[p];
+    bool* mo = mg.x[p].mask_out;
+    if (mo != nullptr) {
+      for (int64_t k = 0; k < n; ++k) mo[j + k] = m[k] != 0;
+    }
+    if (mg.count) {
+      uint32_t c = 0;
+      for (int64_t k = 0; k < n; ++k) c += m[k];
+      t.counted[p] += c;
+    }
+  }
+}
 
 // Single-pass tile for the common case: both patches present, scores used (mode difference,
 // intersection or topk), base / patches / out of one dtype V, both scores of one dtype S.
@@ -299,22 +337,96 @@ void fused_tile(const Merge& mg, Tile& t, int64_t j, int64_t n) {
     acc = a1k ? v1 : acc;
     o[k] = V::store(acc);
   }
-  for (int p = 0; p < 2; ++p) {
-    bool* mo = mg.x[p].mask_out;
-    if (mo == nullptr) continue;
-    const uint32_t* __restrict__ m = t.applied[p];
-    for (int64_t k = 0; k < n; ++k) mo[j + k] = m[k] != 0;
+  fused_outputs(mg, t, j, n);
+}
+
+// The fused tile with retention before selection (p < 1): pass 1 selects by score; Philox
+// fills the retention words of each patch with something selected; T_X = selected and kept
+// goes through the mode; pass 2 applies M_X without drawing. Same arithmetic as fused_tile.
+template <typename V, typename S, bool Deltas>
+void fused_tile_retain_first(const Merge& mg, Tile& t, int64_t j, int64_t n) {
+  const uint64_t a0 = static_cast<uint64_t>(mg.offset + j);
+  const uint64_t tile0 = a0 / kTile * kTile;
+  const int64_t sh = static_cast<int64_t>(a0 - tile0);
+  const auto* __restrict__ s0 = reinterpret_cast<const typename S::raw*>(mg.x[0].score) + j;
+  const auto* __restrict__ s1 = reinterpret_cast<const typename S::raw*>(mg.x[1].score) + j;
+  uint32_t* __restrict__ m0 = t.applied[0];
+  uint32_t* __restrict__ m1 = t.applied[1];
+  const uint32_t t0 = mg.x[0].key_t, t1 = mg.x[1].key_t;
+  uint32_t any0 = 0, any1 = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t k0 = score_key_from_bits(S::key_bits(s0[k]));
+    const uint32_t k1 = score_key_from_bits(S::key_bits(s1[k]));
+    const uint32_t i0 = static_cast<uint32_t>(k0 >= t0) & static_cast<uint32_t>(k0 > 0);
+    const uint32_t i1 = static_cast<uint32_t>(k1 >= t1) & static_cast<uint32_t>(k1 > 0);
+    m0[k] = i0;
+    m1[k] = i1;
+    any0 |= i0;
+    any1 |= i1;
   }
+  // Words of a patch with nothing selected here are stale, and-ed with zeros only.
+  if (any0) philox_words_lanes<kLanes>(tile0 >> 2, mg.seed, mg.name_hash, 0, t.keep_words[0]);
+  if (any1) philox_words_lanes<kLanes>(tile0 >> 2, mg.seed, mg.name_hash, 1, t.keep_words[1]);
+  const uint32_t thr = mg.keep;
+  const uint32_t* __restrict__ w0 = t.keep_words[0] + sh;
+  const uint32_t* __restrict__ w1 = t.keep_words[1] + sh;
+  switch (mg.mode) {
+    case kDifference:
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t r0 = m0[k] & static_cast<uint32_t>(w0[k] < thr);
+        const uint32_t r1 = m1[k] & static_cast<uint32_t>(w1[k] < thr);
+        m0[k] = r0 & ~r1;
+        m1[k] = r1 & ~r0;
+      }
+      break;
+    case kIntersection:
+      for (int64_t k = 0; k < n; ++k) {
+        const uint32_t r0 = m0[k] & static_cast<uint32_t>(w0[k] < thr);
+        const uint32_t r1 = m1[k] & static_cast<uint32_t>(w1[k] < thr);
+        m0[k] = m1[k] = r0 & r1;
+      }
+      break;
+    default:  // topk
+      for (int64_t k = 0; k < n; ++k) {
+        m0[k] &= static_cast<uint32_t>(w0[k] < thr);
+        m1[k] &= static_cast<uint32_t>(w1[k] < thr);
+      }
+  }
+  const auto* __restrict__ b = reinterpret_cast<const typename V::raw*>(mg.base) + j;
+  const auto* __restrict__ p0 = reinterpret_cast<const typename V::raw*>(mg.x[0].data) + j;
+  const auto* __restrict__ p1 = reinterpret_cast<const typename V::raw*>(mg.x[1].data) + j;
+  auto* __restrict__ o = reinterpret_cast<typename V::raw*>(mg.out) + j;
+  const float c0 = mg.x[0].coeff, c1 = mg.x[1].coeff;
+  for (int64_t k = 0; k < n; ++k) {
+    const float bv = V::load(b[k]);
+    float d0 = V::load(p0[k]);
+    float d1 = V::load(p1[k]);
+    if (!Deltas) {
+      d0 = d0 - bv;
+      d1 = d1 - bv;
+    }
+    float acc = bv;
+    const float v0 = acc + c0 * d0;
+    acc = m0[k] ? v0 : acc;
+    const float v1 = acc + c1 * d1;
+    acc = m1[k] ? v1 : acc;
+    o[k] = V::store(acc);
+  }
+  fused_outputs(mg, t, j, n);
 }
 
 template <typename V, typename S>
-FusedFn fused_for(bool deltas) {
+FusedFn fused_for(bool deltas, bool retain_first) {
+  if (retain_first) {
+    return deltas ? &fused_tile_retain_first<V, S, true> : &fused_tile_retain_first<V, S, false>;
+  }
   return deltas ? &fused_tile<V, S, true> : &fused_tile<V, S, false>;
 }
 
 template <typename V>
-FusedFn fused_for_scores(c10::ScalarType score, bool deltas) {
-  return dispatch_float(score, "score", [&](auto st) { return fused_for<V, decltype(st)>(deltas); });
+FusedFn fused_for_scores(c10::ScalarType score, bool deltas, bool retain_first) {
+  return dispatch_float(score, "score",
+                        [&](auto st) { return fused_for<V, decltype(st)>(deltas, retain_first); });
 }
 
 // The fused kernel for these inputs, or nullptr when only the generic path handles them.
@@ -322,13 +434,13 @@ FusedFn choose_fused(const at::Tensor& base, const c10::optional<at::Tensor>& pa
                      const c10::optional<at::Tensor>& patch_osm,
                      const c10::optional<at::Tensor>& score_se,
                      const c10::optional<at::Tensor>& score_osm, int64_t mode, bool deltas,
-                     c10::ScalarType out_dtype) {
+                     c10::ScalarType out_dtype, bool retain_first) {
   if (mode == kNone || !patch_se.has_value() || !patch_osm.has_value()) return nullptr;
   const c10::ScalarType v = base.scalar_type();
   if (patch_se->scalar_type() != v || patch_osm->scalar_type() != v || out_dtype != v) return nullptr;
   if (score_se->scalar_type() != score_osm->scalar_type()) return nullptr;
   return dispatch_float(v, "base", [&](auto vt) {
-    return fused_for_scores<decltype(vt)>(score_se->scalar_type(), deltas);
+    return fused_for_scores<decltype(vt)>(score_se->scalar_type(), deltas, retain_first);
   });
 }
 
@@ -339,9 +451,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
     const c10::optional<at::Tensor>& patch_osm, const c10::optional<at::Tensor>& score_se,
     const c10::optional<at::Tensor>& score_osm, int64_t key_se, int64_t key_osm, int64_t mode,
     double c_se, double c_osm, int64_t keep_threshold, int64_t seed, int64_t name_hash,
-    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks) {
+    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks, bool retain_first,
+    const c10::optional<at::Tensor>& applied_counts) {
   check_merge_args(base, patch_se, patch_osm, score_se, score_osm, key_se, key_osm, mode,
                    keep_threshold, name_hash, offset, out_dtype);
+  check_counts_arg(applied_counts, base);
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype));
   at::Tensor mask_se, mask_osm;
   if (return_masks) {
@@ -373,6 +487,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
   const bool keep_all = keep_threshold >= kKeepAll;
   mg.keep = keep_all ? 0u : static_cast<uint32_t>(keep_threshold);
   mg.offset = offset;
+  // Mode none selects nothing to fold retention into, and p == 1 draws nothing: both are the
+  // retention-after-selection merge.
+  mg.retain_first = retain_first && mode != kNone && !keep_all;
+  mg.count = applied_counts.has_value();
   const c10::optional<at::Tensor>* patches[2] = {&patch_se, &patch_osm};
   const c10::optional<at::Tensor>* scores[2] = {&score_se, &score_osm};
   const int64_t keys[2] = {key_se, key_osm};
@@ -399,7 +517,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
     }
   }
 
-  mg.fused = choose_fused(base, patch_se, patch_osm, score_se, score_osm, mode, deltas, out_dtype);
+  mg.fused = choose_fused(base, patch_se, patch_osm, score_se, score_osm, mode, deltas, out_dtype,
+                          mg.retain_first);
+  std::atomic<int64_t> total[2] = {0, 0};
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     Tile t;
     std::memset(t.keep_words, 0, sizeof(t.keep_words));
@@ -412,7 +532,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
       mg.tile(t, j, end - j);
       j = end;
     }
+    total[0] += t.counted[0];
+    total[1] += t.counted[1];
   });
+  if (mg.count) {
+    int64_t* c = applied_counts->data_ptr<int64_t>();
+    c[0] += total[0].load();
+    c[1] += total[1].load();
+  }
   return {out, mask_se, mask_osm};
 }
 

@@ -2,6 +2,9 @@
 //   in_X      = key(S_X) >= key_X && key(S_X) > 0       (patch absent -> false; mode none -> true)
 //   M_X       = by mode from in_SE, in_OSM
 //   applied_X = M_X && philox word < keep_threshold
+// Retention before selection (retain_first, modes other than none, p < 1): in_X = selected &&
+// kept, applied_X = M_X. With applied_counts, each block adds its applied elements per patch
+// (one shared-memory sum per block, one global atomic per block and patch).
 //   acc = float(base); acc += c_se * d_se if applied_se; acc += c_osm * d_osm if applied_osm
 //   out = acc rounded (nearest even) to out_dtype
 // Each thread handles one Philox counter block: the four elements with absolute indices
@@ -41,11 +44,19 @@ struct MergeArgs {
   float coeff[2];
   int mode;
   bool draw, deltas, vec;
+  bool retain_first;                    // retention folded into in_X (implies draw)
+  unsigned long long* counts;           // nullptr unless applied_counts
   uint32_t keep, seed, name_hash;
   int64_t n, offset, blk0, nblk;
 };
 
 __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs a) {
+  __shared__ unsigned long long block_counts[2];
+  unsigned long long counted[2] = {0ull, 0ull};
+  if (a.counts != nullptr) {  // uniform over the grid
+    if (threadIdx.x == 0) block_counts[0] = block_counts[1] = 0ull;
+    __syncthreads();
+  }
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < a.nblk;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t blk = a.blk0 + t;
@@ -83,6 +94,12 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs a) {
         const uint32_t k = key_of(s[j]);
         in[x][j] = valid[j] && k >= a.key[x] && k > 0u;
       }
+      if (a.retain_first && (in[x][0] || in[x][1] || in[x][2] || in[x][3])) {
+        uint32_t w[4];
+        retention_block(static_cast<uint64_t>(blk), a.seed, a.name_hash, static_cast<uint32_t>(x), w);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) in[x][j] = in[x][j] && w[j] < a.keep;
+      }
     }
 
     bool m[2][4];
@@ -104,13 +121,14 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs a) {
     for (int x = 0; x < 2; ++x) {
       if (!a.present[x]) continue;
       bool any = m[x][0] || m[x][1] || m[x][2] || m[x][3];
-      if (any && a.draw) {
+      if (any && a.draw && !a.retain_first) {
         uint32_t w[4];
         retention_block(static_cast<uint64_t>(blk), a.seed, a.name_hash, static_cast<uint32_t>(x), w);
 #pragma unroll
         for (int j = 0; j < 4; ++j) m[x][j] = m[x][j] && w[j] < a.keep;
         any = m[x][0] || m[x][1] || m[x][2] || m[x][3];
       }
+      counted[x] += static_cast<unsigned>(m[x][0]) + m[x][1] + m[x][2] + m[x][3];
       if (!any) continue;
       float d[4];
       if (full) {
@@ -142,6 +160,17 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs a) {
         if (valid[j]) a.mask[x][i0 + j] = m[x][j];
     }
   }
+  if (a.counts != nullptr) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+      if (counted[x] != 0ull) atomicAdd(&block_counts[x], counted[x]);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+        if (block_counts[x] != 0ull) atomicAdd(a.counts + x, block_counts[x]);
+    }
+  }
 }
 
 }  // namespace
@@ -151,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
     const c10::optional<at::Tensor>& patch_osm, const c10::optional<at::Tensor>& score_se,
     const c10::optional<at::Tensor>& score_osm, int64_t key_se, int64_t key_osm, int64_t mode,
     double c_se, double c_osm, int64_t keep_threshold, int64_t seed, int64_t name_hash,
-    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks) {
+    int64_t offset, bool deltas, c10::ScalarType out_dtype, bool return_masks, bool retain_first,
+    const c10::optional<at::Tensor>& applied_counts) {
   check_merge_args(base, patch_se, patch_osm, score_se, score_osm, key_se, key_osm, mode,
                    keep_threshold, name_hash, offset, out_dtype);
+  check_counts_arg(applied_counts, base);
   const c10::cuda::CUDAGuard guard(base.device());
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype));
   const auto mask_opts = base.options().dtype(at::kBool);
@@ -171,6 +202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_merge(
   a.deltas = deltas;
   a.draw = keep_threshold < kKeepAll;
   a.keep = a.draw ? static_cast<uint32_t>(keep_threshold) : 0u;
+  // Mode none and p == 1 are the retention-after-selection merge.
+  a.retain_first = retain_first && a.draw && mode != kNone;
+  a.counts = applied_counts.has_value()
+                 ? reinterpret_cast<unsigned long long*>(applied_counts->data_ptr<int64_t>())
+                 : nullptr;
   a.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   a.name_hash = static_cast<uint32_t>(name_hash);
   a.n = n;

@@ -21,7 +21,7 @@ import torch
 
 from . import reference
 from .philox import fnv1a32, keep_threshold, retention_mask, retention_words  # noqa: F401
-from .reference import MODES, NUM_BINS, score_keys, threshold_key  # noqa: F401
+from .reference import MODES, NUM_BINS, RETENTION_ORDERS, score_keys, threshold_key  # noqa: F401
 
 log = logging.getLogger("safepatch_merge.ops")
 
@@ -160,21 +160,43 @@ def saliency_finalize_(score: torch.Tensor) -> torch.Tensor:
     return score.abs_()
 
 
-def radix_histogram(scores: torch.Tensor, prefix: int = 0, digit: int = 0) -> torch.Tensor:
+def _check_draw(seed, offset) -> None:
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+def radix_histogram(scores: torch.Tensor, prefix: int = 0, digit: int = 0, *, p: float = 1.0,
+                    seed: int = 0, name: str = "", patch_id: int = 0,
+                    offset: int = 0) -> torch.Tensor:
     """int64 histogram (65536 bins, on scores' device) of one 16-bit digit of the score keys.
 
     scores: float32, bfloat16 or float16, any shape; keys are the bits of float32(score) with
     -0 -> 0 (see reference.py). digit 0: bins of key >> 16 over all elements; digit 1: bins of
     key & 0xFFFF over elements whose key >> 16 == prefix. Histograms of chunks and tensors add
     up. Invalid scores show in digit 0: bins >= 0x7F80 (inf/NaN) and >= 0x8000 (negative).
+
+    Retained scores (retention before selection): with p < 1, an element that the retention
+    draw of patch `patch_id` (0 SE, 1 OSM) drops counts as key 0; p, seed, name and offset
+    (the chunk's first element inside tensor `name`) as in :func:`masked_merge`, so the
+    histogram sees exactly the R_X that masked_merge applies. Invalid scores keep their keys
+    whether retained or not. p == 1 is the plain histogram.
     """
     _check_tensor(scores, "scores")
     if digit not in (0, 1):
         raise ValueError(f"digit must be 0 or 1, got {digit!r}")
     if digit == 1 and not (0 <= prefix < NUM_BINS):
         raise ValueError(f"prefix must be in [0, 65535] for digit 1, got {prefix!r}")
+    keep_threshold(p)  # validates p in [0, 1]
+    if patch_id not in (0, 1):
+        raise ValueError(f"patch_id must be 0 (SE) or 1 (OSM), got {patch_id!r}")
+    _check_draw(seed, offset)
     _, mod = backend_for(scores.device, "radix_histogram")
-    return mod.radix_histogram(scores, int(prefix), int(digit))
+    if p >= 1.0:  # the plain call: every backend's unchanged fast path
+        return mod.radix_histogram(scores, int(prefix), int(digit))
+    return mod.radix_histogram(scores, int(prefix), int(digit), p=float(p), seed=seed, name=name,
+                               patch_id=int(patch_id), offset=offset)
 
 
 def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: torch.Tensor | None,
@@ -182,7 +204,9 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
                  t_se: float = math.inf, t_osm: float = math.inf, mode: str = "difference",
                  alpha: float = 1.0, beta: float = 1.0, p: float = 1.0, rescale: bool = False,
                  seed: int = 0, name: str = "", offset: int = 0, patches_are_deltas: bool = True,
-                 out_dtype: torch.dtype | None = None, return_masks: bool = False):
+                 out_dtype: torch.dtype | None = None, return_masks: bool = False,
+                 retention_order: str = "after_selection",
+                 applied_counts: torch.Tensor | None = None):
     """SafePatching's merge of one tensor (or one chunk of it), in one pass. Not in place.
 
     out = base + α·(R_SE ⊙ M_SE ⊙ P_SE)/s + β·(R_OSM ⊙ M_OSM ⊙ P_OSM)/s   (DESIGN §1)
@@ -197,6 +221,12 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
     p: retention rate in [0, 1]; rescale divides kept deltas by p (DARE); the mask comes from
     Philox4x32-10 keyed by (seed, name), counter from element index offset + i (offset: the
     chunk's first element inside the full tensor, int64). out_dtype: defaults to base.dtype.
+    retention_order: ``after_selection`` (above) or ``before_selection``: T_X = R_X and
+    S_X >= t_X and S_X > 0, the mode combines those retained top sets, and the merge adds
+    M_X ⊙ P_X (t_X then comes from :func:`radix_histogram` of the retained scores); mode
+    ``none`` and p == 1 are the same under both. applied_counts: optional int64 tensor of
+    shape (2,) on base's device; the numbers of elements whose SE / OSM term is applied are
+    added to it in place (sums over chunks without a host sync).
     Returns the merged tensor (shape of base), or :class:`MergeMasks` if return_masks.
     """
     _check_tensor(base, "base")
@@ -224,10 +254,16 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
     keep_threshold(p)  # validates p in [0, 1]
     if rescale and p == 0:
         raise ValueError("rescale needs p > 0 (it divides the kept deltas by p)")
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_draw(seed, offset)
+    if retention_order not in RETENTION_ORDERS:
+        raise ValueError(f"retention_order must be one of {', '.join(RETENTION_ORDERS)}, got "
+                         f"{retention_order!r}")
+    if applied_counts is not None:
+        _check_tensor(applied_counts, "applied_counts", (torch.int64,))
+        if applied_counts.shape != (2,) or applied_counts.device != base.device:
+            raise ValueError(f"applied_counts must be an int64 tensor of shape (2,) on "
+                             f"{base.device}, got shape {tuple(applied_counts.shape)} on "
+                             f"{applied_counts.device}")
     out_dtype = out_dtype or base.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
@@ -236,12 +272,13 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
                            t_osm=float(t_osm), mode=mode, alpha=float(alpha), beta=float(beta),
                            p=float(p), rescale=bool(rescale), seed=seed, name=name, offset=offset,
                            patches_are_deltas=patches_are_deltas, out_dtype=out_dtype,
-                           return_masks=return_masks)
+                           return_masks=return_masks, retention_order=retention_order,
+                           applied_counts=applied_counts)
     return MergeMasks(*res) if return_masks else res
 
 
 __all__ = [
-    "BACKENDS", "MODES", "NUM_BINS", "MergeMasks", "backend_for", "set_backend",
+    "BACKENDS", "MODES", "NUM_BINS", "RETENTION_ORDERS", "MergeMasks", "backend_for", "set_backend",
     "saliency_accumulate_", "saliency_finalize_", "radix_histogram", "masked_merge",
     "score_keys", "threshold_key", "fnv1a32", "keep_threshold", "retention_mask", "retention_words",
 ]

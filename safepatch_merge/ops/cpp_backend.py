@@ -33,22 +33,31 @@ def saliency_accumulate_(score: torch.Tensor, weight: torch.Tensor, grad: torch.
     return score
 
 
-def radix_histogram(scores: torch.Tensor, prefix: int = 0, digit: int = 0) -> torch.Tensor:
-    """int64 (65536,) histogram of one 16-bit digit of the score keys (see reference.py)."""
-    return torch.ops.safepatch.radix_histogram(scores, int(prefix), int(digit))
+def radix_histogram(scores: torch.Tensor, prefix: int = 0, digit: int = 0, *, p: float = 1.0,
+                    seed: int = 0, name: str = "", patch_id: int = 0,
+                    offset: int = 0) -> torch.Tensor:
+    """int64 (65536,) histogram of one 16-bit digit of the score keys (see reference.py);
+    p < 1: of the retained scores."""
+    if p >= 1.0:
+        return torch.ops.safepatch.radix_histogram(scores, int(prefix), int(digit))
+    return torch.ops.safepatch.radix_histogram(scores, int(prefix), int(digit), keep_threshold(p),
+                                               seed & _M32, fnv1a32(name), int(patch_id), offset)
 
 
 def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: torch.Tensor | None,
                  score_se: torch.Tensor | None, score_osm: torch.Tensor | None, *,
                  t_se: float, t_osm: float, mode: str, alpha: float, beta: float, p: float,
                  rescale: bool, seed: int, name: str, offset: int, patches_are_deltas: bool,
-                 out_dtype: torch.dtype, return_masks: bool = False):
+                 out_dtype: torch.dtype, return_masks: bool = False,
+                 retention_order: str = "after_selection",
+                 applied_counts: torch.Tensor | None = None):
     """Masked merge of one tensor or chunk (see reference.masked_merge for the semantics)."""
     s = p if rescale else 1.0
     out, m_se, m_osm = torch.ops.safepatch.masked_merge(
         base, patch_se, patch_osm, score_se, score_osm, threshold_key(t_se), threshold_key(t_osm),
         _MODE_IDS[mode], alpha / s, beta / s, keep_threshold(p), seed & _M32, fnv1a32(name),
-        offset, bool(patches_are_deltas), out_dtype, bool(return_masks))
+        offset, bool(patches_are_deltas), out_dtype, bool(return_masks),
+        retention_order == "before_selection", applied_counts)
     if return_masks:
         return out, m_se, m_osm
     return out

@@ -23,10 +23,13 @@ static emu_dim blockDim, gridDim;
 static thread_local uint32_t* emu_smem = nullptr;
 static std::barrier<>* emu_bar = nullptr;
 static std::vector<unsigned>* emu_xchg = nullptr;             // per block: one slot per thread
-static unsigned long long* emu_shared_u64 = nullptr;         // per block: `__shared__ u64` slot
+static unsigned long long* emu_shared_u64 = nullptr;         // per block: `__shared__ u64[2]` slots
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline void __syncthreads() { emu_bar->arrive_and_wait(); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
@@ -52,8 +55,8 @@ template <typename F> inline void emu_launch(int64_t blocks, int threads, size_t
     emu_bar = &bar;
     std::vector<unsigned> xchg(threads);
     emu_xchg = &xchg;
-    unsigned long long u64 = 0xDEADBEEFDEADBEEFull;  // garbage: the kernel must set it
-    emu_shared_u64 = &u64;
+    unsigned long long u64[2] = {0xDEADBEEFDEADBEEFull, 0xDEADBEEFDEADBEEFull};  // garbage: the kernel must set them
+    emu_shared_u64 = u64;
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; ++t)
       ts.emplace_back([&, t, b] { blockIdx.x = b; threadIdx.x = t; emu_smem = smem.data(); f(); });

@@ -3,11 +3,12 @@
     python tests/cuda_emulation/run.py        # needs a C++ compiler and CUDA's vector_types.h
 
 The .cu sources are copied with their launch syntax and CUDA runtime calls rewritten, compiled
-as C++ against torch (CPU) with emu_seq.h (threads run one after another: merge, saliency) or
-emu_threads.h (one std::thread per CUDA thread with real barriers: the histogram), and their
-outputs compared bit for bit with safepatch_merge.ops.reference on CPU tensors: vector and
-scalar paths, misaligned pointers, offsets beyond 2^32, every mode and dtype, several rounds
-of the 16-bit shared counters. Limits: warp ballots see one lane (each thread its own
+as C++ against torch (CPU) with emu_seq.h (threads run one after another: saliency) or
+emu_threads.h (one std::thread per CUDA thread with real barriers: the histogram and the merge,
+whose blocks sum their applied counts in shared memory), and their outputs compared bit for bit
+with safepatch_merge.ops.reference on CPU tensors: vector and scalar paths, misaligned
+pointers, offsets beyond 2^32, every mode and dtype, both retention orders with applied counts,
+histograms of retained scores, several rounds of the 16-bit shared counters. Limits: warp ballots see one lane (each thread its own
 converged group), warp shuffles are block-wide exchanges (valid where every thread of the
 block reaches them together), memory is sequentially consistent, and nothing is timed; a GPU run
 (bench/gpu_check.sh) is the real test. Takes a few minutes (three torch-header compiles).
@@ -51,6 +52,8 @@ def rewrite(src: str, launch: str) -> str:
     src = src.replace("extern __shared__ uint32_t sh[];", "uint32_t* sh = emu_smem;")
     src = src.replace("__shared__ unsigned long long block_zeros;",
                       "unsigned long long& block_zeros = *emu_shared_u64;")
+    src = src.replace("__shared__ unsigned long long block_counts[2];",
+                      "unsigned long long* block_counts = emu_shared_u64;")
     src = src.replace('#include "common.cuh"', '#include "common_emu.cuh"')
     src = src.replace('#include "../op_checks.h"', '#include "op_checks.h"')
     src = src.replace('#include "kernels.h"', '#include "cuda/kernels.h"')
@@ -74,11 +77,13 @@ TORCH_LIBRARY_IMPL({ns}, CPU, m) {{ {impls} }}
 """
 SCHEMAS = {
     "saliency_accumulate_": "saliency_accumulate_(Tensor(a!) score, Tensor weight, Tensor grad, float scale) -> Tensor(a!)",
-    "radix_histogram": "radix_histogram(Tensor scores, int prefix, int digit) -> Tensor",
+    "radix_histogram": "radix_histogram(Tensor scores, int prefix, int digit, int keep_threshold=4294967296, "
+                       "int seed=0, int name_hash=0, int patch_id=0, int offset=0) -> Tensor",
     "masked_merge": "masked_merge(Tensor base, Tensor? patch_se, Tensor? patch_osm, Tensor? score_se, "
                     "Tensor? score_osm, int key_se, int key_osm, int mode, float c_se, float c_osm, "
                     "int keep_threshold, int seed, int name_hash, int offset, bool deltas, "
-                    "ScalarType out_dtype, bool return_masks) -> (Tensor, Tensor, Tensor)",
+                    "ScalarType out_dtype, bool return_masks, bool retain_first=False, "
+                    "Tensor(a!)? applied_counts=None) -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -104,12 +109,15 @@ def build(work: Path, ns: str, files: list[str], ops: list[str], prelude: str, s
 
 def check_merge(E, g) -> int:
     cases = 0
-    for n, mode, dts, deltas, offset, mis, drop, p in itertools.product(
+    for n, mode, dts, deltas, offset, mis, drop, p, order in itertools.product(
             (1, 5, 1031), range(4),
             ((torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
              (torch.float16, torch.float32, torch.float16, torch.float16),
              (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32)),
-            (True, False), (0, 3, (1 << 33) + 6), (False, True), (None, "se"), (0.6, 1.0)):
+            (True, False), (0, 3, (1 << 33) + 6), (False, True), (None, "se"), (0.6, 1.0),
+            ref.RETENTION_ORDERS):
+        if order == "before_selection" and p == 1.0:
+            continue  # the same merge as after_selection (nothing drawn)
         bdt, pdt, sdt, odt = dts
         base = torch.randn(n + 1, generator=g)
         d = [torch.randn(n + 1, generator=g) * 0.02 for _ in range(2)]
@@ -121,12 +129,19 @@ def check_merge(E, g) -> int:
             ins[1] = ins[3] = None
         kw = dict(t_se=0.7, t_osm=0.75, mode=ref.MODES[mode], alpha=1.25, beta=0.75, p=p, rescale=True,
                   seed=2**33 + 5, name="w", offset=offset, patches_are_deltas=deltas, out_dtype=odt,
-                  return_masks=True)
-        want = ref.masked_merge(*ins, **kw)
-        got = E.masked_merge(*ins, ref.threshold_key(0.7), ref.threshold_key(0.75), mode, 1.25 / p,
-                             0.75 / p, P.keep_threshold(p), (2**33 + 5) & 0xFFFFFFFF, P.fnv1a32("w"), offset,
-                             deltas, odt, True)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, mode, dts, deltas, offset, mis, drop, p)
+                  return_masks=True, retention_order=order)
+        counts_want, counts_got = torch.zeros(2, dtype=torch.int64), torch.full((2,), 7, dtype=torch.int64)
+        want = ref.masked_merge(*ins, **kw, applied_counts=counts_want)
+        args = [*ins, ref.threshold_key(0.7), ref.threshold_key(0.75), mode, 1.25 / p, 0.75 / p,
+                P.keep_threshold(p), (2**33 + 5) & 0xFFFFFFFF, P.fnv1a32("w"), offset, deltas, odt, True]
+        what = (n, mode, dts, deltas, offset, mis, drop, p, order)
+        if order == "after_selection" and cases % 2 == 0:  # the original schema's arguments
+            got = E.masked_merge(*args)
+            counts_got += counts_want
+        else:
+            got = E.masked_merge(*args, order == "before_selection", counts_got)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), what
+        assert torch.equal(counts_got - 7, counts_want), (what, counts_got, counts_want)
         cases += 1
     return cases
 
@@ -169,6 +184,20 @@ def check_histogram(E, g) -> int:
                     want, got = fold_nan(want), fold_nan(got)
                 assert torch.equal(got, want), (dt, n, digit, prefix)
                 cases += 1
+    for dt, n, offset, p in itertools.product(FLOATS, (5, 9000), (0, 3, (1 << 33) + 6), (0.3, 0.85)):
+        x = (torch.rand(n + 1, generator=g) ** 4 * torch.randint(0, 3, (n + 1,), generator=g)).to(dt)
+        x[:4] = torch.tensor([-1.0, float("inf"), 0.0, -0.0]).to(dt)  # invalid keys stay counted
+        for xs in (x[:n], x[1:]):  # aligned (vector loads where offset allows) and misaligned
+            keys = ref.score_keys(xs)
+            pos = keys[(keys > 0) & (keys < 0x7F800000)]
+            under = [(1, int(pos[len(pos) // 2]) >> 16)] if len(pos) else []
+            for digit, prefix in [(0, 0), (1, 0)] + under:
+                kw = dict(p=p, seed=2**33 + 5, name="w", patch_id=digit, offset=offset)
+                want = ref.radix_histogram(xs, prefix, digit, **kw)
+                got = E.radix_histogram(xs, prefix, digit, P.keep_threshold(p), (2**33 + 5) & 0xFFFFFFFF,
+                                        P.fnv1a32("w"), digit, offset)
+                assert torch.equal(got, want), ("retained", dt, n, offset, p, digit, prefix)
+                cases += 1
     same = torch.full((57344 * 3 + 5,), 0.375)  # one bin over several rounds of 16-bit counters
     assert int(E.radix_histogram(same, 0, 0).max()) == same.numel()
     zeros = torch.zeros(70_001)  # bin 0 is counted per thread and summed per warp and block
@@ -180,11 +209,11 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="safepatch_cuda_emu_") as tmp:
         work = Path(tmp)
-        seq = build(work, "safepatch_emu_seq", ["merge", "saliency"], ["masked_merge", "saliency_accumulate_"],
-                    "emu_seq.h", "-std=c++17")
-        print("masked_merge:", check_merge(seq, g), "cases identical to the reference")
+        seq = build(work, "safepatch_emu_seq", ["saliency"], ["saliency_accumulate_"], "emu_seq.h", "-std=c++17")
         print("saliency_accumulate_:", check_saliency(seq, g), "cases identical")
-        thr = build(work, "safepatch_emu_threads", ["histogram"], ["radix_histogram"], "emu_threads.h", "-std=c++20")
+        thr = build(work, "safepatch_emu_threads", ["histogram", "merge"], ["radix_histogram", "masked_merge"],
+                    "emu_threads.h", "-std=c++20")
+        print("masked_merge:", check_merge(thr, g), "cases identical to the reference")
         print("radix_histogram:", check_histogram(thr, g), "cases identical")
     return 0
 
