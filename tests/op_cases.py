@@ -158,14 +158,17 @@ def run_merge(backend: Backend, case: MergeCase, **kw):
     MergeMasks-like tuples on CPU. kw: masked_merge keyword arguments."""
     kw = dict(kw, return_masks=True)
     got = ops.masked_merge(*to(backend.device, *case), **kw)
+    kw.pop("applied_counts", None)  # counts are the caller's to check
     want = reference_merge(case, **kw)
     return tuple(t.cpu() for t in got), want
 
 
 def reference_merge(case: MergeCase, *, t_se=math.inf, t_osm=math.inf, mode="difference",
                     alpha=1.0, beta=1.0, p=1.0, rescale=False, seed=0, name="", offset=0,
-                    patches_are_deltas=True, out_dtype=None, return_masks=True):
+                    patches_are_deltas=True, out_dtype=None, return_masks=True,
+                    retention_order="after_selection"):
     return ref.masked_merge(*case, t_se=t_se, t_osm=t_osm, mode=mode, alpha=alpha, beta=beta,
                             p=p, rescale=rescale, seed=seed, name=name, offset=offset,
                             patches_are_deltas=patches_are_deltas,
-                            out_dtype=out_dtype or case.base.dtype, return_masks=return_masks)
+                            out_dtype=out_dtype or case.base.dtype, return_masks=return_masks,
+                            retention_order=retention_order)

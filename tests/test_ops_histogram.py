@@ -115,3 +115,78 @@ def test_every_nan_lands_in_one_bin(backend, dtype):
     assert int(h0[0]) == 1 and int(h0.sum()) == s.numel()
     h1 = ops.radix_histogram(s.to(backend.device), 0x7FC0, 1).cpu()
     assert int(h1[0]) == nans.numel() and int(h1.sum()) == nans.numel()
+
+
+# ---------------------------------------------------------------- retained scores
+
+def _retained_by_hand(s, p, seed, name, patch_id, offset):
+    """Keys of the retained scores without the reference's helper: Philox words straight from
+    the generator, the keep rule of DESIGN §1, dropped valid scores as key 0."""
+    from safepatch_merge.ops.philox import keep_threshold, retention_words
+
+    keys = ref.score_keys(s).reshape(-1)
+    words = retention_words(keys.numel(), offset, seed, name, patch_id)
+    kept = (words < keep_threshold(p)) | (keys >= 0x7F800000)
+    return torch.where(kept, keys, torch.zeros_like(keys))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("offset", [0, 3, (1 << 33) + 6])
+def test_retained_matches_keys_by_hand(backend, dtype, offset):
+    s = torch.cat([rand_scores((3001,), dtype, 5), _specials(dtype)])
+    kw = dict(p=0.35, seed=2**33 + 7, name="model.layers.0.mlp.up_proj.weight", offset=offset)
+    for patch_id in (0, 1):
+        keys = _retained_by_hand(s, patch_id=patch_id, **kw)
+        h0 = ops.radix_histogram(s.to(backend.device), 0, 0, patch_id=patch_id, **kw).cpu()
+        assert torch.equal(h0, torch.bincount(keys >> 16, minlength=65536))
+        # invalid scores keep their keys whether drawn or not: validation sees all of them
+        assert int(h0[0x7F80:].sum()) == int(ref.radix_histogram(s, 0, 0)[0x7F80:].sum()) > 0
+        assert int(h0[0]) > int((ref.score_keys(s) == 0).sum())  # dropped scores moved to 0
+        for prefix in [int(b) for b in torch.topk(h0[1:0x7F80], 2).indices + 1] + [0]:
+            h1 = ops.radix_histogram(s.to(backend.device), prefix, 1, patch_id=patch_id, **kw)
+            want = torch.bincount(keys[(keys >> 16) == prefix] & 0xFFFF, minlength=65536)
+            assert torch.equal(h1.cpu(), want), f"prefix {prefix:#x}"
+    # SE and OSM draw different streams; p = 1 is the plain histogram
+    assert not torch.equal(ops.radix_histogram(s.to(backend.device), 0, 0, patch_id=0, **kw),
+                           ops.radix_histogram(s.to(backend.device), 0, 0, patch_id=1, **kw))
+    plain = ops.radix_histogram(s.to(backend.device), 0, 0, **dict(kw, p=1.0)).cpu()
+    assert torch.equal(plain, ref.radix_histogram(s, 0, 0))
+
+
+def test_retained_chunks_add_up(backend):
+    s = rand_scores((2999,), torch.float32, 6)
+    kw = dict(p=0.5, seed=3, name="emb", patch_id=1)
+    whole = ops.radix_histogram(s.to(backend.device), 0, 0, offset=0, **kw).cpu()
+    assert torch.equal(whole, ref.radix_histogram(s, 0, 0, offset=0, **kw))
+    for digit, prefix in ((0, 0), (1, int(torch.argmax(whole[1:])) + 1), (1, 0)):
+        whole = ops.radix_histogram(s.to(backend.device), prefix, digit, offset=0, **kw).cpu()
+        parts = sum(ops.radix_histogram(s[a:b].to(backend.device), prefix, digit, offset=a,
+                                        **kw).cpu()
+                    for a, b in ((0, 1), (1, 1502), (1502, 2999)))
+        assert torch.equal(parts, whole), (digit, prefix)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_many_workers_retained(dtype):
+    require_backend("cpp", "cpu")
+    from safepatch_merge.ops import cpp_backend
+
+    s = rand_scores((1 << 20) + 3, dtype, 7)
+    kw = dict(p=0.7, seed=11, name="w", patch_id=0, offset=5)
+    want = ref.radix_histogram(s, 0, 0, **kw)
+    assert torch.equal(cpp_backend.radix_histogram(s, 0, 0, **kw), want)
+    prefix = int(torch.argmax(want[1:])) + 1
+    assert torch.equal(cpp_backend.radix_histogram(s, prefix, 1, **kw),
+                       ref.radix_histogram(s, prefix, 1, **kw))
+
+
+def test_retained_rejects_bad_arguments(backend):
+    s = torch.rand(10, device=backend.device)
+    with pytest.raises(ValueError, match=r"retention rate p must be in \[0, 1\]"):
+        ops.radix_histogram(s, p=1.5)
+    with pytest.raises(ValueError, match="patch_id must be 0 .SE. or 1 .OSM., got 2"):
+        ops.radix_histogram(s, p=0.5, patch_id=2)
+    with pytest.raises(ValueError, match="offset must be a non-negative int"):
+        ops.radix_histogram(s, p=0.5, offset=-1)
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        ops.radix_histogram(s, p=0.5, seed=-1)

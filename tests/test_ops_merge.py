@@ -183,6 +183,97 @@ def test_zero_elements(backend):
     assert got.out.shape == (0, 3) and got.applied_se.shape == (0, 3)
 
 
+# ---------------------------------------------------------------- retention before selection
+
+def _masks_by_hand(case, t_se, t_osm, mode, p, seed, name, offset, order):
+    """Applied masks from the definition (DESIGN §1), with Philox words straight from the
+    generator: T_X = S_X >= t_X and S_X > 0 (and R_X before selection), M_X by mode, applied
+    R_X ⊙ M_X after selection, M_X before."""
+    from safepatch_merge.ops.philox import keep_threshold, retention_words
+
+    n = case.base.numel()
+    kept = [retention_words(n, offset, seed, name, pid) < keep_threshold(p) for pid in (0, 1)]
+    top = []
+    for pid, (score, t) in enumerate(((case.score_se, t_se), (case.score_osm, t_osm))):
+        k = ref.score_keys(score).reshape(-1)
+        sel = (k >= ref.threshold_key(t)) & (k > 0)
+        top.append(sel & kept[pid] if order == "before_selection" and mode != "none" else sel)
+    if mode == "none":
+        m = [torch.ones(n, dtype=torch.bool)] * 2
+    elif mode == "difference":
+        m = [top[0] & ~top[1], top[1] & ~top[0]]
+    elif mode == "intersection":
+        m = [top[0] & top[1]] * 2
+    else:
+        m = top
+    if order == "after_selection" or mode == "none":
+        m = [m[0] & kept[0], m[1] & kept[1]]
+    return [x.reshape(case.base.shape) for x in m]
+
+
+@pytest.mark.parametrize("mode", ref.MODES)
+@pytest.mark.parametrize("order", ref.RETENTION_ORDERS)
+@pytest.mark.parametrize("dts", DTYPES[:1] + DTYPES[3:4], ids=["bf16", "fp16-bf16s"])
+def test_retention_orders_match_definition(backend, mode, order, dts):
+    case = _case(dts, deltas=False, seed=3)
+    t_se, t_osm = _thresholds(case, 0.4)
+    kw = dict(t_se=t_se, t_osm=t_osm, mode=mode, alpha=1.25, beta=0.75, p=0.55, rescale=True,
+              seed=2**33 + 1, name="model.layers.2.mlp.down_proj.weight", offset=7,
+              patches_are_deltas=False, out_dtype=dts[4], retention_order=order)
+    counts = torch.zeros(2, dtype=torch.int64, device=backend.device)
+    got, want = run_merge(backend, case, applied_counts=counts, **kw)
+    _check(got, want, f"{backend.name} {mode} {order}")
+    by_hand = _masks_by_hand(case, t_se, t_osm, mode, 0.55, 2**33 + 1,
+                             "model.layers.2.mlp.down_proj.weight", 7, order)
+    assert torch.equal(got[1], by_hand[0]) and torch.equal(got[2], by_hand[1])
+    assert counts.cpu().tolist() == [int(got[1].sum()), int(got[2].sum())]
+    assert 0 < int(got[1].sum()) < got[1].numel()
+    if order == "before_selection" and mode == "difference":
+        # overlap removed only where the other patch was retained: some elements in both
+        # score top sets are patched by one side
+        both = ref.selection_mask(case.score_se, t_se) & ref.selection_mask(case.score_osm, t_osm)
+        assert bool((got[1] & both).any()) and bool((got[2] & both).any())
+        assert not bool((got[1] & got[2]).any())
+
+
+def test_orders_agree_without_draw_and_in_mode_none(backend):
+    case = merge_case((1003,), 12)
+    t_se, t_osm = _thresholds(case, 0.3)
+    kw = dict(t_se=t_se, t_osm=t_osm, seed=4, name="w", offset=1, return_masks=True)
+    for mode, p in (("difference", 1.0), ("topk", 1.0), ("none", 0.4)):
+        a, b = (ops.masked_merge(*to(backend.device, *case), mode=mode, p=p, retention_order=o,
+                                 **kw) for o in ref.RETENTION_ORDERS)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), (mode, p)
+    a, b = (ops.masked_merge(*to(backend.device, *case), mode="topk", p=0.4, retention_order=o,
+                             **kw) for o in ref.RETENTION_ORDERS)
+    assert torch.equal(a[1], b[1])  # topk: R ⊙ T either way, with the same thresholds
+    a, b = (ops.masked_merge(*to(backend.device, *case), mode="difference", p=0.4,
+                             retention_order=o, **kw) for o in ref.RETENTION_ORDERS)
+    assert not torch.equal(a[1], b[1])  # difference: the overlap depends on the order
+
+
+@pytest.mark.parametrize("order", ref.RETENTION_ORDERS)
+def test_chunks_and_counts_equal_whole(backend, order):
+    case = merge_case((3001,), 5, torch.bfloat16, torch.bfloat16, torch.float32, deltas=False)
+    t_se, t_osm = _thresholds(case, 0.25)
+    kw = dict(t_se=t_se, t_osm=t_osm, mode="difference", alpha=1.0, beta=1.0, p=0.5,
+              rescale=True, seed=9, name="emb", patches_are_deltas=False, return_masks=True,
+              retention_order=order)
+    dev = backend.device
+    total = torch.zeros(2, dtype=torch.int64, device=dev)
+    whole = [t.cpu() for t in ops.masked_merge(*to(dev, *case), offset=0, applied_counts=total,
+                                               **kw)]
+    parts, summed = [], torch.zeros(2, dtype=torch.int64, device=dev)
+    for a, b in ((0, 1), (1, 998), (998, 1003), (1003, 3001)):
+        chunk = MergeCase(*(t[a:b] for t in case))
+        parts.append([t.cpu() for t in ops.masked_merge(*to(dev, *chunk), offset=a,
+                                                        applied_counts=summed, **kw)])
+    for k in range(3):
+        assert torch.equal(torch.cat([p[k] for p in parts]), whole[k]), f"output {k} differs"
+    assert torch.equal(summed, total)
+    assert total.cpu().tolist() == [int(whole[1].sum()), int(whole[2].sum())]
+
+
 # ---------------------------------------------------------------- argument errors
 
 def _bad(backend, match, **over):
@@ -219,6 +310,12 @@ def test_rejects_bad_arguments(backend):
     _bad(backend, "rescale needs p > 0", p=0.0, rescale=True)
     _bad(backend, "offset must be a non-negative int", offset=-4)
     _bad(backend, "out_dtype must be float32, bfloat16 or float16", out_dtype=torch.float64)
+    _bad(backend, "retention_order must be one of after_selection, before_selection",
+         retention_order="before")
+    _bad(backend, "applied_counts has dtype int32",
+         applied_counts=torch.zeros(2, dtype=torch.int32, device=backend.device))
+    _bad(backend, r"applied_counts must be an int64 tensor of shape \(2,\)",
+         applied_counts=torch.zeros(3, dtype=torch.int64, device=backend.device))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -257,6 +354,18 @@ def test_cpp_op_checks_its_own_arguments(device):
         call(mode=4)
     with pytest.raises(RuntimeError, match="base has dtype Double"):
         call(base=b.double())
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    out = mm(*dict(base=b, patch_se=torch.ones_like(b), patch_osm=None, score_se=s, score_osm=None, key_se=0,
+                   key_osm=0, mode=2, c_se=1.0, c_osm=1.0, keep_threshold=1 << 31, seed=0,
+                   name_hash=0, offset=0, deltas=True, out_dtype=torch.bfloat16,
+                   return_masks=False, retain_first=True, applied_counts=counts).values())
+    assert 0 < int(counts[0]) < 10 and int(counts[1]) == 0
+    assert int((out[0] != b).sum()) == int(counts[0])
+    with pytest.raises(RuntimeError, match="applied_counts must be a contiguous int64 tensor"):
+        mm(b, b, None, s, None, 0, 0, 2, 1.0, 1.0, 1 << 32, 0, 0, 0, True, torch.bfloat16, False,
+           False, torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(RuntimeError, match="patch_id must be 0 .SE. or 1 .OSM."):
+        torch.ops.safepatch.radix_histogram(s, 0, 0, 1 << 31, 0, 0, 2, 0)
     with pytest.raises(RuntimeError, match="digit must be 0 or 1, got 2"):
         torch.ops.safepatch.radix_histogram(s, 0, 2)
     with pytest.raises(RuntimeError, match="prefix must be in"):
