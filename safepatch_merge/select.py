@@ -11,6 +11,12 @@ Streaming use (the merge engine): ``plan = ThresholdPlan(rate, groups, hist0)``;
 group in ``plan.pending()`` stream the group's tensors and add
 ``radix_histogram(scores, prefix, digit=1)`` into ``plan.add_refinement(group, hist)``; then
 ``plan.result()``. In-memory use: :func:`select_thresholds`.
+
+Retention before selection (DESIGN §1): the same search over histograms of the *retained*
+scores (``radix_histogram(..., p=, seed=, name=, patch_id=, offset=)``: a dropped element
+counts as key 0), so N and k stay those of all scored elements and t is the k-th largest
+retained score. With fewer than k retained positive scores, t = 0 and every retained positive
+element is selected (:attr:`Selection.shortfall` > 0).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from .ops import NUM_BINS, radix_histogram
+from .ops import NUM_BINS, RETENTION_ORDERS, radix_histogram  # noqa: F401
 
 GRANULARITIES = ("global", "layer", "tensor")
 GLOBAL_GROUP = "*"
@@ -46,6 +52,33 @@ class Selection(NamedTuple):
     @property
     def density(self) -> float:
         return self.selected / self.n if self.n else 0.0
+
+    @property
+    def shortfall(self) -> int:
+        """k minus the selected elements when fewer than k scores are positive (under retention
+        before selection: retained and positive), else 0."""
+        return max(0, self.k - self.selected)
+
+
+class Retention(NamedTuple):
+    """The merge's random retention: order (after_selection | before_selection), rate p and
+    seed (Philox key word 0). Thresholds depend on it only before selection with p < 1."""
+
+    order: str = "after_selection"
+    p: float = 1.0
+    seed: int = 0
+
+    @property
+    def masks_scores(self) -> bool:
+        """True when thresholds come from histograms of the retained scores."""
+        return self.order == "before_selection" and self.p < 1.0
+
+    def histogram_kwargs(self, name: str, patch_id: int, offset: int = 0) -> dict:
+        """radix_histogram keyword arguments for chunk `offset..` of tensor `name` of patch
+        `patch_id` (0 SE, 1 OSM): the retained scores' histogram, or {} for the plain one."""
+        if not self.masks_scores:
+            return {}
+        return dict(p=self.p, seed=self.seed, name=name, patch_id=patch_id, offset=offset)
 
 
 def top_k_count(rate: float, n: int) -> int:
@@ -175,15 +208,21 @@ class ThresholdPlan:
 
 
 def select_thresholds(scores: Mapping[str, torch.Tensor], rate: float, granularity: str = "global",
-                      hist_fn: Callable[..., torch.Tensor] = radix_histogram) -> dict[str, Selection]:
-    """Exact thresholds for in-memory score tensors {name: tensor}; returns {group: Selection}."""
+                      hist_fn: Callable[..., torch.Tensor] = radix_histogram,
+                      retention: Retention = Retention(), patch_id: int = 0
+                      ) -> dict[str, Selection]:
+    """Exact thresholds for in-memory score tensors {name: tensor}; returns {group: Selection}.
+    retention / patch_id: thresholds of patch `patch_id`'s retained scores when
+    ``retention.masks_scores`` (hist_fn then takes radix_histogram's keyword arguments)."""
     groups: dict[str, list[str]] = {}
     for name in scores:
         groups.setdefault(group_of(name, granularity), []).append(name)
-    hist0 = {name: hist_fn(t.contiguous(), 0, 0) for name, t in scores.items()}
+    hist0 = {name: hist_fn(t.contiguous(), 0, 0, **retention.histogram_kwargs(name, patch_id))
+             for name, t in scores.items()}
     bf16 = all(t.dtype == torch.bfloat16 for t in scores.values())
     plan = ThresholdPlan(rate, groups, hist0, low_digit_zero=bf16)
     for g, prefix in plan.pending().items():
         for name in groups[g]:
-            plan.add_refinement(g, hist_fn(scores[name].contiguous(), prefix, 1))
+            plan.add_refinement(g, hist_fn(scores[name].contiguous(), prefix, 1,
+                                           **retention.histogram_kwargs(name, patch_id)))
     return plan.result()

@@ -22,7 +22,7 @@ def test_defaults_live_in_one_place():
     s = m.summary()["parameters"]
     assert s == {"top_rate_se": defaults.TOP_RATE_SE, "top_rate_osm": defaults.TOP_RATE_OSM,
                  "alpha": defaults.ALPHA, "beta": defaults.BETA, "retention": defaults.RETENTION,
-                 "rescale": defaults.RESCALE, "mask_mode": defaults.MASK_MODE,
+                 "retention_order": defaults.RETENTION_ORDER, "rescale": defaults.RESCALE, "mask_mode": defaults.MASK_MODE,
                  "granularity": defaults.GRANULARITY, "seed": defaults.SEED,
                  "patch_format": defaults.PATCH_FORMAT, "nonfinite": defaults.NONFINITE_PATCH}
     assert cfg.output.dtype == "auto" and cfg.output.max_shard_size == 5_000_000_000
@@ -37,6 +37,8 @@ def test_defaults_live_in_one_place():
     ({**BASE, "parameters": {"retention": 0.0, "rescale": True}}, "rescale"),
     ({**BASE, "parameters": {"mask_mode": "union"}}, "parameters.mask_mode"),
     ({**BASE, "parameters": {"granularity": "block"}}, "parameters.granularity"),
+    ({**BASE, "parameters": {"retention_order": "before"}},
+     "parameters.retention_order: expected one of after_selection, before_selection"),
     ({**BASE, "parameters": {"seed": -1}}, "parameters.seed"),
     ({**BASE, "parameters": {"seed": True}}, "parameters.seed"),
     ({**BASE, "scores": {"se": "x"}}, "scores.osm: required"),

@@ -11,12 +11,16 @@ import sys
 import time
 
 import pytest
+import torch
 
 from merge_helpers import build_inputs, dir_bytes, env_with_min_chunk, write_config
 from safepatch_merge.io.writer import MANIFEST, OutputError
 from safepatch_merge.merge import merge
 
 PARAMS = {"top_rate_se": 0.2, "top_rate_osm": 0.25, "retention": 0.7, "rescale": True, "seed": 5}
+# Retention before selection adds a pre-pass (retained histograms, cached in the work dir) and
+# its result must be the brute-force merge's after any kills.
+PARAMS_BEFORE = {**PARAMS, "retention_order": "before_selection", "granularity": "layer"}
 
 
 def _start(cfg, out, resume):
@@ -26,11 +30,19 @@ def _start(cfg, out, resume):
                             stderr=subprocess.PIPE)
 
 
-def test_sigkill_and_resume_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("params", [PARAMS, PARAMS_BEFORE], ids=["after", "before"])
+def test_sigkill_and_resume_is_byte_identical(tmp_path, params):
     paths = build_inputs(tmp_path / "in", hidden=48)
-    cfg = write_config(tmp_path / "c.yaml", paths, PARAMS, output={"max_shard_size": "24KB"})
+    cfg = write_config(tmp_path / "c.yaml", paths, params, output={"max_shard_size": "24KB"})
     merge(cfg, tmp_path / "ref")  # uninterrupted, in-process, big chunks
     ref = dir_bytes(tmp_path / "ref")
+    if params is PARAMS_BEFORE:
+        import retention_brute_force as brute
+        from merge_helpers import load_dir
+
+        want, _ = brute.merge(paths, params)
+        got = load_dir(tmp_path / "ref")
+        assert all(torch.equal(got[n].view(torch.int16), want[n].view(torch.int16)) for n in want)
     assert sum(f.endswith(".safetensors") for f in ref) >= 5
 
     out, partial = tmp_path / "out", tmp_path / "out.partial"

@@ -67,6 +67,11 @@ def format_plan(plan: dict) -> str:
             t = f"{t:.6g}" if isinstance(t, float) and math.isfinite(t) else str(t)
             lines.append(f"threshold {side} [{g}]: {t}  (k={r['k']} of {r['n']}, "
                          f"selected {r['selected']}, density {r['density']:.6f})")
+    extra = (s.get("prepass") or {}).get("retained_histograms_bytes")
+    if extra is not None:
+        lines.append(f"retention before selection: the pre-pass streams the scores once more "
+                     f"({_gib(extra)}) to histogram the retained scores (the score "
+                     "directories' histograms are of all scores)")
     if s.get("parameters"):
         lines.append("parameters: " + json.dumps(s["parameters"], sort_keys=True))
     return "\n".join(lines)

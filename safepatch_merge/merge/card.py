@@ -62,6 +62,14 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
                              f"{r['selected']} | {r['density']:.6f} |")
             lines.append(f"| {side} | (all) | | | {s['n']} | {s['selected']} | "
                          f"{s['density']:.6f} |")
+        short = [(side, g, r) for side, s in sel.items() for g, r in s["groups"].items()
+                 if r.get("shortfall")]
+        if short:
+            lines += ["", "Retention before selection: these groups have fewer retained positive "
+                      "scores than k, so every retained positive element is selected:", ""]
+            lines += [f"- {side} {g}: {r['selected']} of k = {r['k']} (short by {r['shortfall']})"
+                      for side, g, r in short]
+    lines += _applied_lines(summary)
     if cfg.method == "safepatch":
         note = ("Defaults of unset parameters are safepatch_merge's own choices: the SafePatching "
                 "paper (arXiv 2405.13820) publishes none.")
@@ -71,6 +79,24 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
     lines += ["", note,
               "Full provenance (inputs, hashes, versions): `safepatch_provenance.json`.", ""]
     return "\n".join(lines).encode()
+
+
+def _applied_lines(summary: dict) -> list[str]:
+    """The card's applied-density section (none when the summary has no applied counts)."""
+    applied = summary.get("applied") or {}
+    if not applied:
+        return []
+    before = (summary.get("parameters") or {}).get("retention_order") == "before_selection"
+    what = ("M_X (retention before selection: T_X already holds the retained elements R_X)"
+            if before else "R_X ⊙ M_X (retention after selection)")
+    lines = ["", "## Applied densities", "",
+             f"Elements whose patch term was added, {what}, per scored or patched element.", "",
+             "| patch | group | elements | applied | density |", "|---|---|---|---|---|"]
+    for side, a in applied.items():
+        for g, r in a["groups"].items():
+            lines.append(f"| {side} | {g} | {r['n']} | {r['applied']} | {r['density']:.6f} |")
+        lines.append(f"| {side} | (all) | {a['n']} | {a['applied']} | {a['density']:.6f} |")
+    return lines
 
 
 def provenance(cfg, method, ckpts, summary: dict, backend: str, plan_id: str, shards: list,

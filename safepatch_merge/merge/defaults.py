@@ -7,6 +7,7 @@ ALPHA = 1.0              # scale of the SE patch
 BETA = 1.0               # scale of the OSM patch
 RETENTION = 1.0          # p: Bernoulli retention rate (1 = keep every selected element)
 RESCALE = False          # DARE-style division of kept deltas by p
+RETENTION_ORDER = "after_selection"  # retention drawn after the top-k selection (density a·p)
 MASK_MODE = "difference"  # the method; intersection / topk / none are ablations
 GRANULARITY = "global"   # one threshold over all scored tensors
 SEED = 0                 # Philox key word 0 of the retention draw

@@ -4,26 +4,35 @@ Config section (docs/merge_config.md)::
 
     patches:   {se: PATH, osm: PATH, format: full|delta, nonfinite: error|skip}
     scores:    {se: PATH, osm: PATH}
-    parameters: {top_rate_se, top_rate_osm, alpha, beta, retention, rescale, mask_mode,
-                 granularity, seed}
+    parameters: {top_rate_se, top_rate_osm, alpha, beta, retention, retention_order, rescale,
+                 mask_mode, granularity, seed}
 
 Either patch may be left out (SE-only / OSM-only ablations); scores are needed for every
 given patch unless mask_mode is ``none``. A tensor is patched by X iff it passes
 include/exclude and is in X's score directory (mode ``none``: every float tensor of the
 backbone that X's patch has). Thresholds: exact top-k per group over the scored tensors
-(``prepare``), then ``masked_merge`` per chunk.
+(``prepare``; with ``retention_order: before_selection`` and retention < 1, over the retained
+scores), then ``masked_merge`` per chunk.
+
+The summary reports, per patch and group, the selected density |T_X|/N (``selection``) and
+the applied density |M_X ⊙ R_X|/N, or |M_X|/N before selection (``applied``). Applied counts
+come from the merge pass; each tensor's counts are appended to ``applied_counts.jsonl`` in the
+work directory (and synced) before its shard can be recorded as finished, so a resumed merge
+reports the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 
 import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io.safetensors_header import FLOAT_ST
 from ..ops import MODES, masked_merge
-from ..select import GRANULARITIES, group_of
+from ..select import GRANULARITIES, RETENTION_ORDERS, Retention, group_of
 from . import defaults
 from .config import check_keys, get_bool, get_choice, get_float, get_str
 from .methods import MergeMethod, check_shape_like_backbone, register
@@ -33,9 +42,11 @@ log = logging.getLogger("safepatch_merge.merge")
 
 PATCH_KEYS = ("se", "osm", "format", "nonfinite")
 SCORE_KEYS = ("se", "osm")
-PARAM_KEYS = ("top_rate_se", "top_rate_osm", "alpha", "beta", "retention", "rescale",
-              "mask_mode", "granularity", "seed")
+PARAM_KEYS = ("top_rate_se", "top_rate_osm", "alpha", "beta", "retention", "retention_order",
+              "rescale", "mask_mode", "granularity", "seed")
 SIDES = ("se", "osm")
+PATCH_IDS = {"se": 0, "osm": 1}  # Philox counter word 2 of each patch's retention draw
+APPLIED_FILE = "applied_counts.jsonl"
 
 
 @register
@@ -66,6 +77,7 @@ class SafepatchMethod(MergeMethod):
             raise ConfigError("parameters.rescale: needs retention > 0 (it divides by retention)")
         mode = get_choice(pr, "mask_mode", defaults.MASK_MODE, MODES, "parameters")
         get_choice(pr, "granularity", defaults.GRANULARITY, GRANULARITIES, "parameters")
+        get_choice(pr, "retention_order", defaults.RETENTION_ORDER, RETENTION_ORDERS, "parameters")
         seed = pr.get("seed", defaults.SEED)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise ConfigError(f"parameters.seed: expected a non-negative integer, got {seed!r}")
@@ -93,7 +105,15 @@ class SafepatchMethod(MergeMethod):
         self.rescale = bool(pr.get("rescale", defaults.RESCALE))
         self.granularity = pr.get("granularity", defaults.GRANULARITY)
         self.seed = int(pr.get("seed", defaults.SEED))
+        self.order = pr.get("retention_order", defaults.RETENTION_ORDER)
+        self.retention = Retention(self.order, self.p, self.seed)
         self.patched: dict[str, set[str]] = {s: set() for s in SIDES}
+        self.numel: dict[str, int] = {}  # elements of every patched tensor
+        self.applied: dict[str, tuple[int, int]] = {}  # finished tensors: applied SE, OSM
+        self._counting: dict[str, torch.Tensor] = {}  # tensor in progress: int64 (2,) counts
+        self._applied_file = None
+        self.names: list[str] = []  # patched tensors, backbone order
+        self._score_bytes: dict[str, int] = {}  # bytes of each side's scores of patched tensors
         self.selections: dict[str, dict] = {}
         self.thresholds: dict[str, dict[str, float]] = {s: {} for s in SIDES}
         self.skipped_nonfinite: dict[str, int] = {}
@@ -139,6 +159,10 @@ class SafepatchMethod(MergeMethod):
                     raise CheckpointError(f"{where} has dtype {info.dtype} but the backbone's is "
                                           f"{b.dtype} (patches must be F32, BF16 or F16)")
                 self.patched[side].add(name)
+                self.numel[name] = b.numel
+            if scores is not None:
+                self._score_bytes[side] = sum(scores.tensors[n].nbytes for n in self.patched[side])
+        self.names = [n for n in base.tensors if n in self.numel]
 
     def roles_for(self, name: str) -> tuple[str, ...]:
         roles = []
@@ -149,15 +173,39 @@ class SafepatchMethod(MergeMethod):
                     roles.append(f"scores_{side}")
         return tuple(roles)
 
+    @property
+    def retains_first(self) -> bool:
+        """True when thresholds come from the retained scores (before_selection, p < 1)."""
+        return self.mode != "none" and self.retention.masks_scores
+
     def prepare(self, ctx) -> None:
+        if ctx.work_dir is not None:
+            self._applied_file = ctx.work_dir / APPLIED_FILE
+            self.applied.update(_read_applied(self._applied_file))
         if self.mode == "none":
             return
-        jobs = {side: (f"scores_{side}", [n for n in ctx.ckpts["base"].tensors
-                                          if n in self.patched[side]],
-                       self.rate[side], self.granularity) for side in self.patch_src}
+        if self.retains_first:
+            for side in self.patch_src:
+                if self.rate[side] > self.p:
+                    log.warning("parameters.top_rate_%s = %g exceeds retention %g: before "
+                                "selection, T_%s holds at most the retained elements, so its "
+                                "density cannot reach the top rate (a shortfall in most groups)",
+                                side, self.rate[side], self.p, side.upper())
+        jobs = {side: (f"scores_{side}", [n for n in self.names if n in self.patched[side]],
+                       self.rate[side], self.granularity, self.retention, PATCH_IDS[side])
+                for side in self.patch_src}
         for side, sel in compute_thresholds_many(ctx, jobs).items():
-            self.selections[side] = selection_summary(sel)
+            self.selections[side] = selection_summary(sel, with_shortfall=self.retains_first)
             self.thresholds[side] = {g: s.threshold for g, s in sel.items()}
+            short = {g: s for g, s in sel.items() if s.shortfall}
+            if self.retains_first and short:
+                shown = sorted(short)[:20]
+                more = f" and {len(short) - len(shown)} more" if len(short) > len(shown) else ""
+                log.warning("retention before selection: %d group(s) of patch %s have fewer "
+                            "retained positive scores than k, so T_%s is every retained positive "
+                            "element there: %s%s", len(short), side, side.upper(),
+                            ", ".join(f"{g} ({short[g].selected} of k={short[g].k})"
+                                      for g in shown), more)
 
     def _threshold(self, side: str, name: str) -> float:
         if self.mode == "none" or name not in self.patched[side]:
@@ -190,18 +238,58 @@ class SafepatchMethod(MergeMethod):
         for side in SIDES:
             if name in self.patched[side]:
                 self._check_finite(side, name, inputs, offset)
-        return masked_merge(
-            inputs["base"], inputs.get("patch_se"), inputs.get("patch_osm"),
+        base = inputs["base"]
+        counts = self._counting.get(name)
+        if counts is None or offset == 0:
+            counts = self._counting[name] = torch.zeros(2, dtype=torch.int64, device=base.device)
+        out = masked_merge(
+            base, inputs.get("patch_se"), inputs.get("patch_osm"),
             inputs.get("scores_se"), inputs.get("scores_osm"),
             t_se=self._threshold("se", name), t_osm=self._threshold("osm", name),
             mode=self.mode, alpha=self.alpha, beta=self.beta, p=self.p, rescale=self.rescale,
             seed=self.seed, name=name, offset=offset, patches_are_deltas=self.deltas,
-            out_dtype=out_dtype)
+            out_dtype=out_dtype, retention_order=self.order, applied_counts=counts)
+        if offset + base.numel() >= self.numel[name]:  # the tensor's last chunk
+            self._finish_tensor(name, self._counting.pop(name))
+        return out
+
+    def _finish_tensor(self, name: str, counts: torch.Tensor) -> None:
+        # One host read per tensor (on a GPU: waits for its last chunk). The record reaches the
+        # disk before the engine can record the tensor's shard as finished.
+        se, osm = (int(v) for v in counts.tolist())
+        self.applied[name] = (se, osm)
+        if self._applied_file is not None:
+            with open(self._applied_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps([name, se, osm]) + "\n")
+                f.flush()
+                os.fdatasync(f.fileno())
+
+    def _applied_summary(self) -> dict:
+        """{side: {groups: {g: {n, applied, density}}, n, applied, density}} over the patched
+        tensors, for the sides whose every tensor has been merged (all of them after a merge)."""
+        out = {}
+        for side in self.patch_src:
+            names = [n for n in self.names if n in self.patched[side]]
+            if not names or any(n not in self.applied for n in names):
+                continue
+            groups: dict[str, list[int]] = {}
+            for n in names:
+                g = groups.setdefault(group_of(n, self.granularity), [0, 0])
+                g[0] += self.numel[n]
+                g[1] += self.applied[n][PATCH_IDS[side]]
+            n_all, a_all = sum(v[0] for v in groups.values()), sum(v[1] for v in groups.values())
+            out[side] = {"groups": {g: {"n": v[0], "applied": v[1],
+                                        "density": v[1] / v[0] if v[0] else 0.0}
+                                    for g, v in sorted(groups.items())},
+                         "n": n_all, "applied": a_all,
+                         "density": a_all / n_all if n_all else 0.0}
+        return out
 
     def summary(self) -> dict:
-        return {
+        out = {
             "parameters": {"top_rate_se": self.rate["se"], "top_rate_osm": self.rate["osm"],
                            "alpha": self.alpha, "beta": self.beta, "retention": self.p,
+                           "retention_order": self.order,
                            "rescale": self.rescale, "mask_mode": self.mode,
                            "granularity": self.granularity, "seed": self.seed,
                            "patch_format": "delta" if self.deltas else "full",
@@ -210,3 +298,26 @@ class SafepatchMethod(MergeMethod):
             "selection": self.selections,
             "nonfinite_skipped": dict(sorted(self.skipped_nonfinite.items())),
         }
+        applied = self._applied_summary()
+        if applied:
+            out["applied"] = applied
+        if self.retains_first:
+            # the planned extra read, whatever a resume finds cached
+            out["prepass"] = {"retained_histograms_bytes": sum(
+                self._score_bytes[side] for side in self.patch_src)}
+        return out
+
+
+def _read_applied(path) -> dict[str, tuple[int, int]]:
+    """Applied counts recorded by an earlier run of this merge ({} if none). A line cut short
+    by a kill belongs to a tensor whose shard was not finished: it is skipped and redone."""
+    out = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            name, se, osm = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        out[str(name)] = (int(se), int(osm))
+    return out

@@ -6,6 +6,14 @@ the scores (and cached in the merge's work directory, never in the input). Each 
 histogram is validated (negative, NaN or inf scores: an error naming the tensor), summed per
 group, and one streaming refinement pass over the groups' scores finds the exact thresholds
 (no pass at all when every score is bfloat16).
+
+Retention before selection (p < 1): thresholds come from histograms of the retained scores
+(select.py), which the stored histograms (of all scores) cannot give: the digit-0 histograms
+are computed by one more streaming pass over the scores and cached in the work directory under
+a name that carries p and seed; the refinement pass histograms retained scores too. Invalid
+scores keep their keys in those histograms, so validation still covers every element.
+Thresholds cached in ``thresholds.json`` are keyed by rate, granularity, tensors and the
+retention (order, p, seed), so a resume never reuses another setting's thresholds.
 """
 from __future__ import annotations
 
@@ -21,8 +29,9 @@ from ..io.atomic import write_atomic
 from ..io.checkpoint import HISTOGRAMS_FILE, Checkpoint
 from ..io.safetensors_header import read_header
 from ..io.writer import OutputError
-from ..ops import NUM_BINS, radix_histogram
-from ..select import InvalidScoresError, Selection, ThresholdPlan, check_histogram, group_of
+from ..ops import NUM_BINS, keep_threshold, radix_histogram
+from ..select import (InvalidScoresError, Retention, Selection, ThresholdPlan, check_histogram,
+                      group_of)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import EngineContext
@@ -59,24 +68,50 @@ def load_histograms(ctx: "EngineContext", role: str, names: list[str]) -> dict[s
             out[n] = cached[n]
     missing = [n for n in names if n not in out]
     if missing:
-        acc = {}  # on the engine's device: no host sync per chunk
-
-        def add(name, chunk, offset):
-            h = radix_histogram(chunk, 0, 0)
-            if name in acc:
-                acc[name] += h
-            else:
-                acc[name] = h
-
-        ctx.stream(role, missing, add, desc=f"histograms {role}")
-        acc = {n: acc[n].to("cpu") if n in acc else torch.zeros(NUM_BINS, dtype=torch.int64)
-               for n in missing}
-        out.update(acc)
-        if cache is not None:
-            from safetensors.torch import save
-
-            _write_cache(cache, save({**_read_hist_cache(cache), **acc}), "histogram")
+        out.update(_stream_histograms(ctx, role, missing, cache, Retention(), 0))
     return out
+
+
+def load_retained_histograms(ctx: "EngineContext", role: str, names: list[str],
+                             retention: Retention, patch_id: int) -> dict[str, torch.Tensor]:
+    """{name: int64 (65536,) digit-0 histogram of the retained scores} for `names` of score
+    checkpoint `role` (patch `patch_id`): from the work directory's cache for this (p, seed),
+    else by streaming the scores (the extra pass of retention before selection)."""
+    ck: Checkpoint = ctx.ckpts[role]
+    cache = (ctx.work_dir / f"hist0_{role}_retained_{keep_threshold(retention.p)}_"
+                            f"{retention.seed}.safetensors") if ctx.work_dir is not None else None
+    cached = _read_hist_cache(cache) if cache is not None else {}
+    out = {n: cached[n] for n in names if n in cached and _fits(cached[n], ck.tensors[n].numel)}
+    missing = [n for n in names if n not in out]
+    if missing:
+        out.update(_stream_histograms(ctx, role, missing, cache, retention, patch_id))
+    return out
+
+
+def _stream_histograms(ctx: "EngineContext", role: str, names: list[str], cache: Path | None,
+                       retention: Retention, patch_id: int) -> dict[str, torch.Tensor]:
+    """Digit-0 histograms of `names` by streaming them (of the retained scores when
+    retention.masks_scores), added to the cache file."""
+    acc = {}  # on the engine's device: no host sync per chunk
+
+    def add(name, chunk, offset):
+        h = radix_histogram(chunk, 0, 0, **retention.histogram_kwargs(name, patch_id, offset))
+        if name in acc:
+            acc[name] += h
+        else:
+            acc[name] = h
+        if retention.masks_scores:  # every score is read here: the merge pass may reuse them
+            ctx.keep(role, name, offset, chunk)
+
+    what = "retained histograms" if retention.masks_scores else "histograms"
+    ctx.stream(role, names, add, desc=f"{what} {role}")
+    acc = {n: acc[n].to("cpu") if n in acc else torch.zeros(NUM_BINS, dtype=torch.int64)
+           for n in names}
+    if cache is not None:
+        from safetensors.torch import save
+
+        _write_cache(cache, save({**_read_hist_cache(cache), **acc}), "histogram")
+    return acc
 
 
 def _fits(hist: torch.Tensor, numel: int) -> bool:
@@ -114,17 +149,20 @@ class ThresholdJob:
     streaming pass (the merge refines SE and OSM scores together)."""
 
     def __init__(self, ctx: "EngineContext", role: str, names: list[str], rate: float,
-                 granularity: str):
+                 granularity: str, retention: Retention = Retention(), patch_id: int = 0):
         self.role, self.ckpt = role, ctx.ckpts[role]
+        self.retention, self.patch_id = retention, patch_id
         self.cache_file = ctx.work_dir / "thresholds.json" if ctx.work_dir is not None else None
-        self.key = json.dumps([role, repr(float(rate)), granularity, names])
+        self.key = json.dumps([role, repr(float(rate)), granularity, names, retention.order,
+                               repr(float(retention.p)), retention.seed])
         self.cached = _cached_selection(_read_json_cache(self.cache_file), self.key)
         self.prefix: dict[str, int] = {}
         self.gname: dict[str, str] = {}
         self._refine: dict[str, torch.Tensor] = {}
         if self.cached is not None:
             return
-        hist0 = load_histograms(ctx, role, names)
+        hist0 = (load_retained_histograms(ctx, role, names, retention, patch_id)
+                 if retention.masks_scores else load_histograms(ctx, role, names))
         groups: dict[str, list[str]] = {}
         totals: dict[str, torch.Tensor] = {}
         for name in names:
@@ -147,10 +185,11 @@ class ThresholdJob:
         """(role, name) of the tensors the refinement pass must stream, in file order."""
         return [(self.role, n) for n in self.ckpt.tensors if n in self.prefix]
 
-    def add(self, name: str, chunk: torch.Tensor) -> None:
+    def add(self, name: str, chunk: torch.Tensor, offset: int = 0) -> None:
         # Summed per group on the engine's device, read back once in result(): a host copy
         # per chunk would wait for the GPU every chunk.
-        h = radix_histogram(chunk, self.prefix[name], 1)
+        h = radix_histogram(chunk, self.prefix[name], 1,
+                            **self.retention.histogram_kwargs(name, self.patch_id, offset))
         g = self.gname[name]
         if g in self._refine:
             self._refine[g] += h
@@ -194,18 +233,17 @@ def _cached_selection(doc: dict, key: str) -> dict | None:
     return entry
 
 
-def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple[str, list[str], float,
-                                                                        str]]
+def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple]
                             ) -> dict[str, dict[str, Selection]]:
-    """{key: {group: Selection}} for jobs {key: (role, names, rate, granularity)}, with one
-    shared streaming refinement pass. Raises CheckpointError naming the tensor for negative,
-    NaN or inf scores."""
+    """{key: {group: Selection}} for jobs {key: (role, names, rate, granularity[, retention,
+    patch_id])}, with one shared streaming refinement pass. Raises CheckpointError naming the
+    tensor for negative, NaN or inf scores."""
     tj = {k: ThresholdJob(ctx, *v) for k, v in jobs.items()}
     by_role = {j.role: j for j in tj.values()}
     entries = [e for j in tj.values() for e in j.refinement()]
     if entries:
         def add(role, name, chunk, off):
-            by_role[role].add(name, chunk)
+            by_role[role].add(name, chunk, off)
             ctx.keep(role, name, off, chunk)  # the merge pass needs these scores again
 
         ctx.stream_entries(entries, add, desc="thresholds")
@@ -218,11 +256,16 @@ def compute_thresholds(ctx: "EngineContext", role: str, names: list[str], rate: 
     return compute_thresholds_many(ctx, {role: (role, names, rate, granularity)})[role]
 
 
-def selection_summary(sel: dict[str, Selection]) -> dict:
-    """JSON-ready {group: {threshold, k, n, selected, density}} plus overall density."""
+def selection_summary(sel: dict[str, Selection], with_shortfall: bool = False) -> dict:
+    """JSON-ready {group: {threshold, k, n, selected, density[, shortfall]}} plus overall
+    density; with_shortfall: each group's Selection.shortfall too (retention before
+    selection)."""
     out = {g: {"threshold": (s.threshold if math.isfinite(s.threshold) else "inf"), "k": s.k,
                "n": s.n, "selected": s.selected, "density": s.density}
            for g, s in sorted(sel.items())}
+    if with_shortfall:
+        for g, s in sel.items():
+            out[g]["shortfall"] = s.shortfall
     n = sum(s.n for s in sel.values())
     return {"groups": out, "selected": sum(s.selected for s in sel.values()), "n": n,
             "density": (sum(s.selected for s in sel.values()) / n) if n else 0.0}
