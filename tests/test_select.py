@@ -152,3 +152,37 @@ def test_plan_without_refinement_is_an_error():
     assert plan.pending()
     with pytest.raises(RuntimeError, match="refinement histogram of group '\\*' is incomplete"):
         plan.result()
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.7])
+def test_retained_thresholds_equal_sorting(backend, rate):
+    """Retention before selection: the k-th largest of the retained keys (dropped elements as
+    key 0), k from all N elements; above p the group falls short and t = 0."""
+    from safepatch_merge.ops.philox import keep_threshold, retention_words
+    from safepatch_merge.select import Retention
+
+    scores = {f"model.layers.{i}.w": rand_scores((n,), dt, 20 + i)
+              for i, (n, dt) in enumerate(((1001, torch.float32), (777, torch.bfloat16),
+                                            (1500, torch.float16)))}
+    ret = Retention("before_selection", 0.5, 3)
+    for pid in (0, 1):
+        retained = {}
+        for name, t in scores.items():
+            keys = ref.score_keys(t).reshape(-1)
+            kept = retention_words(keys.numel(), 0, 3, name, pid) < keep_threshold(0.5)
+            retained[name] = torch.where(kept, keys, torch.zeros_like(keys)).to(torch.int32) \
+                .view(torch.float32)
+        for gran in ("global", "layer"):
+            got = select_thresholds(_on(backend, scores), rate, gran, retention=ret, patch_id=pid)
+            groups = {}
+            for nm in scores:
+                groups.setdefault(group_of(nm, gran), []).append(retained[nm])
+            want = {g: sorted_selection(ts, rate) for g, ts in groups.items()}
+            assert got == want
+            for s in got.values():
+                assert (s.shortfall > 0) == (s.threshold == 0.0) == (rate > 0.5)
+    # after selection (or p = 1) the plain thresholds
+    plain = select_thresholds(_on(backend, scores), rate)
+    assert select_thresholds(_on(backend, scores), rate, retention=Retention(p=0.5)) == plain
+    assert select_thresholds(_on(backend, scores), rate,
+                             retention=Retention("before_selection", 1.0, 3)) == plain
