@@ -1,0 +1,263 @@
+"""Byte parity of SafePatching merges between two checkouts: the merge-engine test corpus,
+merged by an older checkout (--base-src) and by this one, every output file compared.
+
+    git worktree add /tmp/base <commit>
+    python bench/merge_bytes_parity.py --base-src /tmp/base
+
+Each merge runs in its own process: the older code is imported from a staging directory that
+maps its csrc/ and triton_kernels/ into the package as an install would (checked: the process
+reports where its package and C++ sources came from, and its extension is built from the old
+sources). Weight shards, index, config and tokenizer files must be byte-identical. The model
+card and the provenance may differ only by what this checkout adds to every merge: the
+``retention_order`` parameter (card row, provenance parameter) and the applied densities (card
+section, provenance ``result.applied``); after removing exactly those, they must be
+byte-identical too. Writes bench/results/merge_bytes_parity.md (rewritten).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the corpus builders of the merge tests
+
+RUNNER = """
+import json, sys
+import safepatch_merge
+from safepatch_merge.merge import merge
+from safepatch_merge.ops import _extension
+cfg, out, backend, budget = sys.argv[1:5]
+merge(cfg, out, backend=backend or None, max_memory=budget or None)
+print(json.dumps({"package": safepatch_merge.__file__,
+                  "csrc": str(_extension.csrc_dir().resolve()), "ext_loaded": _extension.load()}))
+"""
+
+# (label, parameters, extra config keys, backend, SAFEPATCH_MERGE_MIN_CHUNK, --max-memory)
+ENGINE_CASES = [  # tests/test_merge_engine.py CASES
+    ("difference", {"top_rate_se": 0.2, "top_rate_osm": 0.3}),
+    ("difference-retention", {"top_rate_se": 0.25, "top_rate_osm": 0.15, "retention": 0.6,
+                              "rescale": True, "seed": 7, "alpha": 0.8, "beta": 1.5}),
+    ("intersection-layer", {"mask_mode": "intersection", "top_rate_se": 0.4,
+                            "top_rate_osm": 0.4, "granularity": "layer"}),
+    ("topk-tensor", {"mask_mode": "topk", "top_rate_se": 0.07, "top_rate_osm": 0.5,
+                     "granularity": "tensor", "retention": 0.9}),
+    ("none", {"mask_mode": "none", "alpha": 0.5, "beta": 0.25}),
+    ("se-only", {"top_rate_se": 0.3, "beta": 0.0}),
+    ("zero-rates", {"top_rate_se": 0.0, "top_rate_osm": 0.0}),
+]
+SHARDS = {"output": {"max_shard_size": "30KB"}}
+
+
+def corpus() -> list[tuple]:
+    cases = []
+    for backend in ("reference", "cpp"):
+        for label, params in ENGINE_CASES:
+            cases.append((f"{label} [{backend}, 1000-element chunks]", "f32", params, SHARDS,
+                          backend, "1000", "1MB"))
+    for label, params in ENGINE_CASES[1:4]:
+        cases.append((f"{label} [triton interpreter]", "f32", params, SHARDS, "triton", None,
+                      None))
+    cases += [
+        ("retention 0.5 [cpp, 37-element chunks, 1KB]", "f32",
+         {"top_rate_se": 0.2, "top_rate_osm": 0.2, "retention": 0.5, "rescale": True}, SHARDS,
+         "cpp", "37", "1KB"),
+        ("delta patches, float32 output [cpp]", "delta", {"top_rate_se": 0.3, "top_rate_osm": 0.2},
+         {"patches": {"format": "delta"}, "output": {"dtype": "float32"}}, "cpp", None, None),
+        ("include/exclude [cpp]", "f32", {"top_rate_se": 0.5, "top_rate_osm": 0.5},
+         {"include": ["model.layers.*"], "exclude": ["*.mlp.*"]}, "cpp", None, None),
+        ("bf16 scores, OSM histograms missing [cpp]", "bf16",
+         {"top_rate_se": 0.15, "top_rate_osm": 0.35}, {}, "cpp", None, None),
+        ("resume-test parameters, hidden 48 [cpp, 200-element chunks]", "h48",
+         {"top_rate_se": 0.2, "top_rate_osm": 0.25, "retention": 0.7, "rescale": True, "seed": 5},
+         {"output": {"max_shard_size": "24KB"}}, "cpp", "200", "1KB"),
+    ]
+    return cases
+
+
+def build_corpus_inputs(root: Path) -> dict[str, dict]:
+    from merge_helpers import build_inputs, load_dir
+
+    out = {"f32": build_inputs(root / "f32"), "h48": build_inputs(root / "h48", hidden=48)}
+    bf = build_inputs(root / "bf16", score_dtype=torch.bfloat16)
+    (bf["scores_osm"] / "histograms.safetensors").unlink()
+    out["bf16"] = bf
+    from safetensors.torch import save_file
+
+    base = load_dir(out["f32"]["base"])
+    delta = dict(out["f32"])
+    for side in ("se", "osm"):
+        d = root / f"delta_{side}"
+        d.mkdir(parents=True, exist_ok=True)
+        full = load_dir(out["f32"][side])
+        save_file({n: full[n].float() - base[n].float() for n in full}, str(d / "model.safetensors"))
+        delta[side] = d
+    out["delta"] = delta
+    return out
+
+
+def stage_checkout(src: Path, stage: Path) -> Path:
+    """A directory whose safepatch_merge package is `src`'s, with csrc/ and triton_kernels/
+    mapped inside it as pyproject.toml's package-dir does."""
+    pkg = stage / "safepatch_merge"
+    pkg.mkdir(parents=True)
+    for p in (src / "safepatch_merge").iterdir():
+        (pkg / p.name).symlink_to(p)
+    (pkg / "csrc").symlink_to(src / "csrc")
+    (pkg / "triton_kernels").symlink_to(src / "triton_kernels")
+    return stage
+
+
+def run_merge(cfg: Path, out: Path, backend, chunk, budget, pythonpath: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SAFEPATCH_MERGE_MIN_CHUNK")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    if chunk:
+        env["SAFEPATCH_MERGE_MIN_CHUNK"] = chunk
+    if backend == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-c", RUNNER, str(cfg), str(out), backend or "",
+                          budget or ""], env=env, capture_output=True, text=True, cwd="/")
+    if res.returncode != 0:
+        raise SystemExit(f"merge failed ({pythonpath or 'this checkout'}): {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def strip_card(text: str) -> tuple[str, int]:
+    """The card without the retention_order row and the applied-density section (the blank
+    line before its heading through its table); (text, number of lines removed)."""
+    lines = text.split("\n")
+    out = [ln for ln in lines if not ln.startswith("| retention_order | ")]
+    removed = len(lines) - len(out)
+    if "## Applied densities" in out:
+        h = out.index("## Applied densities")
+        j = h + 1
+        while j < len(out) and not out[j].startswith("|"):  # blank, sentence, blank
+            j += 1
+        while j < len(out) and out[j].startswith("|"):  # the table
+            j += 1
+        removed += j - (h - 1)
+        out = out[:h - 1] + out[j:]
+    return "\n".join(out), removed
+
+
+def strip_provenance(raw: bytes) -> tuple[bytes, int]:
+    doc = json.loads(raw)
+    res = doc.get("result") or {}
+    n = int(res.get("parameters", {}).pop("retention_order", None) is not None)
+    n += int(res.pop("applied", None) is not None)
+    return (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode(), n
+
+
+def compare(base_dir: Path, head_dir: Path) -> dict:
+    from merge_helpers import dir_bytes
+
+    a, b = dir_bytes(base_dir), dir_bytes(head_dir)
+    rec = {"files": len(a), "identical": 0, "identical_after_additions": 0, "differ": []}
+    if set(a) != set(b):
+        rec["differ"].append(f"file sets differ: {sorted(set(a) ^ set(b))}")
+        return rec
+    for f in sorted(a):
+        if a[f] == b[f]:
+            rec["identical"] += 1
+            continue
+        if f == "README.md":
+            stripped, removed = strip_card(b[f].decode())
+            ok = removed > 0 and stripped.encode() == a[f]
+        elif f == "safepatch_provenance.json":
+            stripped, removed = strip_provenance(b[f])
+            ok = removed > 0 and stripped == a[f]
+        else:
+            ok = False
+        if ok:
+            rec["identical_after_additions"] += 1
+        else:
+            rec["differ"].append(f)
+    return rec
+
+
+def machine() -> str:
+    cpu = "?"
+    for ln in open("/proc/cpuinfo"):
+        if ln.startswith("model name"):
+            cpu = ln.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return f"{cpu} x{os.cpu_count()}, {mem:.0f} GiB"
+
+
+def git_head(path: Path) -> str:
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-src", required=True, type=Path, help="checkout of the older commit")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" /
+                    "merge_bytes_parity.md")
+    args = ap.parse_args(argv)
+    base_src = args.base_src.resolve()
+    work = Path(tempfile.mkdtemp(prefix="merge_parity_")) if args.workdir is None else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        stage = stage_checkout(base_src, work / "stage")
+        inputs = build_corpus_inputs(work / "inputs")
+        from merge_helpers import write_config
+
+        rows, failures = [], 0
+        for i, (label, inp, params, extra, backend, chunk, budget) in enumerate(corpus()):
+            cfg = write_config(work / f"c{i}.yaml", inputs[inp], params, **extra)
+            who = {}
+            for side, pp in (("base", str(stage)), ("head", None)):
+                who[side] = run_merge(cfg, work / f"{side}{i}", backend, chunk, budget, pp)
+            assert Path(who["base"]["csrc"]) == base_src / "csrc", who["base"]
+            assert Path(who["base"]["package"]).parent.parent == stage, who["base"]
+            assert Path(who["head"]["csrc"]) == REPO / "csrc", who["head"]
+            if backend == "cpp":
+                assert who["base"]["ext_loaded"] and who["head"]["ext_loaded"], who
+            rec = compare(work / f"base{i}", work / f"head{i}")
+            failures += bool(rec["differ"])
+            rows.append((label, rec))
+            print(label, rec, flush=True)
+        total = sum(r["files"] for _, r in rows)
+        same = sum(r["identical"] for _, r in rows)
+        added = sum(r["identical_after_additions"] for _, r in rows)
+        lines = [
+            "# Merge output bytes: older checkout vs this one", "",
+            f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            f"- base: {git_head(base_src)} (`{base_src}`), head: {git_head(REPO)}",
+            f"- machine: {machine()}, torch {torch.__version__}, Python {platform.python_version()}",
+            f"- command: `python bench/merge_bytes_parity.py {' '.join(argv or sys.argv[1:])}`",
+            "- corpus: the merge-engine tests' configurations (tiny Llama models from "
+            "tests/merge_helpers.py), each merged by both checkouts in separate processes",
+            "- identical after additions: README.md / safepatch_provenance.json equal byte for "
+            "byte once the retention_order row/parameter and the applied-density section/record "
+            "are removed", "",
+            f"**{same} of {total} files byte-identical, {added} identical after the additions, "
+            f"{total - same - added} different; {failures} case(s) with differences.**", "",
+            "| case | files | identical | identical after additions | different |",
+            "|---|---|---|---|---|"]
+        for label, r in rows:
+            lines.append(f"| {label} | {r['files']} | {r['identical']} | "
+                         f"{r['identical_after_additions']} | {', '.join(r['differ']) or '-'} |")
+        args.results.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 1 if failures else 0
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
