@@ -15,6 +15,7 @@ arithmetic) is compared element by element with mergekit's output.
 
     python bench/bench_merge.py --sizes 0.7b,1.4b --repeats 3 --workdir /work/bench_merge_tmp
     python bench/bench_merge.py --sizes 0.7b --device cuda --skip-mergekit   # on a GPU host
+    python bench/bench_merge.py --sizes 0.7b --skip-mergekit --retention-order before_selection
 
 Results: bench/results/merge.csv (appended) and bench/results/merge_<device>.md (rewritten).
 Generated files are deleted afterwards unless --keep.
@@ -244,6 +245,9 @@ def main(argv=None) -> int:
                          "on its CPUs while other checks use the GPU)")
     ap.add_argument("--reuse-inputs", action="store_true",
                     help="use inputs a previous --generate-only/--keep run left in --workdir")
+    ap.add_argument("--retention-order", choices=("after_selection", "before_selection"),
+                    default=None, help="set parameters.retention_order of the SafePatching "
+                    "merge (default: left out of the config, i.e. after_selection)")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir)
@@ -274,6 +278,8 @@ def main(argv=None) -> int:
                   "scores": {"se": str(paths["scores_se"]), "osm": str(paths["scores_osm"])},
                   "parameters": {"top_rate_se": 0.1, "top_rate_osm": 0.1, "retention": 0.9,
                                  "mask_mode": "difference"}}
+        if args.retention_order is not None:
+            sp_cfg["parameters"]["retention_order"] = args.retention_order
         ta_cfg = {"backbone": str(paths["base"]),
                   "patches": {"se": str(paths["se"]), "osm": str(paths["osm"])},
                   "parameters": {"mask_mode": "none", "alpha": 1.0, "beta": 1.0}}
@@ -355,7 +361,9 @@ def main(argv=None) -> int:
              f"- date: {date}, commit: {commit}", f"- machine: {dev_name}",
              f"- command: `python bench/bench_merge.py {' '.join(argv or sys.argv[1:])}`",
              f"- safepatch: `{' '.join(sp_cmd[1:])}` (full method: difference mode, top rates "
-             "0.1/0.1, retention 0.9; reads base + 2 patches + 2 fp32 score dirs)",
+             "0.1/0.1, retention 0.9, retention_order "
+             f"{args.retention_order or 'after_selection (default)'}; reads base + 2 patches + "
+             "2 fp32 score dirs)",
              f"- mergekit 0.1.5: `mergekit-yaml mk.yaml OUT --no-copy-tokenizer` "
              "(task arithmetic, weights 1/1, dtype bfloat16; reads base + 2 patches), "
              "HF_HUB_OFFLINE=1, own venv with CPU torch",
