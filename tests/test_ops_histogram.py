@@ -142,7 +142,10 @@ def test_retained_matches_keys_by_hand(backend, dtype, offset):
         # invalid scores keep their keys whether drawn or not: validation sees all of them
         assert int(h0[0x7F80:].sum()) == int(ref.radix_histogram(s, 0, 0)[0x7F80:].sum()) > 0
         assert int(h0[0]) > int((ref.score_keys(s) == 0).sum())  # dropped scores moved to 0
-        for prefix in [int(b) for b in torch.topk(h0[1:0x7F80], 2).indices + 1] + [0]:
+        # busy bins (few keys per tile in the C++ kernel's sparse path), zeros, and invalid
+        # bins (NaN, inf, -1: counted whether drawn or not)
+        for prefix in [int(b) for b in torch.topk(h0[1:0x7F80], 2).indices + 1] + \
+                [0, 0x7FC0, 0x7F80, 0xBF80]:
             h1 = ops.radix_histogram(s.to(backend.device), prefix, 1, patch_id=patch_id, **kw)
             want = torch.bincount(keys[(keys >> 16) == prefix] & 0xFFFF, minlength=65536)
             assert torch.equal(h1.cpu(), want), f"prefix {prefix:#x}"
@@ -190,3 +193,18 @@ def test_retained_rejects_bad_arguments(backend):
         ops.radix_histogram(s, p=0.5, offset=-1)
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         ops.radix_histogram(s, p=0.5, seed=-1)
+
+
+def test_retained_heavy_bin(backend):
+    """A digit-1 prefix holding most keys of every tile (the C++ kernel draws the whole tile's
+    words there, not one Philox call per key)."""
+    s = torch.cat([torch.full((3000,), 0.75), rand_scores((1001,), torch.float32, 8)])
+    s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))]
+    kw = dict(p=0.4, seed=5, name="heavy", patch_id=0, offset=2)
+    keys = _retained_by_hand(s, **kw)
+    for prefix in (0x3F40, 0):
+        got = ops.radix_histogram(s.to(backend.device), prefix, 1, **kw).cpu()
+        assert torch.equal(got, torch.bincount(keys[(keys >> 16) == prefix] & 0xFFFF,
+                                               minlength=65536)), prefix
+    assert 0.3 * 3000 < int(got[0]) and int(ops.radix_histogram(
+        s.to(backend.device), 0x3F40, 1, **kw).cpu()[0]) < 0.5 * 3000

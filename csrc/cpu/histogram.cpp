@@ -83,8 +83,9 @@ constexpr int kDrawLanes = 128;                // Philox blocks per tile
 constexpr int64_t kDrawTile = 4 * kDrawLanes;  // elements per tile, aligned to absolute indices
 
 // count_slice for retained scores: tiles aligned to absolute element indices, one Philox call
-// per four elements. digit 1 under a non-zero prefix draws only for tiles holding a key under
-// the prefix (a dropped element's key 0 is never counted there).
+// per four elements. digit 1 under a non-zero prefix only needs the words of the keys under
+// the prefix (a dropped element's key 0 is never counted there): none for a tile without such
+// keys, one Philox call per key for a tile with few.
 template <typename T>
 void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int64_t hi,
                           int64_t prefix, int64_t digit, const Draw& d,
@@ -111,12 +112,23 @@ void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int
     const int64_t end = std::min<int64_t>(hi, static_cast<int64_t>(tile0 + kDrawTile) - d.offset);
     const int64_t n = end - i;
     const int64_t sh = static_cast<int64_t>(a - tile0);
-    uint32_t any = 0;
+    uint32_t matches = 0;
     for (int64_t k = 0; k < n; ++k) {
       keys[k] = score_key_from_bits(T::key_bits(s[i + k]));
-      any |= static_cast<uint32_t>((keys[k] >> 16) == want);
+      matches += static_cast<uint32_t>((keys[k] >> 16) == want);
     }
-    if (digit == 0 || want == 0 || any) {
+    if (digit == 1 && want != 0 && matches * 8 < static_cast<uint32_t>(n)) {
+      // A few keys under the prefix (the usual refinement tile): one Philox call for each
+      // of them instead of the whole tile's words.
+      for (int64_t k = 0; matches != 0 && k < n; ++k) {
+        if ((keys[k] >> 16) != want) continue;
+        --matches;
+        const uint64_t e = static_cast<uint64_t>(d.offset + i + k);
+        if (keys[k] >= 0x7F800000u || retention_word(e, d.seed, d.name_hash, d.patch_id) < d.keep) {
+          hist[keys[k] & 0xFFFFu] += 1;
+        }
+      }
+    } else if (digit == 0 || want == 0 || matches) {
       philox_words_lanes<kDrawLanes>(tile0 >> 2, d.seed, d.name_hash, d.patch_id, words);
       const uint32_t* __restrict__ w = words + sh;
       for (int64_t k = 0; k < n; ++k) {
