@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import pytest
 import torch
@@ -146,7 +145,7 @@ def test_shortfall_when_top_rate_exceeds_retention(inputs, tmp_path, caplog):
     assert all(r["shortfall"] > 0 and r["threshold"] == 0.0 for r in se.values())
     assert all(r["shortfall"] == 0 for r in res.summary["selection"]["osm"]["groups"].values())
     # every retained positive SE score is in T_SE: the selected count is exactly those
-    base, scores = load_dir(inputs["base"]), load_dir(inputs["scores_se"])
+    scores = load_dir(inputs["scores_se"])
     retained_pos = sum(int((brute.kept(n, t.numel(), 0.3, 7, 0) & (t.reshape(-1) > 0)).sum())
                        for n, t in scores.items())
     assert res.summary["selection"]["se"]["selected"] == retained_pos
@@ -250,4 +249,6 @@ def test_orders_give_the_same_bytes_where_they_must_agree(inputs, tmp_path):
             outs[order] = {f: b for f, b in dir_bytes(tmp_path / f"{label}_{order}").items()
                            if f.endswith(".safetensors")}
         assert outs["after_selection"] == outs["before_selection"], label
-        assert math.isfinite(len(outs["after_selection"]))
+        merged = load_dir(tmp_path / f"{label}_before_selection")
+        base = load_dir(inputs["base"])
+        assert any(not torch.equal(merged[n], base[n]) for n in base), label  # not a no-op

@@ -93,8 +93,10 @@ void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int
   alignas(64) uint32_t words[kDrawTile];
   alignas(64) uint32_t keys[kDrawTile];
   const uint32_t want = static_cast<uint32_t>(prefix);
-  // digit 0: four interleaved 32-bit sub-histograms, as in count_slice.
-  std::vector<uint32_t> sub(digit == 0 ? static_cast<size_t>(4 * kNumBins) : 0, 0);
+  // digit 0: four interleaved 32-bit sub-histograms, as in count_slice (a slice shorter
+  // than the bins counts straight into `hist`: zeroing and flushing them would cost more).
+  const bool direct = digit == 0 && hi - lo < kNumBins;
+  std::vector<uint32_t> sub(digit == 0 && !direct ? static_cast<size_t>(4 * kNumBins) : 0, 0);
   uint32_t* __restrict__ h = sub.data();
   int64_t pending = 0;  // increments in `sub` since its last flush
   auto flush = [&] {
@@ -136,7 +138,9 @@ void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int
                               static_cast<uint32_t>(keys[k] >= 0x7F800000u);
         keys[k] &= 0u - kept;
       }
-      if (digit == 0) {
+      if (direct) {
+        for (int64_t k = 0; k < n; ++k) hist[keys[k] >> 16] += 1;
+      } else if (digit == 0) {
         if (pending + n >= (int64_t(1) << 31)) flush();
         for (int64_t k = 0; k < n; ++k) h[(k & 3) * kNumBins + (keys[k] >> 16)] += 1;
         pending += n;
@@ -148,7 +152,7 @@ void count_slice_retained(const typename T::raw* __restrict__ s, int64_t lo, int
     }
     i = end;
   }
-  if (digit == 0) flush();
+  if (digit == 0 && !direct) flush();
 }
 
 }  // namespace
