@@ -13,6 +13,7 @@ import torch
 import retention_brute_force as brute
 from merge_helpers import build_inputs, dir_bytes, load_dir, write_config, write_scores
 from op_cases import require_backend
+from safepatch_merge import ops
 from safepatch_merge.errors import CheckpointError
 from safepatch_merge.merge import merge
 
@@ -29,6 +30,14 @@ TRITON_INCLUDE = ["model.layers.1.*", "model.embed_tokens.weight", "lm_head.weig
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     return build_inputs(tmp_path_factory.mktemp("retention_inputs"))
+
+
+@pytest.fixture(autouse=True)
+def automatic_backend():
+    """merge(backend=...) forces the backend for the whole process: later tests get the
+    automatic choice back (not, say, the Triton interpreter)."""
+    yield
+    ops.set_backend(None)
 
 
 def assert_bits_equal(got: dict, want: dict) -> None:
@@ -188,7 +197,7 @@ def test_threshold_caches_are_keyed_by_retention(inputs, tmp_path, monkeypatch):
              (("base", "base"), ("scores_se", "scores_se"), ("scores_osm", "scores_osm"))}
     work = tmp_path / "work"
     work.mkdir()
-    ctx = EngineContext(ckpts, torch.device("cpu"), 1000, 2, work, False)
+    ctx = EngineContext(ckpts, torch.device("cpu"), 1 << 20, 2, work, False)
     names = list(ckpts["scores_se"].tensors)
     settings = [Retention("before_selection", 0.6, 7), Retention("before_selection", 0.6, 8),
                 Retention("before_selection", 0.4, 7), Retention("after_selection", 0.6, 7)]
