@@ -1,4 +1,5 @@
-"""Classic merges vs mergekit, side by side in one run (issue 5's performance bar).
+"""Classic merges vs mergekit, side by side in one run (bars: task arithmetic at most 0.5×
+mergekit's wall time, TIES at most 0.1×).
 
 Same synthetic Llama-shaped bf16 model as bench/bench_merge.py (its generator: TinyLlama
 widths, 13 layers = 0.70 B parameters) plus two fine-tunes (base + N(0, 0.002²)), and two

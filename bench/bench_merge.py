@@ -1,5 +1,6 @@
 """End-to-end merge benchmark: `safepatch merge` vs mergekit, side by side, on synthetic
-Llama-shaped bf16 checkpoints (DESIGN §4; issue 4's performance bar).
+Llama-shaped bf16 checkpoints (docs/design.md §4; bar: at most mergekit's wall time and
+1 GiB of peak RSS).
 
 For each size the script generates a base model, two patched copies (base + small noise) and
 two fp32 score directories (with digit-0 histograms), then alternates, `--repeats` times:

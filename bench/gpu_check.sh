@@ -15,9 +15,9 @@
 # summary line). Flat files under $OUT, no folders.
 # Stage limits (s): install 15, build 50, pytest 120 (per process; files run in parallel, the
 # two longest in SHARDS=4 processes each), bars 25, bench 35: about 250 s at most.
-# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS,MERGE,SCORE} override them. MERGE_BENCH=1 adds issue
-# 4's 0.7 B merge with --device cuda (and once on the CPUs), inputs generated meanwhile;
-# SCORE_BENCH=1 adds issue 6's scoring cost and memory (device vs host score buffers).
+# LIMIT_{INSTALL,BUILD,PYTEST,BENCH,BARS,MERGE,SCORE} override them. MERGE_BENCH=1 adds the
+# 0.7 B end-to-end merge with --device cuda (and once on the CPUs), inputs generated meanwhile;
+# SCORE_BENCH=1 adds SNIP's scoring cost and memory (device vs host score buffers).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -156,7 +156,7 @@ else
   echo "bench/bench_ops.py missing: skipped" | tee -a "$SUMMARY"
 fi
 
-# 6. optional (MERGE_BENCH=1): issue 4's end-to-end merge with --device cuda on the 0.7 B
+# 6. optional (MERGE_BENCH=1): the end-to-end merge with --device cuda on the 0.7 B
 # synthetic model; its inputs are generated on the CPUs in the background from the start.
 if [ "${MERGE_BENCH:-0}" = 1 ]; then
   wait "$GEN_PID"
@@ -176,7 +176,7 @@ if [ "${MERGE_BENCH:-0}" = 1 ]; then
   grep -E "in-process" "$OUT/merge_bench.txt" | tail -n 1 | sed 's/^/  merge_cpu: /' >> "$SUMMARY"
 fi
 
-# 7. optional (SCORE_BENCH=1): issue 6's SNIP cost and peak memory on the GPU, with the score
+# 7. optional (SCORE_BENCH=1): SNIP's cost and peak memory on the GPU, with the score
 # buffers on the device and in host memory, on a random-weight SmolLM2-135M-shaped model (cost
 # depends on shapes and lengths, not values; the real weights take two calls to carry). Needs
 # the scoring data: SAFEPATCH_SHARED_DATA=.gpu2/data with that folder carried.

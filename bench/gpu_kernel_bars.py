@@ -3,7 +3,7 @@
 Times each op on every backend that serves CUDA tensors (triton, cpp = the CUDA C++ extension,
 reference = plain torch) with CUDA events (median of repeats, after warm-up), converts to
 achieved GB/s (bytes read + written / time) and compares with the device-to-device copy
-bandwidth measured in the same run. Bars (brief of issue 3): masked_merge >= 80 % of copy,
+bandwidth measured in the same run. Bars: masked_merge >= 80 % of copy,
 radix_histogram >= 50 %, saliency_accumulate_ >= 80 %, each >= 5x the reference.
 
     python3 bench/gpu_kernel_bars.py [--n 67108864] [--csv bench/results/kernel_bars.csv]

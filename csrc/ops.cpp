@@ -1,4 +1,4 @@
-// Schemas of the safepatch ops (brief OPS_ABI.md); kernels register per dispatch key in
+// Schemas of the safepatch ops (docs/design.md §2); kernels register per dispatch key in
 // cpu/register.cpp (CPU) and cuda/*.cu (CUDA, compiled only where a CUDA toolkit exists).
 #include <torch/library.h>
 

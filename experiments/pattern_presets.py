@@ -1,4 +1,4 @@
-"""Sizes and hyperparameters of the pattern-reproduction experiment (issue 9), by preset.
+"""Sizes and hyperparameters of the pattern-reproduction experiment, by preset.
 
 Three presets share one schema: `gpu` (one CUDA GPU, a few minutes), `cpu` (2 cores, about two
 hours, smaller prompt sets and budgets) and `smoke` (an end-to-end check in minutes: tiny sizes,

@@ -18,7 +18,7 @@ class DataError(SafepatchError):
     """Training or evaluation data that is missing, empty or lacks required fields."""
 
 
-def brief(value: object, limit: int = 120) -> str:
+def clip(value: object, limit: int = 120) -> str:
     """A bounded repr of `value` for an error message: nested containers are cut after a few
     items and levels, so a hostile value (a YAML alias bomb, a megabyte-long tensor name) can
     neither flood the message nor take long to format."""

@@ -1,4 +1,4 @@
-"""Exact top-k thresholds from radix histograms, in fixed memory (DESIGN §1 "Controllable patching").
+"""Exact top-k thresholds from radix histograms, in fixed memory (docs/design.md §1.4).
 
 T_X = elements with S >= t and S > 0, where t is the exact k-th largest score of a group and
 k = ceil(rate * N) computed in integers. The search runs on 16-bit digits of the score keys

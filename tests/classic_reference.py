@@ -3,7 +3,7 @@ TIES's trim, written from mergekit 0.1.5's merge_group / sparsify code paths (st
 sums over the model axis), not from safepatch_merge.merge.classic.
 
 DARE's drop mask is the shared Philox retention stream (ops.philox.retention_mask) — the
-draw is part of the spec (DESIGN §1), not of the implementation under test.
+draw is part of the spec (docs/design.md §1.6), not of the implementation under test.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def write_scores(path: Path, scores: dict[str, torch.Tensor], shard: bool = True,
                  histograms: bool = True) -> Path:
-    """A score directory (SCORE_DIR.md): optionally sharded in two, with histograms."""
+    """A score directory (docs/design.md §3): optionally sharded in two, with histograms."""
     path.mkdir(parents=True, exist_ok=True)
     names = list(scores)
     if shard and len(names) > 1:
@@ -92,7 +92,7 @@ def write_config(path: Path, paths: dict, params: dict | None = None, **extra) -
 
 def in_memory_merge(paths: dict, params: dict, patch_format: str = "full",
                     out_dtype=None) -> dict[str, torch.Tensor]:
-    """The merge of DESIGN §1 on whole in-memory tensors (no engine code)."""
+    """The merge of docs/design.md §1.5–§1.7 on whole in-memory tensors (no engine code)."""
     base = load_dir(paths["base"])
     mode = params.get("mask_mode", "difference")
     gran = params.get("granularity", "global")

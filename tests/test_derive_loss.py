@@ -1,4 +1,4 @@
-"""The per-example-mean NLL of DESIGN §1 and its sign."""
+"""The per-example-mean NLL of docs/design.md §1.2 and its sign."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Radix histogram of score keys in Triton (DESIGN §2 op 2): exact int64 counts of one 16-bit
+"""Radix histogram of score keys in Triton (docs/design.md §2, op 2): exact int64 counts of one 16-bit
 digit of the uint32 keys, 65,536 bins.
 
 Reference: ``safepatch_merge.ops.reference.radix_histogram``. Keys are the bits of

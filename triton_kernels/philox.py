@@ -1,4 +1,4 @@
-"""Philox4x32-10 retention words in Triton (DESIGN §1 "Random retention").
+"""Philox4x32-10 retention words in Triton (docs/design.md §1.6).
 
 Reference: ``safepatch_merge/ops/philox.py`` (plain torch, checked against the Random123
 known-answer vectors); the C++/CUDA twin is ``csrc/philox.h``.

@@ -1,6 +1,6 @@
 """Saliency accumulation in Triton: score += scale * (weight * grad), fp32, in place, one pass.
 
-Reference: ``safepatch_merge.ops.reference.saliency_accumulate_`` (DESIGN §2 op 1). The
+Reference: ``safepatch_merge.ops.reference.saliency_accumulate_`` (docs/design.md §2, op 1). The
 arithmetic is the reference's, rounding by rounding: prod = fp32(w) * fp32(g), then
 prod * scale, then score + that, with FMA contraction off, so results are bit-identical.
 Memory-bound: 8 bytes of score (read + write) plus the weight and grad bytes per element.

@@ -1,4 +1,4 @@
-// CPU kernels of the safepatch ops (schemas in ops.cpp; semantics in brief OPS_ABI.md and
+// CPU kernels of the safepatch ops (schemas in ops.cpp; semantics in docs/design.md §2 and
 // safepatch_merge/ops/reference.py).
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA kernels of the safepatch ops (schemas in ../ops.cpp; semantics in brief OPS_ABI.md and
+// CUDA kernels of the safepatch ops (schemas in ../ops.cpp; semantics in docs/design.md §2 and
 // safepatch_merge/ops/reference.py). Registered for the CUDA dispatch key in register.cu.
 #pragma once
 

@@ -1,4 +1,4 @@
-// SafePatching's masked merge of one tensor or chunk, in one pass (DESIGN §1, brief OPS_ABI.md):
+// SafePatching's masked merge of one tensor or chunk, in one pass (docs/design.md §1.5–§1.7, §2):
 //   in_X      = key(S_X) >= key_X && key(S_X) > 0       (patch absent -> false; mode none -> true)
 //   M_X       = by mode from in_SE, in_OSM
 //   applied_X = M_X && philox word < keep_threshold

@@ -25,7 +25,7 @@ Outputs in OUT: the patched model (safetensors, config, tokenizer with chat temp
 for --lora also OUT/adapter (or only the adapter with --no-merged), derive_record.json
 (data hash, split, hyperparameters, seed, versions, stop reason, tokens/s), nll_curve.csv
 and nll_curve.png. The loss is the mean over examples of each example's mean response-token
-NLL (DESIGN §1); gd minimises it, ga maximises it. Defaults are ours; the paper states none."""
+NLL (docs/design.md §1.2); gd minimises it, ga maximises it. Defaults are ours; the paper states none."""
 
 
 def add_parser(sub) -> None:

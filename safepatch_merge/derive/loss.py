@@ -1,4 +1,4 @@
-"""The one loss of patch derivation and scoring (DESIGN §1), with a sign.
+"""The one loss of patch derivation and scoring (docs/design.md §1.2), with a sign.
 
 Per example: the mean NLL of its labelled tokens. Per batch: the mean over examples of that
 (not Hugging Face's token-weighted mean). Gradient descent (OSM patch) minimises +NLL, gradient

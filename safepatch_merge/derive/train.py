@@ -1,4 +1,4 @@
-"""Derive a patch: gradient ascent (SE) or descent (OSM) on harmful responses (DESIGN §1).
+"""Derive a patch: gradient ascent (SE) or descent (OSM) on harmful responses (docs/design.md §1.2).
 
 A plain PyTorch loop driven by 🤗 Accelerate on the collator of dataset.py, so
 `accelerate launch -m safepatch_merge derive ...` runs it on several GPUs (DDP, FSDP or

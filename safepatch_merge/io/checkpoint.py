@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, brief
+from ..errors import CheckpointError, clip
 from . import safe_json
 from .links import UntrustedLinkError, open_regular, trusted_target
 from .safetensors_header import TORCH_TO_ST, Header, TensorInfo, read_header
@@ -174,15 +174,15 @@ def read_index(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: unreadable index ({e})") from None
     dup = safe_json.first_duplicate(obj)
     if dup is not None:  # which of the two would count is anyone's guess
-        raise CheckpointError(f"{path}: key {brief(dup, 200)} is given twice")
+        raise CheckpointError(f"{path}: key {clip(dup, 200)} is given twice")
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict):
         raise CheckpointError(f"{path}: index has no valid weight_map (an object of tensor "
                               "name: shard file)")
     for name, rel in wm.items():
         if not isinstance(rel, str) or not rel:
-            raise CheckpointError(f"{path}: shard of tensor {brief(name, 200)} is "
-                                  f"{brief(rel, 60)}, not a file name")
+            raise CheckpointError(f"{path}: shard of tensor {clip(name, 200)} is "
+                                  f"{clip(rel, 60)}, not a file name")
     return dict(wm)
 
 
@@ -193,7 +193,7 @@ def _shard_paths(root: Path, index: Path, wm: dict[str, str]) -> dict[str, Path]
     seen: dict[str, Path] = {}
     for name, rel in wm.items():
         if rel not in seen:
-            what = f"{index}: shard {brief(rel, 200)} of tensor {brief(name, 200)}"
+            what = f"{index}: shard {clip(rel, 200)} of tensor {clip(name, 200)}"
             if os.path.isabs(rel):
                 raise UntrustedLinkError(f"{what} is an absolute path, outside {root}")
             trusted_target(root / rel, root, what=what)
@@ -246,14 +246,14 @@ def _from_safetensors(role, source, root, weight_map, single=None, *, index=None
         for name, info in headers[f].tensors.items():
             if weight_map is not None and weight_map.get(name) != f:
                 if name not in weight_map:
-                    raise CheckpointError(f"{f}: tensor {brief(name, 200)} is in this shard but "
+                    raise CheckpointError(f"{f}: tensor {clip(name, 200)} is in this shard but "
                                           f"not in the index {index}")
                 continue  # a stale copy the index does not point to
             tensors[name] = info
     if weight_map is not None:
         for name, f in weight_map.items():
             if name not in tensors:
-                raise CheckpointError(f"{f}: tensor {brief(name, 200)} listed in the index is "
+                raise CheckpointError(f"{f}: tensor {clip(name, 200)} listed in the index is "
                                       "missing from the shard")
     return Checkpoint(role, str(source), root, files, tensors, headers)
 

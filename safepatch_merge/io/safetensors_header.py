@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, brief
+from ..errors import CheckpointError, clip
 from . import safe_json
 from .links import open_regular
 
@@ -94,7 +94,7 @@ _FIELDS = ("dtype", "shape", "data_offsets")
 
 
 def _name(name: str) -> str:
-    return brief(name, 200)
+    return clip(name, 200)
 
 
 def _is_u64(v) -> bool:
@@ -114,20 +114,20 @@ def _entry(path: Path, name: str, ent) -> tuple[str, tuple[int, ...], int, int]:
         raise CheckpointError(f"{where}: corrupt header entry (no {missing[0]})")
     dt, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
     if not isinstance(dt, str) or dt not in ST_DTYPE_NAMES:
-        raise CheckpointError(f"{where}: invalid dtype {brief(dt, 40)}")
+        raise CheckpointError(f"{where}: invalid dtype {clip(dt, 40)}")
     if dt not in DTYPES:
         raise CheckpointError(f"{where}: unsupported dtype {dt!r}")
     if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        raise CheckpointError(f"{where}: invalid shape {brief(shape, 80)}")
+        raise CheckpointError(f"{where}: invalid shape {clip(shape, 80)}")
     if not isinstance(offs, list) or len(offs) != 2 or not all(_is_u64(o) for o in offs):
-        raise CheckpointError(f"{where}: invalid data_offsets {brief(offs, 80)}")
+        raise CheckpointError(f"{where}: invalid data_offsets {clip(offs, 80)}")
     numel = 1
     for d in shape:  # in order, overflow-checked, as safetensors computes it
         numel *= d
         if numel > _U64_MAX:
-            raise CheckpointError(f"{where}: shape {brief(shape, 80)} overflows 64 bits")
+            raise CheckpointError(f"{where}: shape {clip(shape, 80)} overflows 64 bits")
     if numel * DTYPES[dt][1] * 8 > _U64_MAX:  # safetensors counts bits
-        raise CheckpointError(f"{where}: shape {brief(shape, 80)} overflows 64 bits")
+        raise CheckpointError(f"{where}: shape {clip(shape, 80)} overflows 64 bits")
     return dt, tuple(shape), offs[0], offs[1]
 
 
@@ -188,7 +188,7 @@ def read_header(path: str | Path) -> Header:
         want = math.prod(shape) * DTYPES[dt][1]
         if e - b != want:
             raise CheckpointError(f"{where}: {e - b} data bytes but dtype {dt} x shape "
-                                  f"{brief(list(shape), 80)} needs {want}")
+                                  f"{clip(list(shape), 80)} needs {want}")
         infos.append(TensorInfo(name, path, dt, shape, data_start + b, data_start + e))
     infos.sort(key=lambda t: (t.start, t.end))
     pos = data_start

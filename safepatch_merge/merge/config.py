@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, brief
+from ..errors import ConfigError, clip
 from . import defaults
 
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -34,13 +34,13 @@ def parse_size(value: Any, key: str) -> int:
     else:
         m = _SIZE.match(str(value))
         if not m:
-            raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {brief(value)}")
+            raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {clip(value)}")
         unit = (m.group(2) or "").lower().rstrip("b")
         base = 1024 if unit.endswith("i") else 1000
         power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
         n = float(m.group(1)) * base ** power
     if not math.isfinite(n) or n <= 0:
-        raise ConfigError(f"{key}: size must be positive, got {brief(value)}")
+        raise ConfigError(f"{key}: size must be positive, got {clip(value)}")
     return int(n)
 
 
@@ -52,7 +52,7 @@ def check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     for k in d:
         if k not in allowed:
-            shown = k if isinstance(k, str) and len(k) <= 120 else brief(k)
+            shown = k if isinstance(k, str) and len(k) <= 120 else clip(k)
             raise ConfigError(f"unknown config key {where + '.' if where else ''}{shown} "
                               f"(allowed: {', '.join(allowed)})")
     return d
@@ -62,7 +62,7 @@ def get_float(d: dict, key: str, default: float, where: str, lo: float | None = 
               hi: float | None = None) -> float:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{where}.{key}: expected a finite number, got {brief(v)}")
+        raise ConfigError(f"{where}.{key}: expected a finite number, got {clip(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ConfigError(f"{where}.{key} = {v!r} is out of range [{lo}, {hi}]")
     return float(v)
@@ -71,14 +71,14 @@ def get_float(d: dict, key: str, default: float, where: str, lo: float | None = 
 def get_choice(d: dict, key: str, default: str, choices: tuple[str, ...], where: str) -> str:
     v = d.get(key, default)
     if v not in choices:
-        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {brief(v)}")
+        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {clip(v)}")
     return v
 
 
 def get_bool(d: dict, key: str, default: bool, where: str) -> bool:
     v = d.get(key, default)
     if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: expected true or false, got {brief(v)}")
+        raise ConfigError(f"{where}.{key}: expected true or false, got {clip(v)}")
     return v
 
 
@@ -88,7 +88,7 @@ def get_str(d: dict, key: str, where: str, required: bool = True) -> str | None:
         return None
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{where}{'.' if where else ''}{key}: expected a path or Hub id, "
-                          f"got {brief(v)}")
+                          f"got {clip(v)}")
     return v
 
 
@@ -156,7 +156,7 @@ def _patterns(v: Any, key: str) -> list[str]:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-        raise ConfigError(f"{key}: expected a glob pattern or a list of them, got {brief(v)}")
+        raise ConfigError(f"{key}: expected a glob pattern or a list of them, got {clip(v)}")
     return list(v)
 
 
@@ -183,7 +183,7 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
     )
     rev = raw.get("revision")
     if rev is not None and not isinstance(rev, str):
-        raise ConfigError(f"revision: expected a string, got {brief(rev)}")
+        raise ConfigError(f"revision: expected a string, got {clip(rev)}")
     cfg = MergeConfig(
         method=method, backbone=get_str(raw, "backbone", ""), output=oc,
         include=_patterns(raw.get("include"), "include"),

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError, SafepatchError, brief
+from ..errors import ConfigError, SafepatchError, clip
 from ..io import (Checkpoint, ContentHasher, OutputBuilder, Part, Prefetcher, ShardPlan,
                   index_json, item_bytes, open_checkpoint, plan_shards)
 from ..io.links import hub_blobs_of, trusted_target
@@ -429,8 +429,8 @@ def _check_patterns(cfg: MergeConfig, base: Checkpoint) -> None:
         for pat in pats:
             if not any(fnmatch.fnmatchcase(n, pat) for n in base.tensors):
                 example = next(iter(base.tensors), "")
-                raise ConfigError(f"{key} pattern {brief(pat)} matches no tensor of the backbone "
-                                  f"{base.source} (names look like {brief(example)})")
+                raise ConfigError(f"{key} pattern {clip(pat)} matches no tensor of the backbone "
+                                  f"{base.source} (names look like {clip(example)})")
 
 
 def _check_apart(out_dir: Path, ckpts: dict[str, Checkpoint], config) -> None:

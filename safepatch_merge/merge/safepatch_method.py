@@ -1,4 +1,4 @@
-"""The SafePatching merge as an engine method (DESIGN §1 "Controllable patching").
+"""The SafePatching merge as an engine method (docs/design.md §1.4–§1.7).
 
 Config section (docs/merge_config.md)::
 

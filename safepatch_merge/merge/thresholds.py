@@ -1,6 +1,6 @@
 """Exact selection thresholds of a score directory, computed streaming in fixed memory.
 
-Digit-0 histograms come from the score directory's ``histograms.safetensors`` (SCORE_DIR.md)
+Digit-0 histograms come from the score directory's ``histograms.safetensors`` (docs/design.md §3)
 where it covers a tensor with the right element count, else they are computed by streaming
 the scores (and cached in the merge's work directory, never in the input). Each tensor's
 histogram is validated (negative, NaN or inf scores: an error naming the tensor), summed per

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, brief
+from ..errors import CheckpointError, ConfigError, clip
 
 # a float dtype's bits as a signed int: non-negative finite values are exactly [0, limit)
 _BITS = {torch.float32: (torch.int32, 0x7F800000), torch.bfloat16: (torch.int16, 0x7F80),
@@ -38,7 +38,7 @@ def check_scores(label: str, name: str, chunk: torch.Tensor, offset: int) -> Non
     lo, hi = torch.aminmax(chunk)
     if bool(torch.isfinite(lo) & torch.isfinite(hi)) and float(lo) >= 0:
         return
-    raise CheckpointError(f"{label}: scores of tensor {brief(name, 200)} contain "
+    raise CheckpointError(f"{label}: scores of tensor {clip(name, 200)} contain "
                           f"{_describe(chunk, True, offset)}; saliency scores must be finite "
                           "and >= 0")
 
@@ -52,7 +52,7 @@ def check_output(name: str, chunk: torch.Tensor, offset: int) -> None:
     lo, hi = torch.aminmax(chunk)  # NaN and ±inf show in the minimum or the maximum
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
-    raise ConfigError(f"the merged tensor {brief(name, 200)} has "
+    raise ConfigError(f"the merged tensor {clip(name, 200)} has "
                       f"{_describe(chunk, False, offset)} (alpha/beta too large for the output "
                       "dtype, or non-finite inputs); set output.allow_nonfinite: true to write "
                       "them anyway")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import brief
+from ..errors import clip
 
 
 class DuplicateKeyError(ValueError):
@@ -30,7 +30,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     raise DuplicateKeyError(
-                        f"key {brief(key)} is given twice (lines {first + 1} and "
+                        f"key {clip(key)} is given twice (lines {first + 1} and "
                         f"{key_node.start_mark.line + 1})")
                 seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)

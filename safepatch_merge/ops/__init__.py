@@ -1,6 +1,6 @@
 """The three ops of SafePatching, each one public function; backends chosen per call.
 
-Backends (DESIGN §2): ``triton`` (CUDA tensors), ``cpp`` (the optional torch extension built
+Backends (docs/design.md §2): ``triton`` (CUDA tensors), ``cpp`` (the optional torch extension built
 from csrc/: C++ for CPU tensors, CUDA C++ where built) and ``reference`` (plain torch, the
 ground truth). Automatic choice: CUDA tensors -> triton, else cpp, else reference (for
 radix_histogram and saliency_accumulate_: cpp, else triton, else reference); CPU tensors ->
@@ -209,7 +209,7 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
                  applied_counts: torch.Tensor | None = None):
     """SafePatching's merge of one tensor (or one chunk of it), in one pass. Not in place.
 
-    out = base + α·(R_SE ⊙ M_SE ⊙ P_SE)/s + β·(R_OSM ⊙ M_OSM ⊙ P_OSM)/s   (DESIGN §1)
+    out = base + α·(R_SE ⊙ M_SE ⊙ P_SE)/s + β·(R_OSM ⊙ M_OSM ⊙ P_OSM)/s   (docs/design.md §1.7)
 
     base: float32/bfloat16/float16, contiguous, any shape. patch_se / patch_osm: same shape,
     any of those dtypes, deltas P_X (patches_are_deltas=True) or full patched tensors θ_X (the

@@ -1,6 +1,6 @@
 """The csrc extension (``torch.ops.safepatch``) as a backend: C++ for CPU tensors, CUDA C++
 where it was built with CUDA sources. Same functions and signatures as ``reference.py``;
-this module only adapts the public arguments to the operator schema (brief OPS_ABI.md):
+this module only adapts the public arguments to the operator schema (csrc/ops.cpp; docs/design.md §2):
 thresholds become uint32 keys, rates and scales become the integers and fp32 coefficients
 the kernels use. Arguments arrive validated by ``safepatch_merge.ops``.
 """

@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the retention stream of DESIGN §1, in plain torch (the ground truth).
+"""Philox4x32-10 and the retention stream of docs/design.md §1.6, in plain torch (the ground truth).
 
 Every backend draws the retention mask R_X from the same counter-based stream, so a mask never
 depends on order, chunking, device or backend:

@@ -1,6 +1,6 @@
 """Plain-torch reference of every op: the ground truth for tests and the slow fallback.
 
-Conventions shared by all backends (DESIGN §1-§2):
+Conventions shared by all backends (docs/design.md §1.4–§2):
 
 * Score keys. A score s (fp32, bf16 or fp16) is compared through the 32-bit pattern of
   float32(s), read as an unsigned integer; -0 maps to key 0 and every NaN (any sign or

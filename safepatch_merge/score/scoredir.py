@@ -1,4 +1,4 @@
-"""Write a score directory (brief SCORE_DIR / DESIGN §2) that the merge engine reads as is.
+"""Write a score directory (docs/design.md §3) that the merge engine reads as is.
 
 Layout: `model.safetensors` or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
 with scores under the model's own tensor names (float32 default), `histograms.safetensors`

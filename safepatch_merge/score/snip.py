@@ -1,4 +1,4 @@
-"""SNIP saliency at the patched model, one gradient in memory at a time (DESIGN §1-§2).
+"""SNIP saliency at the patched model, one gradient in memory at a time (docs/design.md §1.3, §2).
 
 S = |θ_X ⊙ ∇_θ L(θ_X; D_s)| with L the mean over the scoring set of per-example mean token
 NLL. For batches b of n_b examples out of N, L = Σ_b (n_b/N)·L_b with L_b the batch's mean, so

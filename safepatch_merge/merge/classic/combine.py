@@ -49,7 +49,7 @@ class Term:
 def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (n,) DARE keep mask of elements offset.. of tensor `name`: the Philox4x32-10
-    retention stream of DESIGN §1 (ops.retention_mask), drawn in blocks to bound scratch
+    retention stream of docs/design.md §1.6 (ops.retention_mask), drawn in blocks to bound scratch
     memory, by the C++ kernel where the extension serves this device."""
     thr = ops.keep_threshold(p)
     if thr >= 1 << 32:
