@@ -1,6 +1,8 @@
 """Cost of SNIP scoring vs a plain forward+backward, and its peak memory vs keeping all grads.
 
-Three ways over the same batches of harmful pairs (SmolLM2-135M-Instruct by default):
+Three ways over the same batches of prompt/response pairs (SmolLM2-135M-Instruct by default;
+--data FILE, default the packaged benign reference answers; the cost depends on the
+examples' lengths, not on what they say):
   fwdbwd         plain forward+backward with the loss Σ_b (n_b/N)·L_b (gradients accumulate in
                  .grad, as training with accumulation does) — the time baseline;
   snip           safepatch_merge.score.snip.snip_scores: post-accumulate-grad hooks, fused
@@ -20,6 +22,7 @@ work (VmHWM reset through /proc/self/clear_refs), on CUDA max_memory_allocated a
 allocation before the work. Results are appended to bench/results/score_bench.csv.
 
     python bench/bench_score.py                       # CPU, fp32, SmolLM2 (built offline)
+    python bench/bench_score.py --data DATA/train/harmful_pairs.jsonl --stride 7   # harmful pairs
     python bench/bench_score.py --device cuda --dtype bfloat16 --batch-size 8 --max-length 512 \
         --host-buffers
 """
@@ -71,13 +74,12 @@ def _peak(device: torch.device) -> int:
 def _setup(args):
     from safepatch_merge.derive.dataset import load_pairs, render_pairs
     from safepatch_merge.models.loading import load_causal_lm, load_tokenizer
-    from safepatch_merge.paths import shared_data_dir
     from safepatch_merge.score.snip import checkpoint_tensor_names, scored_parameters
 
     device = torch.device(args.device)
     model = load_causal_lm(args.model, args.dtype, device)
     tok = load_tokenizer(args.model)
-    pairs = load_pairs(shared_data_dir() / "train" / "harmful_pairs.jsonl")[:: 7][: args.num_examples]
+    pairs = load_pairs(args.data)[:: args.stride][: args.num_examples]
     ex, _ = render_pairs(pairs, tok, args.max_length)
     if len(ex) < len(pairs):
         raise SystemExit(f"{len(pairs) - len(ex)} prompts do not fit --max-length {args.max_length}")
@@ -209,6 +211,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--num-examples", type=int, default=3, help="scoring set size (last batch shorter)")
+    ap.add_argument("--data", help="pairs file (JSONL/JSON/CSV with prompt and response; default: "
+                                   "the packaged benign reference answers)")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="take every N-th pair (7 spreads the scoring set over the harmful "
+                         "pairs' prompts)")
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -232,6 +239,10 @@ def main() -> None:
         from safepatch_merge.models.smollm2 import ensure_smollm2
 
         args.model = str(ensure_smollm2())
+    if args.data is None:
+        from safepatch_merge.eval.utility import default_reference_path
+
+        args.data = str(default_reference_path())
     if args.worker:
         print("RESULT " + json.dumps(worker_memory(args)))
         return
@@ -244,6 +255,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device",
                args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--num-examples", str(args.num_examples), "--max-length", str(args.max_length),
+               "--data", args.data, "--stride", str(args.stride),
                "--threads", str(args.threads or 1)]
         # a fixed mmap threshold: glibc then maps every tensor >= 128 KiB on its own and
         # unmaps it when freed, so peak RSS follows live tensors, not heap fragmentation
@@ -280,7 +292,8 @@ def main() -> None:
                                  text=True, cwd=HERE).stdout.strip(),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                   f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
-        "model": Path(args.model).name, "dtype": args.dtype, "ops_backend": backend_for(dev)[0],
+        "model": Path(args.model).name, "data": f"{Path(args.data).name}[::{args.stride}]",
+        "dtype": args.dtype, "ops_backend": backend_for(dev)[0],
         "batches": "+".join(map(str, tm["batches"])), "max_length": args.max_length,
         "tokens": tm["tokens"], "scored_parameters": tm["scored_parameters"],
         "repeats": args.repeats,

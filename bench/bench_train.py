@@ -1,6 +1,7 @@
 """Training throughput of `derive` (tokens/s, prompt + response tokens) with the settings used.
 
-Runs safepatch_merge.derive.train.derive_patch for a few steps on harmful pairs with each
+Runs safepatch_merge.derive.train.derive_patch for a few steps on prompt/response pairs
+(--data FILE, default the packaged benign reference answers) with each
 requested setting and appends one row per setting to bench/results/train_bench.csv (device,
 commit, precision, full/LoRA, batch, length, steps, tokens/s from the run's derive_record.json;
 held-out evaluation and saving are outside the timed loop).
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--data", help="pairs file (JSONL/JSON/CSV with prompt and response; default: "
+                                   "the packaged benign reference answers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--random-weights", metavar="DIR",
                     help="use (and create if absent) a random-weight SmolLM2-shaped model in DIR")
@@ -45,7 +48,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from safepatch_merge.derive.train import DeriveConfig, derive_patch
-    from safepatch_merge.paths import shared_data_dir
+    from safepatch_merge.eval.utility import default_reference_path
 
     if args.random_weights:
         import sys
@@ -58,7 +61,7 @@ def main() -> None:
         from safepatch_merge.models.smollm2 import ensure_smollm2
 
         args.model = str(ensure_smollm2())
-    data = shared_data_dir() / "train" / "harmful_pairs.jsonl"
+    data = Path(args.data) if args.data else default_reference_path()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=HERE).stdout.strip()
     device = (torch.cuda.get_device_name(0) if args.device == "cuda" else

@@ -178,10 +178,11 @@ fi
 
 # 7. optional (SCORE_BENCH=1): SNIP's cost and peak memory on the GPU, with the score
 # buffers on the device and in host memory, on a random-weight SmolLM2-135M-shaped model (cost
-# depends on shapes and lengths, not values; the real weights take two calls to carry). Needs
-# the scoring data: SAFEPATCH_SHARED_DATA=.gpu2/data with that folder carried.
+# depends on shapes and lengths, not values). Scoring data: the packaged benign reference
+# answers, or SCORE_DATA=FILE (pairs; every 7th is taken, as for the harmful pairs).
 if [ "${SCORE_BENCH:-0}" = 1 ]; then
   stage score ${LIMIT_SCORE:-180} "$OUT/score_bench.txt" python3 bench/bench_score.py --device cuda \
+    ${SCORE_DATA:+--data "$SCORE_DATA" --stride 7} \
     --dtype bfloat16 --batch-size 8 --num-examples 60 --max-length 512 --repeats 3 --host-buffers \
     --random-weights /tmp/smollm2_rand --out "$OUT/score_bench.csv"
   grep -E '"(tokens|time_ratio|host_time_ratio|peak_[a-z_]+_MB|[a-z_]*memory_ratio[a-z_]*)"' \

@@ -611,13 +611,11 @@ def _short_summary(s: dict | None) -> dict | None:
 
 
 def parse_args(argv=None):
-    from safepatch_merge.paths import shared_data_dir
-
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   # proof run on CPU (minutes; numbers meaningless)
-  PYTHONPATH=. python experiments/reproduce_pattern.py --smoke --out /tmp/pattern-smoke
+  PYTHONPATH=. python experiments/reproduce_pattern.py --smoke --data-dir DATA --out /tmp/pattern-smoke
   # the real run on one CUDA GPU
   PYTHONPATH=. python experiments/reproduce_pattern.py --preset gpu --out runs/pattern \\
       --data-dir DATA --model-dir SMOLLM2_DIR --time-budget 330 --results-dir final
@@ -631,8 +629,9 @@ def parse_args(argv=None):
                     help="work directory (cached, resumable stages)")
     ap.add_argument("--results-dir", default=None,
                     help="where results.json, table.md, pattern.png, run.log go (default OUT/final)")
-    ap.add_argument("--data-dir", default=str(shared_data_dir()),
-                    help="the shared data folder (train/, eval/)")
+    ap.add_argument("--data-dir", default=None,
+                    help="the public data folder (train/, eval/; its README lists sources and "
+                         "licences), e.g. ../shared/data beside the repository; required")
     ap.add_argument("--model-dir", default=None,
                     help="SmolLM2-135M-Instruct HF directory (default: ensure_smollm2())")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -656,7 +655,10 @@ def parse_args(argv=None):
     for k in ("sft_lr", "se_lr", "osm_lr", "calib_target"):
         ap.add_argument("--" + k.replace("_", "-"), type=float, default=None,
                         help=f"override the preset's {k}")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.report_only and not args.data_dir:
+        ap.error("--data-dir DIR is required (the public data folder with train/ and eval/)")
+    return args
 
 
 def main(argv=None) -> int:

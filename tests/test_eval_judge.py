@@ -1,11 +1,11 @@
 """Refusal rules, degeneration detector and guard-model plumbing."""
 import csv
-import json
 
 import pytest
 import torch
 
 from safepatch_merge.errors import CheckpointError
+from safepatch_merge.eval.utility import load_reference
 from safepatch_merge.eval.judge import (CausalLMGuard, ClassifierGuard, DegenerationDetector,
                                         GuardJudge, GuardVerdict, RuleRefusalJudge, load_guard,
                                         parse_guard_text)
@@ -89,8 +89,7 @@ def test_no_degeneration_on_real_completions(shared_data):
     for f in ("xstest_v2_completions_gpt4.csv", "xstest_v2_completions_llama2orig.csv"):
         with open(shared_data / "judge" / f, newline="", encoding="utf-8") as fh:
             texts += [r["completion"] for r in csv.DictReader(fh)]
-    with open(shared_data / "eval" / "benign_reference_completions.jsonl", encoding="utf-8") as fh:
-        texts += [json.loads(line)["response"] for line in fh]
+    texts += [response for _, response in load_reference()]  # the packaged reference answers
     texts += [t[:250] for t in texts]
     flagged = [(det(t).reason, t[:80]) for t in texts if det(t).degenerate]
     assert len(texts) == 2000

@@ -44,9 +44,15 @@ def test_truncation_limits_tokens():
     assert got["n_tokens"] == 15
 
 
-def test_load_reference(tmp_path, shared_data):
-    pairs = load_reference(shared_data / "eval" / "benign_reference_completions.jsonl", limit=7)
+def test_load_reference(tmp_path):
+    """The packaged reference answers are the default; a user file replaces them."""
+    pairs = load_reference(limit=7)
     assert len(pairs) == 7 and all(p and r for p, r in pairs)
+    assert pairs[0][0] == "Name some benefits of eating healthy."
+    assert len(load_reference()) == 100
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"prompt": "Say hi.", "response": "Hi!"}) + "\n")
+    assert load_reference(own) == [("Say hi.", "Hi!")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(DataError, match="response"):

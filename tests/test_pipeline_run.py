@@ -65,7 +65,7 @@ def first_run(tmp_path_factory):
     return [cfg], out, rec
 
 
-def test_first_run_runs_every_step_and_evaluates_each_stage(first_run, shared_data):
+def test_first_run_runs_every_step_and_evaluates_each_stage(first_run):
     (cfg,), out, rec = first_run
     st = _status(rec)
     assert st[("00-backbone", "eval")] == "ran"

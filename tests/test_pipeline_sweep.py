@@ -36,7 +36,7 @@ def _cfg(p, **kw) -> SweepConfig:
     return SweepConfig(**{**base, **kw})
 
 
-def test_sweep_grid_table_plot_and_resume(inputs, tmp_path, shared_data):
+def test_sweep_grid_table_plot_and_resume(inputs, tmp_path):
     out = tmp_path / "sw"
     res = sweep(_cfg(inputs), out, progress=False)
     assert res["points"] == 4 and len(res["ran"]) == 4

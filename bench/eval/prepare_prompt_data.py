@@ -1,10 +1,11 @@
-"""Build safepatch_merge/data/prompts/*.jsonl from ../shared/data/eval (run once; output committed).
+"""Build safepatch_merge/data/prompts/*.jsonl from the public data folder's eval/ (run once;
+output committed).
 
 Only MIT / CC BY / Apache-2.0 prompt sets are packaged (see safepatch_merge/data/DATA_LICENSES.md).
 Each output line: {"id", "prompt", "harmful": bool, ...source metadata}. HarmBench copyright
 behaviours are dropped (they ask for copyrighted text, and the suite excludes them anyway).
 
-    python bench/eval/prepare_prompt_data.py [--shared ../shared/data]
+    python bench/eval/prepare_prompt_data.py --data-dir DATA    # e.g. ../shared/data
 """
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from safepatch_merge.paths import REPO_ROOT, shared_data_dir
-
-OUT = REPO_ROOT / "safepatch_merge" / "data" / "prompts"
+OUT = Path(__file__).resolve().parents[2] / "safepatch_merge" / "data" / "prompts"
 
 
 def _write(name: str, rows: list[dict]) -> None:
@@ -28,8 +27,9 @@ def _write(name: str, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shared", type=Path, default=shared_data_dir())
-    ev = ap.parse_args().shared / "eval"
+    ap.add_argument("--data-dir", type=Path, required=True,
+                    help="the public data folder (with eval/xstest_prompts.csv, ...)")
+    ev = ap.parse_args().data_dir / "eval"
 
     rows = list(csv.DictReader(open(ev / "xstest_prompts.csv", encoding="utf-8")))
     _write("xstest", [{"id": f"xstest-{r['id']}", "prompt": r["prompt"],

@@ -127,7 +127,7 @@ def evaluate(model_path: str | Path, out_dir: str | Path,
         pairs = load_reference(utility_file, utility_limit)
         util = reference_perplexity(model, tok, pairs, max_response_tokens=utility_max_tokens,
                                     chat_template=settings.chat_template, progress=progress)
-        util["file"] = str(utility_file or "shared data: benign_reference_completions.jsonl")
+        util["file"] = str(utility_file or "packaged: benign_reference_completions.jsonl")
     timings["utility_s"] = time.time() - t_util
 
     import torch

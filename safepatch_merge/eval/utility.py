@@ -1,24 +1,25 @@
 """Utility proxy: the model's perplexity on benign reference answers.
 
-The reference answers (benign instructions answered by Llama-3-8B-Instruct) are under the
-Llama 3 licence, so they are not packaged: they are read from the shared data folder or a
-user-given file (JSONL with `prompt` and `response`). A patch that damages general ability
-raises this number; lm-evaluation-harness remains the real utility measure.
+The default reference answers ship with the package (`data/eval/`, 100 benign instructions
+answered by Llama-3-8B-Instruct; licence and attribution in `data/DATA_LICENSES.md`); any
+JSONL file with `prompt` and `response` fields can replace them. A patch that damages general
+ability raises this number; lm-evaluation-harness remains the real utility measure.
 """
 from __future__ import annotations
 
 import math
+from importlib import resources
 from pathlib import Path
 
 from ..errors import DataError
-from ..paths import shared_data_dir
 from .suites import read_records
 
 REFERENCE_NAME = "benign_reference_completions.jsonl"
 
 
 def default_reference_path() -> Path:
-    return shared_data_dir() / "eval" / REFERENCE_NAME
+    """The packaged reference answers (JSONL, 100 rows of `prompt`, `response`, `source`)."""
+    return Path(str(resources.files("safepatch_merge") / "data" / "eval" / REFERENCE_NAME))
 
 
 def load_reference(path: str | Path | None = None, limit: int | None = None
@@ -26,7 +27,7 @@ def load_reference(path: str | Path | None = None, limit: int | None = None
     """(prompt, response) pairs, the first `limit` of the file (its order is fixed)."""
     path = Path(path) if path else default_reference_path()
     if not path.is_file():
-        raise DataError(f"{path}: reference completions not found (give --utility-file, or "
+        raise DataError(f"{path}: reference answers not found (give --utility-file FILE, or "
                         "--no-utility to skip the perplexity check)")
     rows = read_records(path)
     pairs = [(r.get("prompt"), r.get("response")) for r in rows]

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..eval.report import write_atomic
-from ..eval.utility import default_reference_path
 from .run import run_pipeline
 from .stages import StepRunner, dir_fingerprint
 
@@ -156,9 +155,7 @@ def demo_run_config(backbone: str, data: str, cfg: DemoConfig) -> dict:
                   "output": {"dtype": "float32"}},
         "eval": {"suites": list(cfg.eval_suites), "limit": cfg.eval_limit,
                  "max_new_tokens": cfg.eval_max_new_tokens, "batch_size": cfg.batch_size,
-                 # The benign reference answers are Llama-3 outputs and are not shipped: the
-                 # utility check runs only where the workplace's shared data is present.
-                 "utility": default_reference_path().is_file(),
+                 "utility": True,  # the packaged reference answers
                  "utility_limit": cfg.utility_limit,
                  "utility_max_tokens": cfg.utility_max_tokens, "dtype": "float32"},
     }
@@ -214,9 +211,6 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
 
     data = str(out / "harmful_data/harmful_pairs.jsonl")
     run_cfg = demo_run_config(str(backbone), data, cfg)
-    if not run_cfg["eval"]["utility"]:
-        log_fn(f"utility perplexity skipped: {default_reference_path()} not found "
-               "(set SAFEPATCH_SHARED_DATA to the shared data folder to include it)")
     import yaml
     write_atomic(out / "demo_run.yaml", "# the `safepatch run` config this demo executed\n" +
                  yaml.safe_dump(run_cfg, sort_keys=False))
