@@ -201,7 +201,7 @@ def load_gguf(gguf_path: str | Path):
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
     except ImportError as e:  # gguf / accelerate missing
-        raise CheckpointError(f"cannot read {gguf_path}: {e} (pip install gguf accelerate)") from e
+        raise CheckpointError(f"cannot read {gguf_path}: {e} (pip install 'safepatch-merge[gguf]')") from e
     ids = gguf_special_token_ids(gguf_path)
     _fix_special_tokens(tok, ids)
     for kind, i in ids.items():  # the model's own ids, in case the version mapped them wrongly
