@@ -16,6 +16,7 @@ def test_demo_config_is_a_valid_run_config(tmp_path):
     run = demo_run_config(str(tmp_path / "bb"), str(tmp_path / "dh.jsonl"), cfg)
     rc = parse_run_config(run)
     (st,) = rc.stages
+    assert st.name == "SafePatching"  # the patched model's label in the report
     assert st.derive["se"].objective == "ga" and st.derive["se"].max_steps == 3
     assert st.derive["osm"].objective == "gd" and st.derive["se"].save_dtype == "float32"
     assert st.merge["parameters"]["alpha"] == 0.5 and st.merge["output"]["dtype"] == "float32"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_output, say
+
 EPILOG = """examples:
   safepatch demo                                  # into ./safepatch-demo
   safepatch demo -o /tmp/demo --eval-limit 40 --eval-max-new-tokens 48
@@ -27,8 +29,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--out", default="safepatch-demo", help="output directory "
-                   "(default ./safepatch-demo; reused by reruns)")
+    add_output(p, "output directory (default ./safepatch-demo; reused by reruns)",
+               required=False, default="safepatch-demo")
     p.add_argument("--backbone", help="local model directory to patch instead of SmolLM2")
     p.add_argument("--dh-model", help="unaligned model that answers the harmful prompts to make "
                    "D_h (default: SmolLM2 as shipped, also with --backbone)")
@@ -58,7 +60,6 @@ def add_parser(sub) -> None:
     t.add_argument("--beta", type=float, default=d.beta)
     t.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--force", action="store_true", help="redo every step")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -76,7 +77,7 @@ def run(args) -> int:
         se_lr=args.se_lr, osm_steps=args.osm_steps, osm_lr=args.osm_lr,
         score_examples=args.score_examples, top_rate_se=args.top_rate_se,
         top_rate_osm=args.top_rate_osm, alpha=args.alpha, beta=args.beta, seed=args.seed)
-    res = run_demo(args.out, cfg, force=args.force, progress=not args.no_progress)
+    res = run_demo(args.out, cfg, force=args.force, progress=args.progress, log_fn=say(args))
     print()
     print("## before / after (95% Wilson intervals)")
     print(res["table"])

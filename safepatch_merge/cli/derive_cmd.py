@@ -6,6 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_output
+
+# The values of derive.train.PRECISIONS / STOP_ON, spelled here so that `--help` needs no torch
+# (tests/test_cli_conventions.py checks that they agree).
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+STOP_ON = ("train", "heldout")
+
 EPILOG = """examples:
   # SE patch: gradient ascent, full parameters, stopped at NLL 8 nats/token or 200 steps
   safepatch derive ./SmolLM2-135M-Instruct --data harmful_pairs.jsonl --objective ga \\
@@ -29,8 +36,6 @@ NLL (docs/design.md §1.2); gd minimises it, ga maximises it. Defaults are ours;
 
 
 def add_parser(sub) -> None:
-    from ..derive.train import PRECISIONS, STOP_ON
-
     p = sub.add_parser("derive", help="train a patch (ga: safety-enhancement, gd: over-safety "
                        "mitigation)", description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +44,7 @@ def add_parser(sub) -> None:
                    "Hugging Face dataset name (needs the `datasets` library)")
     p.add_argument("--objective", required=True, choices=("ga", "gd"),
                    help="ga = gradient ascent (SE patch), gd = gradient descent (OSM patch)")
-    p.add_argument("-o", "--out", required=True, help="output directory (must not exist)")
+    add_output(p, "output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     d = p.add_argument_group("data")
     d.add_argument("--prompt-field", default="prompt")
@@ -87,7 +92,6 @@ def add_parser(sub) -> None:
                     help="module names (default all-linear: every linear layer but the head)")
     lo.add_argument("--no-merged", action="store_true",
                     help="write only the adapter (scoring then merges it in memory)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -109,7 +113,7 @@ def run(args) -> int:
         save_merged=not args.no_merged, gradient_checkpointing=args.gradient_checkpointing,
         device=args.device, max_shard_size=args.max_shard_size)
     rec = derive_patch(args.backbone, args.data, args.out, cfg, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+                       progress=args.progress)
     if rec is not None:  # main process
         print(json.dumps({"out": args.out, "steps": rec["steps"], "stop_reason": rec["stop_reason"],
                           "initial_heldout_nll": rec["initial_heldout_nll"],

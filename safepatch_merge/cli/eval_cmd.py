@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from .options import add_output
 
 EPILOG = """examples:
   # baseline on fixed 50-prompt subsets of the packaged suites, 64 new tokens, on CPU
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="local Hugging Face model directory")
-    p.add_argument("-o", "--out", required=True, help="output directory")
+    add_output(p, "output directory")
     p.add_argument("--compare", nargs="+", metavar="RESULT",
                    help="result dirs/results.json files to put side by side (no model)")
     p.add_argument("--labels", nargs="+", help="names for --compare columns")
@@ -87,7 +88,6 @@ def add_parser(sub) -> None:
                    help="load pickle weights (pytorch_model.bin) with torch.load(weights_only="
                         "True); refused by default")
     p.add_argument("--label", help="name of this model in tables and plots")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -120,7 +120,7 @@ def run(args) -> int:
                       utility_limit=args.utility_limit,
                       utility_max_tokens=args.utility_max_tokens, cache_path=args.cache,
                       label=args.label, threads=args.threads,
-                      progress=not args.no_progress, allow_pickle=args.allow_pickle)
+                      progress=args.progress, allow_pickle=args.allow_pickle)
     print(markdown_table(result), end="")
     print(f"wrote {args.out}/results.json and results.md ({result['wall_time_s']} s)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..eval.judge_models import JUDGES
+from .options import add_output
 
 EPILOG = """examples:
   # the packaged v2 judge over a JSONL file with prompt and completion fields
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN", help="JSONL or CSV file of prompts and completions")
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="JSONL file to write")
+    add_output(p, "JSONL file to write")
     add_judge_arguments(p)
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--completion-column", default="completion")

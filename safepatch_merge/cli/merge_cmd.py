@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 
+from .options import add_output_positional
+
 EPILOG = """\
 examples:
   safepatch merge merge.yaml out/patched-model
@@ -31,7 +33,7 @@ def add_parser(sub) -> None:
                     "only when complete (built in OUT_DIR.partial, resumable).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="merge config (YAML)")
-    p.add_argument("out_dir", help="output model directory")
+    add_output_positional(p, "output model directory")
     p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"), default=None,
                    help="op backend (default: automatic by device)")
     p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N (default cpu)")
@@ -41,7 +43,6 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, bytes, thresholds, estimated memory) and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stats", default=None, metavar="JSON",
                    help="also write the merge's timings (seconds per stage), bytes and plan "
                         "to this JSON file")
@@ -111,7 +112,7 @@ def run(args) -> int:
         check_writable_file(args.stats, "--stats", args.out_dir)
     res = merge(args.config, args.out_dir, backend=args.backend, device=args.device,
                 max_memory=args.max_memory, resume=args.resume, overwrite=args.overwrite,
-                dry_run=args.dry_run, progress=not args.no_progress)
+                dry_run=args.dry_run, progress=args.progress)
     if args.dry_run:
         print(format_plan(res.plan))
     else:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_output_positional, say
+
 EPILOG = """examples:
   safepatch run examples/run_gpu.yaml runs/qwen-0.5b
   safepatch run examples/run_continual.yaml runs/continual      # two stages
@@ -31,11 +33,10 @@ def add_parser(sub) -> None:
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="run config (YAML; see docs/run_config.md)")
-    p.add_argument("out_dir", help="run directory (created; reused by reruns)")
+    add_output_positional(p, "run directory (created; reused by reruns)")
     p.add_argument("--force", action="store_true", help="rerun every step")
     p.add_argument("--check", action="store_true",
                    help="validate the config and exit (no work)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -47,8 +48,8 @@ def run(args) -> int:
     if args.check:
         print(json.dumps(cfg.summary(), indent=1, default=str))
         return 0
-    rec = run_pipeline(cfg, args.out_dir, force=args.force, progress=not args.no_progress,
-                       log_fn=print)
+    rec = run_pipeline(cfg, args.out_dir, force=args.force, progress=args.progress,
+                       log_fn=say(args))
     ran = sum(s["status"] == "ran" for s in rec["steps"])
     print(f"{ran} step(s) ran, {len(rec['steps']) - ran} skipped; "
           f"patched model: {rec['final_model']}")

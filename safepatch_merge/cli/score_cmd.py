@@ -6,6 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_output
+
+# The values of score.api.LOSSES / SPLITS, score.distributed.PARALLEL and score.snip.ACCUMULATIONS
+# / BUFFERS, spelled here so that `--help` needs no torch (tests/test_cli_conventions.py checks
+# that they agree).
+LOSSES = ("response_nll", "prompt_nll", "magnitude")
+SPLITS = ("all", "train", "heldout")
+PARALLEL = ("data", "fsdp")
+ACCUMULATIONS = ("signed", "abs_per_batch")
+BUFFERS = ("device", "host")
+
 EPILOG = """examples:
   # SNIP on the harmful responses (the default loss), fp32 scores
   safepatch score patches/se --data harmful_pairs.jsonl -o scores/se
@@ -33,16 +44,12 @@ score). The backbone defaults to the one recorded in the patch's derive_record.j
 
 
 def add_parser(sub) -> None:
-    from ..score.api import LOSSES, SPLITS
-    from ..score.distributed import PARALLEL
-    from ..score.snip import ACCUMULATIONS, BUFFERS
-
     p = sub.add_parser("score", help="saliency scores of a patch (SNIP or magnitude)",
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("patch", help="patched model directory, or a LoRA adapter directory")
     p.add_argument("--data", help="scoring pairs (.jsonl/.json/.csv or dataset name)")
-    p.add_argument("-o", "--out", required=True, help="score directory to write")
+    add_output(p, "score directory to write")
     p.add_argument("--backbone", help="unpatched model (adapter base; magnitude); default "
                    "from the patch's derive_record.json")
     p.add_argument("--overwrite", action="store_true")
@@ -76,7 +83,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"),
                    help="ops backend for saliency accumulation and histograms")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -96,7 +102,7 @@ def run(args) -> int:
         max_shard_size=args.max_shard_size, parallel=args.parallel,
         dist_timeout=args.dist_timeout)
     info = score_patch(args.patch, args.out, args.data, args.backbone, cfg,
-                       overwrite=args.overwrite, progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=args.progress)
     if info is None:  # not rank 0 of several processes
         return 0
     print(json.dumps({"out": args.out, "loss": info["loss"], "tensors": info["tensors"],

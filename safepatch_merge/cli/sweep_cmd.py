@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_output
+
 EPILOG = """examples:
   # the patches and scores of a finished `safepatch run` (last stage), 3x3 top rates
   safepatch sweep --from-run runs/smollm2 -o sweeps/rates \\
@@ -27,7 +29,7 @@ def add_parser(sub) -> None:
                        "scores, evaluated, with a Pareto plot",
                        description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--out", required=True, help="sweep directory (reused by reruns)")
+    add_output(p, "sweep directory (reused by reruns)")
     src = p.add_argument_group("inputs (either --from-run or the explicit paths)")
     src.add_argument("--from-run", metavar="RUN_DIR", help="a `safepatch run` output directory")
     src.add_argument("--stage", help="stage name of --from-run (default: the last)")
@@ -63,7 +65,6 @@ def add_parser(sub) -> None:
     r.add_argument("--output-dtype", default="auto",
                    choices=("auto", "float32", "bfloat16", "float16"))
     r.add_argument("--keep-models", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -94,7 +95,7 @@ def run(args) -> int:
         utility=not args.no_utility, utility_limit=args.utility_limit,
         eval_backbone=not args.no_backbone, device=args.device, merge_device=args.merge_device,
         backend=args.backend, max_memory=args.max_memory, keep_models=args.keep_models)
-    res = sweep(cfg, args.out, progress=not args.no_progress)
+    res = sweep(cfg, args.out, progress=args.progress)
     print(res["table"])
     print(f"table: {res['csv']}  plot: {res['plot']}")
     return 0

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..eval.report import write_atomic
-from .run import run_pipeline
-from .stages import StepRunner, dir_fingerprint
+
+# the stage's name labels the patched model in the report's table and plot
+DEMO_STAGE = "SafePatching"
 
 log = logging.getLogger("safepatch_merge.pipeline")
 
@@ -144,7 +145,8 @@ def demo_run_config(backbone: str, data: str, cfg: DemoConfig) -> dict:
               "se": {"max_steps": cfg.se_steps, "learning_rate": cfg.se_lr},
               "osm": {"max_steps": cfg.osm_steps, "learning_rate": cfg.osm_lr}}
     run = {
-        "backbone": backbone, "device": cfg.device, "data": data,
+        "backbone": backbone, "device": cfg.device,
+        "stages": [{"name": DEMO_STAGE, "data": data}],
         "derive": derive,
         "score": {"batch_size": cfg.batch_size, "max_length": cfg.max_length,
                   "limit": cfg.score_examples},
@@ -169,6 +171,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, force: bool 
     "cpu_seconds", "run"}. timings / cpu_seconds: wall and process CPU seconds per phase
     (backbone, harmful data, each pipeline step, total); skipped steps count 0."""
     import torch
+
+    from .run import run_pipeline  # torch-heavy: imported on use, so `--help` stays light
+    from .stages import StepRunner, dir_fingerprint
 
     cfg = cfg or DemoConfig()
     cfg.validate()
