@@ -19,7 +19,7 @@ enum MergeMode : int64_t { kDifference = 0, kIntersection = 1, kTopk = 2, kNone 
 // Integers enter check messages as std::string, never through operator<<(long): on the H200
 // machine (gcc 13.3, torch 2.11) an int64 streamed from this extension into c10::str's
 // ostringstream crashed the process with SIGSEGV instead of raising, while strings and
-// Devices streamed fine (bench/op_check_probe.py, bench/results/gpu_h200_run2/pytest.txt).
+// Devices streamed fine (bench/op_check_probe.py reproduces it, one process per call).
 inline std::string num(int64_t v) { return std::to_string(v); }
 
 inline bool is_float_dtype(c10::ScalarType t) {

@@ -25,7 +25,7 @@ echo "pattern rc=$? after $(( $(date +%s) - T0 ))s"
 timeout ${SCORE_LIMIT:-90} python3 bench/bench_score.py --model "$MODEL" --device cuda --dtype bfloat16 \
   --data "$DATA/train/harmful_pairs.jsonl" --stride 7 --batch-size 8 --num-examples 60 --max-length 512 --out "$OUT/score_bench.csv" > "$OUT/bench_score.txt" 2>&1
 echo "bench_score rc=$? after $(( $(date +%s) - T0 ))s"
-if [ "${TRAIN_BENCH:-0}" = 1 ]; then  # measured in run 1 (bench/results/train_bench_gpu_h200.csv)
+if [ "${TRAIN_BENCH:-0}" = 1 ]; then  # bench/results/gpu_h200/train_bench.csv
   timeout 60 python3 bench/bench_train.py --model "$MODEL" --device cuda --data "$DATA/train/harmful_pairs.jsonl" \
     --batch-size 8 --max-length 512 \
     --steps 10 --out "$OUT/train_bench.csv" > "$OUT/bench_train.txt" 2>&1

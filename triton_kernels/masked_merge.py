@@ -152,8 +152,8 @@ def masked_merge(base: torch.Tensor, patch_se: torch.Tensor | None, patch_osm: t
     base's device, or None; applied SE / OSM elements are added to it. rows: counter blocks per
     program (power of two; 4*rows elements). Defaults rows=256, num_warps=4: the best of the
     sweeps on an H200 (2^26 bf16 elements, full patches, fp32 scores; bench/results/
-    gpu_h200_run2/bars.txt: rows=256/warps=4 97.3 % of copy bandwidth, rows=512/warps=4 84.9 %,
-    rows=1024/warps=8 88.7 %; run1: rows=2048/warps=8 53.8 %). One run each: re-measure.
+    gpu_h200/bars.txt: rows=256/warps=4 96.9 % of copy bandwidth, rows=128/warps=4 96.3 %,
+    rows=512/warps=4 88.4 %). One run each: re-measure.
 
     Returns (out, applied_se, applied_osm): out has base's shape and out_dtype; the masks are
     bool tensors of base's shape when return_masks, else empty bool tensors.

@@ -6,9 +6,8 @@
 // shared-memory atomic. A counter never overflows: the thread whose increment carries it to
 // 0x8000 moves those 32768 counts to the int64 output at once (one global atomic, rare), so the
 // block streams its whole grid-stride share without stopping and adds its non-zero counters to
-// the output once, at the end. (The earlier version emptied the sub-histogram every 57,344
-// elements behind two barriers: a scan of 32,768 words per round with no loads in flight, which
-// held the pass to 40-49 % of copy bandwidth on the H200, bench/results/gpu_h200_run2.)
+// the output once, at the end (emptying it every 57,344 elements instead, behind two barriers,
+// scans 32,768 words per round with no loads in flight and costs a third of the bandwidth).
 // A counter can exceed 0x8000 only by the increments that land between the carrying thread's
 // atomic and its subtraction (at most one per resident thread, 1024), far below 0xFFFF.
 // One block per SM (the sub-histogram takes most of the SM's shared memory), 1024 threads,

@@ -78,15 +78,15 @@ def _backend_module(name: str, device: torch.device):
 
 
 # Automatic order per device type, and per op where one op differs. On CUDA, radix_histogram
-# prefers the CUDA C++ kernel: on an H200 (bench/results/gpu_h200_run1/bars.txt, 2^26 fp32
-# scores, digit 0) it reached 37.7 % of copy bandwidth against 3.4 % for the Triton kernel
+# prefers the CUDA C++ kernel: on an H200 (bench/results/gpu_h200.md, 2^26 fp32 scores,
+# digit 0) it reached 64 % of copy bandwidth against 3.3 % for the Triton kernel
 # (tl.histogram over 65,536 bins cannot keep a block-private histogram in shared memory; the
 # C++ kernel keeps packed 16-bit counters there). saliency_accumulate_ prefers it too: both
-# kernels run at 91-97 % of copy bandwidth (gpu_h200_run4/bars.txt), but the op is called from
-# one autograd hook per parameter, mostly on small tensors, where the launch is the cost: a
-# torch.ops call is a few microseconds, a Triton JIT launch tens (bench_score on the H200 with
-# the Triton kernel: SNIP 1.31x a forward+backward, CPU-bound, ~95 us per hook). merge_chunk
-# prefers Triton (89-97 % of copy vs 52 % for the C++ kernel).
+# kernels run at 91-97 % of copy bandwidth (bench/results/gpu_h200/bars.txt), but the op is
+# called from one autograd hook per parameter, mostly on small tensors, where the launch is
+# the cost: a torch.ops call is a few microseconds, a Triton JIT launch tens (bench_score on
+# the H200 with the Triton kernel: SNIP 1.31x a forward+backward, CPU-bound, ~95 us per hook).
+# merge_chunk prefers Triton (89-97 % of copy vs 52 % for the C++ kernel).
 _ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 _OP_ORDER = {("cuda", "radix_histogram"): ("cpp", "triton", "reference"),
              ("cuda", "saliency_accumulate_"): ("cpp", "triton", "reference")}
