@@ -3,7 +3,7 @@
 Development data: the development part of the shared labelled SmolLM2 file (judge_split) and
 the blind labels in experiments/judge_labels. Never the lockbox, never the XSTest files.
 
-    python experiments/fit_judge.py --data-dir ../shared/data \
+    python experiments/fit_judge.py --data-dir DATA \
         --out safepatch_merge/data/judge/v2.json
 """
 from __future__ import annotations

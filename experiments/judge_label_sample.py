@@ -8,7 +8,7 @@ row of the shared labelled file. Two files come out:
   variant, no suite, no stored verdict). The labeller sees only this file.
 - `key.jsonl`: item -> run, variant, suite, id, harmful (joined back after labelling).
 
-    python experiments/judge_label_sample.py --data-dir ../shared/data --out /tmp/blind
+    python experiments/judge_label_sample.py --data-dir DATA --out /tmp/blind
 
 `--heldout` draws the held-out set instead (experiments/judge_labels/
 smollm2_heldout_labelled.jsonl): prompts of both parts of the split, every variant of the three
@@ -16,7 +16,7 @@ runs, 8 rows per (run, variant) and 16 for the most compliant variants (`shipped
 `osm_only`), seed 2026, skipping every row already labelled (the shared file, whole, and the
 development labels); items are named y000, y001, ...
 
-    python experiments/judge_label_sample.py --data-dir ../shared/data --heldout --out /tmp/held
+    python experiments/judge_label_sample.py --data-dir DATA --heldout --out /tmp/held
 """
 from __future__ import annotations
 

@@ -631,7 +631,7 @@ def parse_args(argv=None):
                     help="where results.json, table.md, pattern.png, run.log go (default OUT/final)")
     ap.add_argument("--data-dir", default=None,
                     help="the public data folder (train/, eval/; its README lists sources and "
-                         "licences), e.g. ../shared/data beside the repository; required")
+                         "licences); required")
     ap.add_argument("--model-dir", default=None,
                     help="SmolLM2-135M-Instruct HF directory (default: ensure_smollm2())")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

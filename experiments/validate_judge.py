@@ -7,7 +7,7 @@ Held out (only when asked): the SmolLM2 lockbox (--lockbox), the XSTest completi
 (--xstest) and the held-out blind labels of experiments/judge_labels (--heldout-labels),
 judged by the shipped, frozen v2 weights and by rules-v1.
 
-    python experiments/validate_judge.py --data-dir ../shared/data \
+    python experiments/validate_judge.py --data-dir DATA \
         --out experiments/results/judge_v2/validation [--lockbox] [--xstest] [--heldout-labels]
 """
 from __future__ import annotations

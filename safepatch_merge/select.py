@@ -12,7 +12,7 @@ group in ``plan.pending()`` stream the group's tensors and add
 ``radix_histogram(scores, prefix, digit=1)`` into ``plan.add_refinement(group, hist)``; then
 ``plan.result()``. In-memory use: :func:`select_thresholds`.
 
-Retention before selection (DESIGN §1): the same search over histograms of the *retained*
+Retention before selection (docs/design.md §1.6.1): the same search over histograms of the *retained*
 scores (``radix_histogram(..., p=, seed=, name=, patch_id=, offset=)``: a dropped element
 counts as key 0), so N and k stay those of all scored elements and t is the k-th largest
 retained score. With fewer than k retained positive scores, t = 0 and every retained positive

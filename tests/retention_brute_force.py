@@ -1,4 +1,4 @@
-"""The SafePatching merge of DESIGN §1 by brute force, for both retention orders: whole
+"""The SafePatching merge of docs/design.md §1 by brute force, for both retention orders: whole
 tensors in memory, the retention draw from the reference Philox, thresholds by sorting each
 group's (retained) score keys. Shares no code with the engine, select.py or the ops except
 the Philox generator itself (ops/philox.py, checked against Random123's known answers).
@@ -22,7 +22,7 @@ from merge_helpers import load_dir
 from safepatch_merge.ops.philox import retention_words
 
 _BLOCK = re.compile(r"^(model\.layers\.\d+)\.")
-PATCH_ID = {"se": 0, "osm": 1}  # Philox counter word 2 of each patch's draw (DESIGN §1)
+PATCH_ID = {"se": 0, "osm": 1}  # Philox counter word 2 of each patch's draw (docs/design.md §1)
 
 
 def group(name: str, granularity: str) -> str:

@@ -1,4 +1,4 @@
-"""Retention before selection (DESIGN §1) through the streaming engine, against an independent
+"""Retention before selection (docs/design.md §1) through the streaming engine, against an independent
 brute-force merge (tests/retention_brute_force.py): every mask mode × granularity × backend,
 chunkings and memory budgets, the shortfall case (a > p), validation over all elements,
 threshold caches keyed by the retention, the reported densities and the dry-run plan."""

@@ -121,7 +121,7 @@ def test_every_nan_lands_in_one_bin(backend, dtype):
 
 def _retained_by_hand(s, p, seed, name, patch_id, offset):
     """Keys of the retained scores without the reference's helper: Philox words straight from
-    the generator, the keep rule of DESIGN §1, dropped valid scores as key 0."""
+    the generator, the keep rule of docs/design.md §1, dropped valid scores as key 0."""
     from safepatch_merge.ops.philox import keep_threshold, retention_words
 
     keys = ref.score_keys(s).reshape(-1)

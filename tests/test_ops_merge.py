@@ -186,7 +186,7 @@ def test_zero_elements(backend):
 # ---------------------------------------------------------------- retention before selection
 
 def _masks_by_hand(case, t_se, t_osm, mode, p, seed, name, offset, order):
-    """Applied masks from the definition (DESIGN §1), with Philox words straight from the
+    """Applied masks from the definition (docs/design.md §1), with Philox words straight from the
     generator: T_X = S_X >= t_X and S_X > 0 (and R_X before selection), M_X by mode, applied
     R_X ⊙ M_X after selection, M_X before."""
     from safepatch_merge.ops.philox import keep_threshold, retention_words

@@ -5,7 +5,7 @@ Only MIT / CC BY / Apache-2.0 prompt sets are packaged (see safepatch_merge/data
 Each output line: {"id", "prompt", "harmful": bool, ...source metadata}. HarmBench copyright
 behaviours are dropped (they ask for copyrighted text, and the suite excludes them anyway).
 
-    python bench/eval/prepare_prompt_data.py --data-dir DATA    # e.g. ../shared/data
+    python bench/eval/prepare_prompt_data.py --data-dir DATA
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 # The model directory is built offline by safepatch_merge.models.smollm2.ensure_smollm2().
 # --threads 1: on a busy shared 2-core host, torch's default of 2 threads ran ~10x slower.
 # DATA: the public data folder whose train/harmful_pairs.jsonl the evaluation is deduplicated
-# against (e.g. DATA=../shared/data).
+# against.
 set -euo pipefail
 DATA=${DATA:?set DATA to the public data folder (with train/harmful_pairs.jsonl)}
 cd "$(dirname "$0")/../.."
