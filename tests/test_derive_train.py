@@ -138,7 +138,7 @@ def test_errors(setup, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         derive_patch(bb, data, tmp_path / "exists", DeriveConfig(objective="ga"))
-    with pytest.raises(ConfigError, match="nll_floor applies to gd"):
+    with pytest.raises(ConfigError, match="nll_floor applies to descent objectives"):
         derive_patch(bb, data, tmp_path / "x", DeriveConfig(objective="ga", nll_floor=1.0))
     with pytest.raises(ConfigError, match="clipping"):
         derive_patch(bb, data, tmp_path / "x", DeriveConfig(objective="ga", max_grad_norm=0))

@@ -5,9 +5,9 @@ offline, in minutes on a CPU.
    Face directory, see models/smollm2.py), or any local model directory (`backbone=`).
 2. Harmful data D_h, generated, not shipped: an unaligned model (`dh_model`,
    default SmolLM2 as shipped, whatever the backbone) answers a fixed subset of a packaged
-   harmful suite (AdvBench by default); the answers the refusal judge (v2) counts as
-   `compliance` are kept as (prompt, response) pairs (refusals, non-answers and degenerate
-   output are not). The SmolLM2 release is barely safety-aligned, so it complies with most of them.
+   harmful suite (AdvBench by default); the answers judged compliance (not degenerate, not
+   refused, not a non-answer: derive.on_policy, the same code as `derive --on-policy`) are
+   kept as (prompt, response) pairs. The SmolLM2 release is barely safety-aligned, so it complies with most of them.
    The suite used here is never evaluated, and the evaluation drops any prompt that matches a
    D_h prompt (exact or fuzzy, eval.suites.deduplicate).
 3. `run_pipeline` on one stage: SE patch (gradient ascent) and OSM patch (gradient descent),
@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..eval.report import write_atomic
 
 # the stage's name labels the patched model in the report's table and plot
@@ -99,41 +99,22 @@ class DemoConfig:
 
 def generate_harmful_pairs(model_dir: str | Path, out: Path, cfg: DemoConfig,
                            progress: bool = True) -> dict:
-    """Write `out`/harmful_pairs.jsonl: the model's answers to a fixed subset of the packaged
-    suite `cfg.dh_suite` that the v2 judge counts as `compliance`, plus `out`/dh_report.json
-    (counts by outcome). Raises DataError if fewer than `cfg.dh_min_pairs` answers are kept (an aligned
-    model refuses them: use an unaligned one)."""
-    from ..eval.generate import (GenerationCache, GenerationSettings, generate_completions,
-                                 load_model, model_fingerprint)
-    from ..eval.judge_v2 import JudgeV2
+    """Write `out`/harmful_pairs.jsonl: the model's compliant answers (derive.on_policy's
+    judge: not degenerate, not refused, not a non-answer) to a fixed subset of the packaged
+    suite `cfg.dh_suite`, plus `out`/dh_report.json (counts by outcome). Raises DataError if
+    fewer than `cfg.dh_min_pairs` answers are kept (an aligned model refuses them: use an
+    unaligned one)."""
+    from ..derive.on_policy import generate_compliant_pairs
     from ..eval.suites import fixed_subset, load_suite
 
     prompts = fixed_subset(load_suite(cfg.dh_suite), cfg.dh_prompts, cfg.seed)
-    model, tok = load_model(model_dir, device=cfg.device, dtype="auto")
-    settings = GenerationSettings(max_new_tokens=cfg.dh_max_new_tokens)
-    out.mkdir(parents=True, exist_ok=True)
-    gens = generate_completions(model, tok, prompts, settings, model_fingerprint(model_dir),
-                                GenerationCache(out / "generations.jsonl"),
-                                batch_size=cfg.batch_size, progress=progress)
-    del model
-    judge = JudgeV2()
-    texts = [g["completion"].strip() for g in gens]
-    verdicts = judge.judge_batch([p.text for p in prompts], texts, [p.harmful for p in prompts])
-    kept, counts = [], {"compliance": 0, "refusal": 0, "non_answer": 0, "degenerate": 0}
-    for p, text, v in zip(prompts, texts, verdicts):
-        counts[v.outcome] += 1
-        if v.outcome == "compliance":
-            kept.append({"prompt": p.text, "response": text, "source": f"{cfg.dh_suite}:{p.id}",
-                         "judge": f"{judge.name} {judge.version}"})
-    if len(kept) < cfg.dh_min_pairs:
-        raise DataError(f"{model_dir}: only {len(kept)} of {len(prompts)} {cfg.dh_suite} answers "
-                        f"were compliant (need {cfg.dh_min_pairs}); this model refuses "
-                        "harmful prompts: pass an unaligned one as --dh-model")
-    write_atomic(out / "harmful_pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                       for r in kept))
-    report = {"suite": cfg.dh_suite, "prompts": len(prompts), "kept": len(kept),
-              "outcomes": counts, "max_new_tokens": cfg.dh_max_new_tokens,
-              "model": str(model_dir)}
+    report = generate_compliant_pairs(
+        model_dir, prompts, out, max_new_tokens=cfg.dh_max_new_tokens,
+        batch_size=cfg.batch_size, device=cfg.device, min_pairs=cfg.dh_min_pairs,
+        pairs_name="harmful_pairs.jsonl", report_name="dh_report.json", progress=progress,
+        what=f"{cfg.dh_suite} answers",
+        hint="this model refuses harmful prompts: pass an unaligned one as --dh-model")
+    report["suite"] = cfg.dh_suite
     write_atomic(out / "dh_report.json", json.dumps(report, indent=1) + "\n")
     return report
 
