@@ -106,10 +106,13 @@ def test_quiet_verbose_progress_on_every_command(command, capsys):
 def test_cli_choices_match_the_library():
     """derive and score spell some choices themselves (to keep --help free of torch)."""
     from safepatch_merge.cli import derive_cmd, score_cmd
-    from safepatch_merge.derive import train
+    from safepatch_merge.derive import behaviour, objectives, train
     from safepatch_merge.score import api, distributed, snip
 
     assert derive_cmd.PRECISIONS == train.PRECISIONS and derive_cmd.STOP_ON == train.STOP_ON
+    assert derive_cmd.OBJECTIVES == tuple(objectives.OBJECTIVES)
+    assert derive_cmd.METRICS == behaviour.METRICS
     assert score_cmd.LOSSES == api.LOSSES and score_cmd.SPLITS == api.SPLITS
+    assert score_cmd.SALIENCY_ON == tuple(api.SALIENCY_ON)
     assert score_cmd.PARALLEL == distributed.PARALLEL
     assert score_cmd.ACCUMULATIONS == snip.ACCUMULATIONS and score_cmd.BUFFERS == snip.BUFFERS

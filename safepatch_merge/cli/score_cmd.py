@@ -11,7 +11,8 @@ from .options import add_output
 # The values of score.api.LOSSES / SPLITS, score.distributed.PARALLEL and score.snip.ACCUMULATIONS
 # / BUFFERS, spelled here so that `--help` needs no torch (tests/test_cli_conventions.py checks
 # that they agree).
-LOSSES = ("response_nll", "prompt_nll", "magnitude")
+LOSSES = ("response_nll", "question_nll", "prompt_nll", "magnitude")
+SALIENCY_ON = ("responses", "questions")
 SPLITS = ("all", "train", "heldout")
 PARALLEL = ("data", "fsdp")
 ACCUMULATIONS = ("signed", "abs_per_batch")
@@ -22,7 +23,10 @@ EPILOG = """examples:
   safepatch score patches/se --data harmful_pairs.jsonl -o scores/se
   safepatch score patches/osm --data harmful_pairs.jsonl -o scores/osm
 
-  # a LoRA adapter (scored over the merged weight), prompt-only NLL, on the GPU
+  # SNIP on D_h's questions (the paper's reading): only the user question's own tokens
+  safepatch score patches/se --data harmful_pairs.jsonl --saliency-on questions -o scores/se_q
+
+  # a LoRA adapter (scored over the merged weight), whole rendered prompt, on the GPU
   safepatch score patches/osm/adapter --backbone ./model --data pairs.jsonl \\
       --loss prompt_nll --device cuda -o scores/osm
 
@@ -40,7 +44,17 @@ Output: safetensors shards of scores under the model's tensor names (float32 unl
 SNIP adds the signed products θ⊙∇L_b, weighted by each batch's share of the set, and takes
 |·| once at the end: the number plain autograd gives over the whole set, whatever the batch
 size. --accumulation abs_per_batch sums |θ⊙∇L_b| instead (a different, batch-size-dependent
-score). The backbone defaults to the one recorded in the patch's derive_record.json."""
+score). The backbone defaults to the one recorded in the patch's derive_record.json.
+
+What the loss differentiates (always the mean over examples of each example's mean token NLL):
+  --saliency-on responses  (= --loss response_nll, default) the response tokens of D_h
+  --saliency-on questions  (= --loss question_nll) the user question's own tokens as they
+                           appear in the rendered chat template: every token carrying a
+                           character of the question; not the system turn (nor a default
+                           one the template inserts), role/turn markers or the generation
+                           prompt; each distinct question once
+  --loss prompt_nll        every token of the rendered prompt (system turn, markers,
+                           question, generation prompt)"""
 
 
 def add_parser(sub) -> None:
@@ -53,7 +67,12 @@ def add_parser(sub) -> None:
     p.add_argument("--backbone", help="unpatched model (adapter base; magnitude); default "
                    "from the patch's derive_record.json")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--loss", choices=LOSSES, default="response_nll")
+    p.add_argument("--saliency-on", choices=SALIENCY_ON,
+                   help="what SNIP differentiates: the responses of D_h (default) or its "
+                        "questions (the paper's reading); see below")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="the loss by name (default response_nll); prompt_nll and magnitude "
+                        "are only reachable here")
     p.add_argument("--accumulation", choices=ACCUMULATIONS, default="signed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
@@ -87,13 +106,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import ConfigError
     from ..ops import set_backend
-    from ..score.api import ScoreConfig, score_patch
+    from ..score.api import SALIENCY_ON, ScoreConfig, score_patch
+
+    if args.saliency_on and args.loss and SALIENCY_ON[args.saliency_on] != args.loss:
+        raise ConfigError(f"--saliency-on {args.saliency_on} contradicts --loss {args.loss}")
 
     if args.backend:
         set_backend(args.backend)
     cfg = ScoreConfig(
-        loss=args.loss, accumulation=args.accumulation, batch_size=args.batch_size,
+        loss=args.loss or "response_nll", saliency_on=args.saliency_on,
+        accumulation=args.accumulation, batch_size=args.batch_size,
         max_length=args.max_length, limit=args.limit, split=args.split, heldout=args.heldout,
         seed=args.seed, prompt_field=args.prompt_field, response_field=args.response_field,
         hf_split=args.hf_split, system_prompt=args.system_prompt,

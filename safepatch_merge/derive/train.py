@@ -149,13 +149,15 @@ class DeriveConfig:
                      "calib_every", "calib_max_new_tokens", "calib_batch_size",
                      "on_policy_max_new_tokens", "on_policy_min_pairs"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
         for name in ("epochs", "limit", "retain_limit", "retain_batch_size", "calib_limit",
                      "calib_reference_limit"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be an integer >= 1 or unset, got {v!r}")
+                raise ConfigError(f"{name} must be >= 1 (an integer) or unset, got {v!r}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not (self.max_grad_norm > 0):

@@ -8,6 +8,8 @@ Top level::
     stages:                   # continual patching: stage k's patched model is stage k+1's backbone
       - {name: s1, data: PATH, derive: {...}, score: {...}, merge: {...}, eval: {...}}
     derive: {...}             # DeriveConfig keys shared by both patches, plus se: / osm: overrides
+                              # (se: may set objective ga|npo|graddiff|refusal_sft and its own
+                              # data file; osm is gradient descent on the stage data)
     score:  {...}             # ScoreConfig keys shared by both patches, plus se: / osm: overrides
     merge:  {parameters, patches, output, include, exclude, backend, device, max_memory}
     eval:   {enabled, backbone, suites, limit, ..., see EVAL_KEYS}
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..derive.train import DeriveConfig
+from ..derive.train import SE_OBJECTIVES, DeriveConfig
 from ..errors import ConfigError
 from ..merge.config import check_keys, read_yaml
 from ..score.api import ScoreConfig
@@ -34,8 +36,11 @@ TOP_KEYS = ("backbone", "device", "data", "stages", "derive", "score", "merge", 
 STAGE_KEYS = ("name", "data", "derive", "score", "merge", "eval")
 SIDES = ("se", "osm")
 OBJECTIVE = {"se": "ga", "osm": "gd"}
-# Derive keys the pipeline sets itself (objective per side; device from the top level).
+SIDE_OBJECTIVES = {"se": SE_OBJECTIVES, "osm": ("gd",)}
+# Derive keys shared by both patches; the objective and a patch's own data file are per side.
 DERIVE_KEYS = tuple(f.name for f in fields(DeriveConfig) if f.name not in ("objective",))
+DERIVE_SIDE_KEYS = DERIVE_KEYS + ("objective", "data")
+DERIVE_PATHS = ("retain_data", "calib_prompts", "calib_reference")
 SCORE_KEYS = tuple(f.name for f in fields(ScoreConfig))
 MERGE_KEYS = ("parameters", "patches", "output", "include", "exclude", "backend", "device",
               "max_memory")
@@ -64,6 +69,19 @@ class StageConfig:
     score: dict[str, ScoreConfig]        # "se" / "osm"
     merge: dict                          # merge section (parameters, patches, output, ...)
     eval: dict                           # every EVAL_KEYS key
+    derive_data: dict = field(default_factory=dict)  # side -> its own data file (or None)
+
+    def train_data(self, side: str) -> str:
+        """The file the side's patch trains on: its own `data`, else the stage's."""
+        return self.derive_data.get(side) or self.data
+
+    def training_files(self) -> list[str]:
+        """Every file the stage's derivations read prompts from (training data, retain sets,
+        calibration files): evaluation prompts matching any of them are dropped."""
+        files = [self.data] + [d for d in self.derive_data.values() if d]
+        for dc in self.derive.values():
+            files += [getattr(dc, k) for k in DERIVE_PATHS if getattr(dc, k)]
+        return list(dict.fromkeys(files))
 
 
 @dataclass
@@ -82,6 +100,7 @@ class RunConfig:
         return {"backbone": self.backbone, "device": self.device,
                 "stages": [{"name": s.name, "data": s.data,
                             "derive": {k: asdict(v) for k, v in s.derive.items()},
+                            "derive_data": s.derive_data,
                             "score": {k: asdict(v) for k, v in s.score.items()},
                             "merge": s.merge, "eval": s.eval} for s in self.stages]}
 
@@ -126,14 +145,29 @@ def _build(cls, opts: dict, where: str, **fixed):
     return obj
 
 
-def _derive_configs(section: dict, device: str, where: str) -> dict[str, DeriveConfig]:
-    out = {}
-    for side, opts in _side_options(section, DERIVE_KEYS, where).items():
-        if "lora_target" in opts and isinstance(opts["lora_target"], str):
-            opts["lora_target"] = [opts["lora_target"]]
+def _derive_configs(section: dict, device: str, where: str, base_dir: Path
+                    ) -> tuple[dict[str, DeriveConfig], dict[str, str | None]]:
+    """({se, osm}: DeriveConfig, {se, osm}: own data file or None)."""
+    _check_keys(section, DERIVE_KEYS + SIDES, where)
+    shared = {k: v for k, v in section.items() if k not in SIDES}
+    out, data = {}, {}
+    for side in SIDES:
+        opts = {**shared, **_check_keys(section.get(side), DERIVE_SIDE_KEYS, f"{where}.{side}")}
+        objective = opts.pop("objective", OBJECTIVE[side])
+        if objective not in SIDE_OBJECTIVES[side]:
+            raise ConfigError(f"{where}.{side}.objective: expected one of "
+                              f"{', '.join(SIDE_OBJECTIVES[side])}, got {objective!r}")
+        own = opts.pop("data", None)
+        data[side] = _path(own, f"{where}.{side}.data", base_dir) if own is not None else None
+        for k in DERIVE_PATHS:
+            if opts.get(k) is not None:
+                opts[k] = _path(opts[k], f"{where}.{side}.{k}", base_dir)
+        for k in ("lora_target", "train_include", "train_exclude", "stop_when"):
+            if k in opts and isinstance(opts[k], str):
+                opts[k] = [opts[k]]
         opts.setdefault("device", device)
-        out[side] = _build(DeriveConfig, opts, f"{where}.{side}", objective=OBJECTIVE[side])
-    return out
+        out[side] = _build(DeriveConfig, opts, f"{where}.{side}", objective=objective)
+    return out, data
 
 
 def _score_configs(section: dict, device: str, where: str) -> dict[str, ScoreConfig]:
@@ -216,6 +250,20 @@ def _eval_section(section: dict, where: str, base_dir: Path) -> dict:
     return ev
 
 
+def _check_calibration_apart(derive: dict[str, DeriveConfig], ev: dict, where: str) -> None:
+    """A behavioural stop must not calibrate on the answers whose perplexity is reported."""
+    if not (ev["enabled"] and ev["utility"]):
+        return
+    from ..eval.utility import default_reference_path
+
+    reported = Path(ev["utility_file"] or default_reference_path()).resolve()
+    for side, dc in derive.items():
+        if dc.calib_reference and Path(dc.calib_reference).resolve() == reported:
+            raise ConfigError(f"{where}.derive.{side}.calib_reference is the eval's utility "
+                              "file: the reported perplexity would be measured on the stop's "
+                              "own calibration answers; give a disjoint file")
+
+
 def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
     """Validate a run config mapping (as loaded from YAML); relative paths are resolved
     against `base_dir` (the config file's directory). Raises ConfigError naming the key."""
@@ -259,12 +307,14 @@ def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
             if st.get(k) is not None and not isinstance(st[k], dict):
                 raise ConfigError(f"{where}.{k}: expected a mapping, got {type(st[k]).__name__}")
         sec = {k: deep_merge(top[k], st.get(k) or {}) for k in top}
+        derive, derive_data = _derive_configs(sec["derive"], device, f"{where}.derive", base)
+        ev = _eval_section(sec["eval"], f"{where}.eval", base)
+        _check_calibration_apart(derive, ev, where)
         stages.append(StageConfig(
-            name=name, data=data,
-            derive=_derive_configs(sec["derive"], device, f"{where}.derive"),
+            name=name, data=data, derive=derive,
             score=_score_configs(sec["score"], device, f"{where}.score"),
-            merge=_merge_section(sec["merge"], f"{where}.merge"),
-            eval=_eval_section(sec["eval"], f"{where}.eval", base)))
+            merge=_merge_section(sec["merge"], f"{where}.merge"), eval=ev,
+            derive_data=derive_data))
     return RunConfig(backbone=backbone, device=device, stages=stages, raw=raw, base_dir=base)
 
 

@@ -92,15 +92,16 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
     if not (backbone / "config.json").is_file():
         raise ConfigError(f"backbone {backbone}: not a model directory (no config.json)")
     for st in cfg.stages:
-        if not Path(st.data).is_file():
-            raise ConfigError(f"stage {st.name}: data file not found: {st.data}")
+        for f in st.training_files():
+            if not Path(f).is_file():
+                raise ConfigError(f"stage {st.name}: data file not found: {f}")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.resolved.json",
                  json.dumps(cfg.summary(), indent=1, default=str) + "\n")
     say = log_fn or (lambda m: log.info("%s", m))
     runner = StepRunner(out / "manifests", force=force, log=say)
     device = _resolve_device(cfg.device)
-    all_data = [st.data for st in cfg.stages]
+    all_data = list(dict.fromkeys(f for st in cfg.stages for f in st.training_files()))
     record: dict = {"format": RUN_FORMAT, "version": 1, "out": str(out), "stages": []}
 
     bb_path, bb_id = backbone, dir_fingerprint(backbone)
@@ -116,20 +117,30 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
         patch, scores = {}, {}
         for side in ("se", "osm"):
             dc = st.derive[side]
+            train_data = st.train_data(side)
+            side_files = {f: file_identity(f) for f in [train_data] + [
+                getattr(dc, k) for k in ("retain_data", "calib_prompts", "calib_reference")
+                if getattr(dc, k)]}
 
-            def do_derive(o: Path, dc=dc) -> dict:
-                rec = derive_patch(bb_path, st.data, o, dc, overwrite=True, progress=progress)
-                return {k: rec[k] for k in ("steps", "stop_reason", "initial_heldout_nll",
-                                            "final_heldout_nll", "final_train_nll")}
+            def do_derive(o: Path, dc=dc, train_data=train_data) -> dict:
+                rec = derive_patch(bb_path, train_data, o, dc, overwrite=True, progress=progress)
+                return {k: rec[k] for k in ("steps", "stop_reason", "stop_rule",
+                                            "initial_heldout_nll", "final_heldout_nll",
+                                            "final_train_nll")}
 
             patch[side] = runner.run(sid, f"derive_{side}", {
-                "backbone": bb_id, "data": data_id, "derive": asdict(dc)},
+                "backbone": bb_id, "data": data_id,
+                "files": side_files, "derive": asdict(dc)},
                 sdir / f"patch_{side}", do_derive)
         for side in ("se", "osm"):
             sc = st.score[side]
 
-            def do_score(o: Path, sc=sc, side=side) -> dict:
-                info = score_patch(sdir / f"patch_{side}", o, st.data, bb_path, sc,
+            # An on-policy patch is scored on the D_h it was derived from (its own answers).
+            on_policy = sdir / f"patch_{side}" / "on_policy" / "on_policy_pairs.jsonl"
+            score_data = on_policy if st.derive[side].on_policy else st.data
+
+            def do_score(o: Path, sc=sc, side=side, score_data=score_data) -> dict:
+                info = score_patch(sdir / f"patch_{side}", o, score_data, bb_path, sc,
                                    overwrite=True, progress=progress)
                 return {"num_batches": info.get("num_batches"), "tensors": info.get("tensors")}
 
@@ -154,6 +165,8 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
                                                               "max_memory")}},
             sdir / "model", do_merge)
         stage_rec = {"name": st.name, "id": sid, "data": st.data, "data_sha256": data_id,
+                     "training_files": st.training_files(),
+                     "objectives": {s: st.derive[s].objective for s in st.derive},
                      "backbone": str(bb_path), "backbone_id": bb_id,
                      "backbone_from": "config" if i == 1 else f"stage {cfg.stages[i - 2].name}",
                      "patches": {s: str(sdir / f"patch_{s}") for s in patch},

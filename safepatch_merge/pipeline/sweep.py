@@ -111,7 +111,8 @@ def from_run(run_dir: str | Path, stage: str | None = None) -> dict:
     return {"backbone": st["backbone"], "patch_se": st["patches"]["se"],
             "patch_osm": st["patches"]["osm"], "scores_se": st["scores"]["se"],
             "scores_osm": st["scores"]["osm"],
-            "dedup_against": [s["data"] for s in stages]}
+            "dedup_against": list(dict.fromkeys(
+                f for s in stages for f in s.get("training_files", [s["data"]])))}
 
 
 def point_label(pt: dict) -> str:

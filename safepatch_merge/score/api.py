@@ -26,15 +26,24 @@ from .snip import (ACCUMULATIONS, BUFFERS, checkpoint_tensor_names, magnitude_sc
 
 log = logging.getLogger("safepatch_merge.score")
 
-LOSSES = ("response_nll", "prompt_nll", "magnitude")
+LOSSES = ("response_nll", "question_nll", "prompt_nll", "magnitude")
 SPLITS = ("all", "train", "heldout")
+# `saliency_on` names the paper's choice of what SNIP differentiates; it sets `loss`.
+SALIENCY_ON = {"responses": "response_nll", "questions": "question_nll"}
 
 
 @dataclass
 class ScoreConfig:
     """Options of one scoring run.
 
-    loss: response_nll (default) | prompt_nll | magnitude (|θ_X − θ|, needs the backbone).
+    loss: response_nll (default: NLL of D_h's response tokens) | question_nll (NLL of the
+    user question's own tokens in the rendered chat template — no system prompt, role or
+    turn markers, generation prompt; each distinct question once) | prompt_nll (NLL of every
+    token of the rendered prompt: system turn, markers, question, generation prompt) |
+    magnitude (|θ_X − θ|, needs the backbone).
+    saliency_on: 'responses' | 'questions' — the same choice by what SNIP is computed on;
+    it sets loss (response_nll / question_nll) and contradicting prompt_nll or magnitude is
+    an error.
     split: which part of the data scores — all, or the train / heldout part of derive's split
     by prompt (same `heldout` fraction and `seed` give the same parts).
     dtype: dtype the patched model is loaded in ('auto' = as stored). score_dtype: stored dtype.
@@ -47,6 +56,7 @@ class ScoreConfig:
     """
 
     loss: str = "response_nll"
+    saliency_on: str | None = None
     accumulation: str = "signed"
     batch_size: int = 8
     max_length: int = 512
@@ -69,6 +79,14 @@ class ScoreConfig:
     dist_timeout: float = 1800.0
 
     def validate(self) -> None:
+        if self.saliency_on is not None:
+            if self.saliency_on not in SALIENCY_ON:
+                raise ConfigError(f"saliency_on must be responses or questions, got "
+                                  f"{self.saliency_on!r}")
+            want = SALIENCY_ON[self.saliency_on]
+            if self.loss not in ("response_nll", want):
+                raise ConfigError(f"saliency_on {self.saliency_on} contradicts loss {self.loss}")
+            self.loss = want
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.accumulation not in ACCUMULATIONS:
@@ -85,6 +103,19 @@ class ScoreConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be data or fsdp, got {self.parallel!r}")
+        self.saliency_on = {v: k for k, v in SALIENCY_ON.items()}.get(self.loss)
+
+
+# What each loss differentiates, as recorded in score_info.json.
+DIFFERENTIATED = {
+    "response_nll": "response tokens (the assistant turn after the generation prompt, up to and "
+                    "including its end-of-turn token)",
+    "question_nll": "the user question's own tokens: every token of the rendered prompt that "
+                    "carries a character of the question; not the system turn (also a default "
+                    "one the template inserts), role/turn markers or the generation prompt",
+    "prompt_nll": "every token of the rendered prompt after the first: system turn, role and "
+                  "turn markers, question, generation prompt",
+}
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -162,9 +193,15 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
         if cfg.split != "all":
             tr, he = split_by_prompt(pairs, cfg.heldout, cfg.seed)
             pairs = tr if cfg.split == "train" else he
+        if cfg.loss == "question_nll":  # a question answered several times counts once
+            first: dict = {}
+            for pr in pairs:
+                first.setdefault(pr.prompt, pr)
+            pairs = list(first.values())
         if cfg.limit is not None:
             pairs = pairs[: cfg.limit]
-        examples, dropped = render_pairs(pairs, tok, cfg.max_length, cfg.system_prompt)
+        examples, dropped = render_pairs(pairs, tok, cfg.max_length, cfg.system_prompt,
+                                         locate_question=cfg.loss == "question_nll")
         if not examples:
             raise DataError(f"{data}: no scoring example fits max_length={cfg.max_length}")
         where = f"backbone {weights_dir}" if adapter else f"patch {patch}"
@@ -173,7 +210,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
         scores, nb = procs.snip_scores(model, examples, tok.pad_token_id, params, cfg, progress)
         info.update(data={**data_identity(data), "num_examples": len(examples),
                           "split": cfg.split, "dropped_too_long": dropped},
-                    num_batches=nb)
+                    num_batches=nb, differentiated=DIFFERENTIATED[cfg.loss])
         if procs.record is not None:
             info["distributed"] = procs.record
     with procs.together():  # rank 0 writes; a failure there ends every rank

@@ -28,7 +28,7 @@ from .host_buffers import HostScoreBuffers
 
 ACCUMULATIONS = ("signed", "abs_per_batch")
 BUFFERS = ("device", "host")
-LOSS_TARGET = {"response_nll": "response", "prompt_nll": "prompt"}
+LOSS_TARGET = {"response_nll": "response", "question_nll": "question", "prompt_nll": "prompt"}
 
 
 def checkpoint_tensor_names(model_dir: str | Path) -> dict[str, tuple]:
@@ -230,7 +230,9 @@ def snip_scores(model, examples: list[RenderedExample], pad_token_id: int,
     """SNIP scores of `params` (from :func:`scored_parameters`) over the scoring set.
 
     model: a causal LM whose parameters are θ_X (any float dtype), on its device.
-    examples: the scoring set D_s (rendered); loss: 'response_nll' or 'prompt_nll'.
+    examples: the scoring set D_s (rendered); loss: 'response_nll' (response tokens),
+    'question_nll' (the user question's own tokens; examples rendered with
+    locate_question=True) or 'prompt_nll' (every token of the rendered prompt).
     buffers: 'device' (score buffers beside the parameters) or 'host' (in host memory, fed
     from the device: less device memory, one gradient copy per batch; see host_buffers).
     batch_ids: indices of the batches (of `batch_size` consecutive examples) that this process
