@@ -157,6 +157,8 @@ def add_parser(sub) -> None:
     b.add_argument("--calib-limit", type=int, help="first N calibration prompts")
     b.add_argument("--calib-reference-limit", type=int, help="first N reference pairs")
     b.add_argument("--calib-max-new-tokens", type=int, default=48)
+    b.add_argument("--calib-reference-tokens", type=int, default=256,
+                   help="response tokens per reference answer (default 256)")
     b.add_argument("--calib-batch-size", type=int, default=16)
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora", action="store_true", help="train a LoRA adapter (PEFT)")

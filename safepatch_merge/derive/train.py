@@ -73,7 +73,8 @@ class DeriveConfig:
     stop_when: behavioural stop rules, e.g. ["refusal_rate>=0.8", "perplexity>=9"]
     (behaviour.py): checked at step 0 and every calib_every steps on calib_prompts (harmful
     prompts, the first calib_limit; greedy, calib_max_new_tokens) and calib_reference (benign
-    prompt/response pairs, the first calib_reference_limit, for perplexity); the first rule
+    prompt/response pairs, the first calib_reference_limit, responses cut to
+    calib_reference_tokens, for perplexity); the first rule
     that holds stops the run with the weights it measured. The calibration files are
     measured (every calib_every steps) whenever given, even without rules.
     """
@@ -133,6 +134,7 @@ class DeriveConfig:
     calib_limit: int | None = None
     calib_reference_limit: int | None = None
     calib_max_new_tokens: int = 48
+    calib_reference_tokens: int = 256
     calib_batch_size: int = 16
 
     def validate(self) -> None:
@@ -146,7 +148,8 @@ class DeriveConfig:
         if self.stop_on not in STOP_ON:
             raise ConfigError(f"stop_on must be train or heldout, got {self.stop_on!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "max_length",
-                     "calib_every", "calib_max_new_tokens", "calib_batch_size",
+                     "calib_every", "calib_max_new_tokens", "calib_reference_tokens",
+                     "calib_batch_size",
                      "on_policy_max_new_tokens", "on_policy_min_pairs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -253,21 +256,25 @@ def _write_curve(out: Path, rows: list[dict], objective: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("response NLL (nats/token)")
     ax.set_title(OBJECTIVES[objective].title)
-    ax.legend()
+    if ax.get_lines():
+        ax.legend()
     if calib:
         ax2 = axes[0][1]
-        for m in calib:
+        rates = [m for m in calib if m != "perplexity"]
+        for m in rates:
             pts = [(r["step"], r[f"calib_{m}"]) for r in rows if r.get(f"calib_{m}") is not None]
-            if m == "perplexity":
-                tw = ax2.twinx()
-                tw.plot(*zip(*pts), "k:", label=m, lw=1)
-                tw.set_ylabel("reference perplexity")
-            else:
-                ax2.plot(*zip(*pts), "o-", label=m, lw=1, ms=3)
+            ax2.plot(*zip(*pts), "o-", label=m, lw=1, ms=3)
+        if rates:
+            ax2.set_ylabel("share of calibration prompts")
+            ax2.legend(fontsize=7)
+        if "perplexity" in calib:
+            tw = ax2.twinx() if rates else ax2
+            pts = [(r["step"], r["calib_perplexity"]) for r in rows
+                   if r.get("calib_perplexity") is not None]
+            tw.plot(*zip(*pts), "k:", lw=1)
+            tw.set_ylabel("reference perplexity (dotted)")
         ax2.set_xlabel("optimizer step")
-        ax2.set_ylabel("share of calibration prompts")
         ax2.set_title("calibration")
-        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "nll_curve.png")
     plt.close(fig)
@@ -361,7 +368,7 @@ def _probe(cfg: DeriveConfig, tok):
     reference = load_reference(cfg.calib_reference, cfg.calib_reference_limit) \
         if cfg.calib_reference else None
     return BehaviourProbe(tok, prompts, reference, cfg.calib_max_new_tokens,
-                          cfg.calib_batch_size, cfg.system_prompt)
+                          cfg.calib_batch_size, cfg.system_prompt, cfg.calib_reference_tokens)
 
 
 def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
