@@ -86,3 +86,18 @@ def test_run_with_npo_on_policy_scores_the_on_policy_pairs(tmp_path, monkeypatch
     assert info["loss"] == "question_nll" and info["data"]["num_examples"] == 6
     osm = json.loads((tmp_path / "run/stages/01-main/scores_osm/score_info.json").read_text())
     assert osm["data"]["path"] == str(data.resolve())
+
+
+def test_example_config_parses():
+    from pathlib import Path
+
+    from safepatch_merge.pipeline.config import load_run_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "run_se_objectives.yaml"
+    (st,) = load_run_config(path).stages
+    se = st.derive["se"]
+    assert (se.objective, se.npo_beta, st.derive["osm"].objective) == ("npo", 0.1, "gd")
+    assert se.train_exclude == st.derive["osm"].train_exclude == [
+        "model.embed_tokens.*", "lm_head.*", "*norm*"]
+    assert len(se.stop_rules()) == 3 and se.calib_prompts.endswith("data/calib_harmful.jsonl")
+    assert st.score["se"].loss == st.score["osm"].loss == "question_nll"
