@@ -274,8 +274,13 @@ class Experiment:
         from safepatch_merge.pipeline.stages import dir_fingerprint
 
         p = self.preset
+        # batch 32 as 4 accumulated micro-batches of 8: the same examples per step (one
+        # shuffled order, consecutive chunks) and the same mean loss, in a quarter of the
+        # activation memory (one batch of 32 x 256 tokens needs ~20 GB in fp32)
+        accum = 4 if p.sft_batch % 4 == 0 else 1
         cfg = DeriveConfig(objective="gd", learning_rate=p.sft_lr, max_steps=self.sz.backbone_steps,
-                           batch_size=p.sft_batch, max_length=p.sft_max_length, seed=p.seed,
+                           batch_size=p.sft_batch // accum, grad_accum=accum,
+                           max_length=p.sft_max_length, seed=p.seed,
                            heldout=0.0, save_dtype="float32", precision="fp32", device="cpu",
                            eval_every=1000, max_grad_norm=1.0)
         self.backbone = self.out / "models" / "backbone"

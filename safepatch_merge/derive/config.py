@@ -43,6 +43,7 @@ class DeriveConfig:
     calib_reference_tokens, for perplexity); the first rule
     that holds stops the run with the weights it measured. The calibration files are
     measured (every calib_every steps) whenever given, even without rules.
+    calib_batch_size: generation batch of the calibration checks and of on_policy.
     """
 
     objective: str = "ga"

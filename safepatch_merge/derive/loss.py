@@ -34,13 +34,16 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     B, T, V = logits.shape
-    tgt = labels[:, 1:]
+    # Shift the labels, not the logits: logits[:, :-1] would be a (B·T·V) copy, the largest
+    # tensor of a step, and so would its gradient.
+    tgt = torch.full_like(labels, IGNORE_INDEX)
+    tgt[:, :-1] = labels[:, 1:]
     mask = tgt != IGNORE_INDEX
     if bool((mask.sum(dim=1) == 0).any()):
         raise ValueError("an example has no labelled tokens")
-    tok = -F.cross_entropy(logits[:, :-1].reshape(-1, V).float(),
-                           tgt.clamp_min(0).reshape(-1), reduction="none").view(B, T - 1)
-    return tok * mask, mask
+    tok = -F.cross_entropy(logits.reshape(-1, V).float(), tgt.clamp_min(0).reshape(-1),
+                           reduction="none").view(B, T)
+    return (tok * mask)[:, :-1], mask[:, :-1]
 
 
 def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
