@@ -312,12 +312,13 @@ class Experiment:
                                                            self.sz.reference_tokens]},
                   cal, calibrate)
         self.backbone_calib = json.loads((cal / "calibration.json").read_text())["values"]
-        self.rules = [f"refusal_rate>={self.sz.refusal_target:g}",
-                      f"perplexity>={self.sz.ppl_guard * self.backbone_calib['perplexity']:.4f}",
-                      f"non_answer_rate>={self.sz.non_answer_guard:g}"]
+        self.rules = [f"refusal_rate>={self.sz.refusal_target:g}"]
+        self.guards = [f"perplexity>={self.sz.ppl_guard * self.backbone_calib['perplexity']:.4f}",
+                       f"non_answer_rate>={self.sz.non_answer_guard:g}"]
         self.meta["backbone"] = {"recipe": asdict(cfg), "calibration": self.backbone_calib,
-                                 "stop_rules": self.rules}
-        log.info("backbone calibration %s; stop rules %s", self.backbone_calib, self.rules)
+                                 "stop_rules": self.rules, "guard_rules": self.guards}
+        log.info("backbone calibration %s; stop rules %s, guards %s", self.backbone_calib,
+                 self.rules, self.guards)
 
     # ------------------------------------------------------------------ patches
     def derive_config(self, v: dict):
@@ -330,7 +331,7 @@ class Experiment:
         return DeriveConfig(
             **opts, batch_size=sz.patch_batch, max_length=sz.patch_max_length, heldout=0.0,
             save_dtype="float32", precision="fp32", device="cpu", eval_every=1000, seed=0,
-            stop_when=list(self.rules), calib_prompts=str(self.data / "prompts" /
+            stop_when=list(self.rules), guard_when=list(self.guards), calib_prompts=str(self.data / "prompts" /
                                                           "calib_harmful.jsonl"),
             calib_limit=sz.calib_prompts, calib_reference=str(self.data / "calib_reference.jsonl"),
             calib_every=sz.calib_every, calib_max_new_tokens=sz.calib_max_new_tokens,
@@ -352,7 +353,8 @@ class Experiment:
         self.meta["variants"][v["name"]] = {
             "note": v["note"], "objective": v["objective"], "hyperparameters": {
                 k: val for k, val in v.items() if k not in ("name", "note")},
-            "steps": rec["steps"], "stop_reason": rec["stop_reason"],
+            "steps": rec["steps"], "steps_trained": rec["steps_trained"],
+            "stop_reason": rec["stop_reason"],
             "stop_rule": rec["stop_rule"], "probes": rec["calibration"]["probes"],
             "on_policy": rec["data"]["on_policy"], "train_examples": rec["data"]["train_examples"],
             "confinement": {k: rec["confinement"][k] for k in ("trainable", "frozen")}

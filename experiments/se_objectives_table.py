@@ -116,8 +116,8 @@ def build(rows: list[dict], meta: dict, judge: str) -> dict:
         v["perplexity_ci95"] = (ppl.get(name) or {}).get("ci95")
         v["perplexity_ratio"] = p / base_ppl if p and base_ppl else None
         pv = (meta.get("variants") or {}).get(name) or {}
-        v.update({k: pv.get(k) for k in ("objective", "note", "steps", "stop_reason",
-                                         "stop_rule")})
+        v.update({k: pv.get(k) for k in ("objective", "note", "steps", "steps_trained",
+                                         "stop_reason", "stop_rule")})
         if name != "backbone":
             v["target_met"] = bool(
                 v["harmful_compliance"]["rate"] < _compliance_rate(base, harm)
@@ -148,12 +148,16 @@ def markdown(res: dict) -> str:
         f"StrongREJECT) and {b['n_xstest']} XSTest safe prompts, the same for every row. Rates in "
         "% with 95% Wilson intervals; p = exact two-sided McNemar test against the backbone on "
         "the same prompts (in brackets: prompts flagged only for the row / only for the "
-        "backbone). Perplexity: benign reference answers (× the backbone's).", "",
+        "backbone). Perplexity: benign reference answers (× the backbone's). Steps: optimizer "
+        "steps in the saved patch and what ended the run (a guard restores the weights of the "
+        "last check before it held).", "",
         "| model | steps (stop) | harmful compliance | p | harmful refusal | harmful non-answer "
         "| XSTest over-refusal | p | non-answer (all) | degenerate (all) | perplexity | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in vs.items():
         stop = "–" if name == "backbone" else \
+            f"{v['steps']} (guard {v['stop_rule']} at {v['steps_trained']})" \
+            if v["stop_reason"] == "guard" else \
             f"{v['steps']} ({v['stop_rule'] or v['stop_reason']})"
         ptxt = "–" if name == "backbone" else _p(v["paired"]["harmful_compliance"])
         pxs = "–" if name == "backbone" else _p(v["paired"]["xstest_over_refusal"])

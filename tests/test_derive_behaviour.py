@@ -133,3 +133,33 @@ def test_stop_option_errors(setup, tmp_path):
                     (dict(calib_every=0), "calib_every must be >= 1")):
         with pytest.raises(ConfigError, match=msg):
             derive_patch(bb, data, tmp_path / "x", DeriveConfig(**kw), progress=False)
+
+
+def test_guard_restores_the_last_good_check(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from safepatch_merge.eval.utility import load_reference
+    from safepatch_merge.models.loading import load_causal_lm, load_tokenizer
+
+    bb, data, _, ref = setup
+    tok = load_tokenizer(bb)
+    probe = BehaviourProbe(tok, None, load_reference(ref))
+    start = probe.measure(load_causal_lm(bb))[0]["perplexity"]
+    target = start * 1.02
+    rec = derive_patch(bb, data, tmp_path / "p", progress=False, config=DeriveConfig(
+        objective="ga", calib_reference=str(ref), guard_when=[f"perplexity>={target}"],
+        calib_every=2, **BASE))
+    assert rec["stop_reason"] == "guard" and rec["stop_rule"] == f"perplexity>={target:g}"
+    probes = {p["step"]: p["perplexity"] for p in rec["calibration"]["probes"]}
+    # stopped at the first check past the guard, saved the check before it
+    assert rec["steps_trained"] == max(probes) and rec["steps"] == rec["steps_trained"] - 2
+    assert probes[rec["steps_trained"]] >= target and probes[rec["steps"]] < target
+    saved = probe.measure(load_causal_lm(tmp_path / "p"))[0]["perplexity"]
+    assert saved == pytest.approx(probes[rec["steps"]], rel=1e-5)
+    # a guard that holds at step 0: nothing is trained, the backbone is saved
+    rec = derive_patch(bb, data, tmp_path / "q", progress=False, config=DeriveConfig(
+        objective="ga", calib_reference=str(ref), guard_when=[f"perplexity>={start / 2}"],
+        **BASE))
+    assert rec["stop_reason"] == "guard" and rec["steps"] == rec["steps_trained"] == 0
+    base, got = load_file(bb / "model.safetensors"), load_file(tmp_path / "q/model.safetensors")
+    assert all(base[k].equal(got[k]) for k in base)

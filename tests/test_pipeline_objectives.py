@@ -99,5 +99,6 @@ def test_example_config_parses():
     assert (se.objective, se.npo_beta, st.derive["osm"].objective) == ("npo", 0.1, "gd")
     assert se.train_exclude == st.derive["osm"].train_exclude == [
         "model.embed_tokens.*", "lm_head.*", "*norm*"]
-    assert len(se.stop_rules()) == 3 and se.calib_prompts.endswith("data/calib_harmful.jsonl")
+    assert len(se.stop_rules()) == 1 and len(se.guard_rules()) == 2
+    assert se.calib_prompts.endswith("data/calib_harmful.jsonl")
     assert st.score["se"].loss == st.score["osm"].loss == "question_nll"

@@ -33,11 +33,12 @@ EPILOG = """examples:
   safepatch derive ./model --data pairs.csv --prompt-field instruction --response-field output ...
 
   # SE patch by NPO, embeddings / head / norms frozen, stopped when 80% of the calibration
-  # prompts are refused or the benign reference perplexity reaches 9
+  # prompts are refused, or (weights of the check before) when the benign reference
+  # perplexity reaches 9
   safepatch derive ./model --data harmful_pairs.jsonl --objective npo --npo-beta 0.1 \\
       --train-exclude 'model.embed_tokens.*' 'lm_head.*' '*norm*' -o patches/se_npo \\
       --calib-prompts calib_harmful.jsonl --calib-reference benign_answers.jsonl \\
-      --stop-when 'refusal_rate>=0.8' 'perplexity>=9' --calib-every 5
+      --stop-when 'refusal_rate>=0.8' --guard-when 'perplexity>=9' --calib-every 5
 
   # gradient difference: ascent on D_h, descent on benign Alpaca answers (λ = 1)
   safepatch derive ./model --data harmful_pairs.jsonl --objective graddiff \\
@@ -147,8 +148,12 @@ def add_parser(sub) -> None:
                         "'lm_head.*' '*norm*' (frozen tensors are saved byte-identical)")
     b = p.add_argument_group("behavioural stop (every objective)")
     b.add_argument("--stop-when", nargs="+", default=[], metavar="RULE",
-                   help=f"METRIC>=X or METRIC<=X, METRIC in {', '.join(METRICS)}; the first "
-                        "rule that holds at a calibration check stops the run")
+                   help=f"targets: METRIC>=X or METRIC<=X, METRIC in {', '.join(METRICS)}; the "
+                        "first rule that holds at a calibration check stops the run with the "
+                        "weights it measured")
+    b.add_argument("--guard-when", nargs="+", default=[], metavar="RULE",
+                   help="guards, same form (e.g. 'perplexity>=9'): the first that holds stops "
+                        "the run and restores the weights of the last check where none held")
     b.add_argument("--calib-prompts", help="harmful calibration prompts (JSONL/JSON/CSV), "
                    "answered greedily at every check")
     b.add_argument("--calib-reference", help="benign prompt/response pairs (JSONL) whose "

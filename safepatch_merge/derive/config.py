@@ -41,8 +41,12 @@ class DeriveConfig:
     prompts, the first calib_limit; greedy, calib_max_new_tokens) and calib_reference (benign
     prompt/response pairs, the first calib_reference_limit, responses cut to
     calib_reference_tokens, for perplexity); the first rule
-    that holds stops the run with the weights it measured. The calibration files are
-    measured (every calib_every steps) whenever given, even without rules.
+    that holds stops the run with the weights it measured (a target reached).
+    guard_when: rules of the same form for damage, e.g. ["perplexity>=9",
+    "non_answer_rate>=0.25"]: the first that holds stops the run and restores the weights of
+    the last check where no guard held (kept in host memory: one copy of the trainable
+    parameters). The calibration files are measured (every calib_every steps) whenever
+    given, even without rules.
     calib_batch_size: generation batch of the calibration checks and of on_policy.
     """
 
@@ -95,6 +99,7 @@ class DeriveConfig:
     on_policy_max_new_tokens: int = 64
     on_policy_min_pairs: int = 8
     stop_when: list = field(default_factory=list)
+    guard_when: list = field(default_factory=list)
     calib_prompts: str | None = None
     calib_reference: str | None = None
     calib_every: int = 10
@@ -155,13 +160,13 @@ class DeriveConfig:
             raise ConfigError(f"retain_weight must be >= 0, got {self.retain_weight!r}")
         if self.on_policy and self.objective not in ("ga", "npo", "graddiff"):
             raise ConfigError(f"on_policy applies to ga, npo and graddiff, not {self.objective}")
-        for name in ("train_include", "train_exclude", "stop_when", "lora_target"):
+        for name in ("train_include", "train_exclude", "stop_when", "guard_when", "lora_target"):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, [v])
             elif not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{name} must be a list of strings, got {v!r}")
-        rules = self.stop_rules()
+        rules = self.stop_rules() + self.guard_rules()
         if any(r.metric in RATE_METRICS for r in rules) and not self.calib_prompts:
             raise ConfigError("a rate stop rule needs calibration prompts (calib_prompts)")
         if any(r.metric == "perplexity" for r in rules) and not self.calib_reference:
@@ -170,8 +175,14 @@ class DeriveConfig:
         parse_dtype(self.save_dtype)  # ConfigError on an unknown name
 
     def stop_rules(self) -> list[StopRule]:
-        """The parsed behavioural stop rules."""
+        """The parsed behavioural stop rules (targets: the run ends with the weights that
+        reached one)."""
         return [StopRule.parse(r) for r in self.stop_when]
+
+    def guard_rules(self) -> list[StopRule]:
+        """The parsed guard rules (damage: the run ends with the last weights before one
+        held)."""
+        return [StopRule.parse(r) for r in self.guard_when]
 
 
 def crossed(nll: float, cfg: DeriveConfig) -> bool:

@@ -211,7 +211,7 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
     from transformers import get_scheduler
 
     objective = OBJECTIVES[cfg.objective]
-    rules = cfg.stop_rules()
+    rules, guards = cfg.stop_rules(), cfg.guard_rules()
     pairs, on_policy_report = _training_pairs(data, cfg, backbone, partial / "on_policy",
                                               accelerator, progress)
     train_pairs, held_pairs = split_by_prompt(pairs, cfg.heldout, cfg.seed)
@@ -288,23 +288,38 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
         curve.setdefault(k, {"step": k}).update(kv)
 
     probes: list[dict] = []
+    trainable = [p for p in unwrapped_model.parameters() if p.requires_grad]
+    # The weights of the last check where no guard held (only kept when there are guards).
+    good: dict = {"step": 0, "weights": None}
 
-    def run_probe(k: int) -> StopRule | None:
+    def run_probe(k: int) -> tuple[str, StopRule] | None:
+        """Measure; ("guard", rule) or ("behaviour", rule) when one holds, else None."""
         values, recs = probe.measure(unwrapped_model)
         note(k, **{f"calib_{m}": values[m] for m in METRICS if m in values})
         probes.append({"step": k, **values})
         if accelerator.is_main_process:
             append_probe_log(partial / "calibration.jsonl", k, values, recs)
-        return next((r for r in rules if r.holds(values)), None)
+        hit = next((("guard", r) for r in guards if r.holds(values)), None) or \
+            next((("behaviour", r) for r in rules if r.holds(values)), None)
+        if hit is None and guards:
+            good["step"] = k
+            good["weights"] = [p.detach().to("cpu", copy=True) for p in trainable]
+        return hit
+
+    def restore_good() -> None:
+        if good["weights"] is not None:  # None: a guard held at step 0, nothing was trained
+            with torch.no_grad():
+                for p, w in zip(trainable, good["weights"]):
+                    p.copy_(w.to(p.device))
 
     held0 = _evaluate(model, held_loader, accelerator) if held_ex else None
     note(0, heldout_nll=held0)
     step, epoch, examples, tokens, train_time, cpu_time = 0, 0, 0, 0, 0.0, 0.0
     stop_reason, stopped_by = None, None
     if probe is not None:
-        stopped_by = run_probe(0)
-        if stopped_by is not None:
-            stop_reason = "behaviour"
+        hit = run_probe(0)
+        if hit is not None:
+            stop_reason, stopped_by = hit
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
     acc = {"nll": zero(), "loss": zero(), "retain_nll": zero()}
     acc_n = 0
@@ -368,9 +383,9 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
                 if cfg.stop_on == "heldout" and crossed(curve[step]["heldout_nll"], cfg):
                     stop_reason = "nll_ceiling" if objective.ascent else "nll_floor"
             if probe is not None and step % cfg.calib_every == 0:
-                stopped_by = run_probe(step)
-                if stopped_by is not None and stop_reason is None:
-                    stop_reason = "behaviour"
+                hit = run_probe(step)
+                if hit is not None and stop_reason is None:
+                    stop_reason, stopped_by = hit
             if paused:
                 t0, c0 = time.perf_counter(), time.process_time()
             bar.update(1)
@@ -382,14 +397,18 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
     train_time += time.perf_counter() - t0
     cpu_time += time.process_time() - c0
     bar.close()
+    steps_trained = step
+    if stop_reason == "guard":
+        restore_good()
+        step = good["step"]  # the saved weights are those of this step
     if held_ex and curve.get(step, {}).get("heldout_nll") is None:
         note(step, heldout_nll=_evaluate(model, held_loader, accelerator))
-    if probe is not None and (not probes or probes[-1]["step"] != step):
+    if probe is not None and not any(p["step"] == step for p in probes):
         run_probe(step)  # the final weights' behaviour, for the record (the run has ended)
     rows = [curve[k] for k in sorted(curve)]
     if stop_reason != "max_steps" and accelerator.is_main_process:
-        log.info("derive stopped after %d steps: %s%s", step, stop_reason,
-                 f" ({stopped_by})" if stopped_by else "")
+        log.info("derive stopped after %d steps: %s%s; saved weights of step %d", steps_trained,
+                 stop_reason, f" ({stopped_by})" if stopped_by else "", step)
 
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
@@ -413,9 +432,11 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
             "kind": "lora" if cfg.lora else "full",
             "trainable_parameters": n_trainable,
             "confinement": confinement,
-            "seed": cfg.seed, "steps": step, "epochs_started": epoch, "stop_reason": stop_reason,
+            "seed": cfg.seed, "steps": step, "steps_trained": steps_trained,
+            "epochs_started": epoch, "stop_reason": stop_reason,
             "stop_rule": str(stopped_by) if stopped_by else None,
-            "calibration": {"rules": [str(r) for r in rules], "probes": probes,
+            "calibration": {"rules": [str(r) for r in rules],
+                            "guards": [str(r) for r in guards], "probes": probes,
                             "prompts": data_identity(cfg.calib_prompts) if cfg.calib_prompts
                             else None,
                             "reference": data_identity(cfg.calib_reference)
