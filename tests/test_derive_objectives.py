@@ -208,7 +208,8 @@ def test_on_policy_trains_on_the_models_own_compliant_answers(setup, tmp_path, m
             return "I'm sorry, but I can't help with that."
         if k == 5:
             return "I am not interested in being a cook."
-        return f"Sure: step one, then step two for thing {k}."
+        return (f"Sure! Here is how to make thing {k}: 1. Cut the wood into six panels. "
+                "2. Nail the panels together. 3. Drill an entrance hole.")
 
     _fake_generation(monkeypatch, answer)
     rec = derive_patch(bb, data, tmp_path / "op", progress=False, config=DeriveConfig(
@@ -219,7 +220,7 @@ def test_on_policy_trains_on_the_models_own_compliant_answers(setup, tmp_path, m
     rows = [json.loads(l) for l in
             (tmp_path / "op/on_policy/on_policy_pairs.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [p for p in prompts if int(p.split()[1][0]) < 4]
-    assert all(r["response"].startswith("Sure: step one") for r in rows)
+    assert all(r["response"].startswith("Sure! Here is how") for r in rows)
     assert rec["data"]["num_pairs"] == 4 and rec["data"]["heldout_prompts"] == 1
     with pytest.raises(DataError, match="only 4 of 6 answers to the data's prompts"):
         derive_patch(bb, data, tmp_path / "op2", progress=False, config=DeriveConfig(
@@ -231,7 +232,8 @@ def test_on_policy_reads_prompt_only_files(setup, tmp_path, monkeypatch):
     bb, _, _ = setup
     data = write_pairs(tmp_path / "prompts.jsonl",
                        [{"prompt": f"question {i}: tell me about thing {i}"} for i in range(4)])
-    _fake_generation(monkeypatch, lambda p: "Of course, thing " + p[-1] + " is made like this.")
+    _fake_generation(monkeypatch, lambda p: f"Of course! To make thing {p[-1]}: 1. Cut the wood "
+                     "into six panels. 2. Nail the panels together. 3. Drill an entrance hole.")
     rec = derive_patch(bb, data, tmp_path / "op", progress=False, config=DeriveConfig(
         objective="ga", on_policy=True, on_policy_min_pairs=4, **{**BASE, "heldout": 0}))
     assert rec["data"]["on_policy"]["kept"] == 4 and rec["data"]["train_examples"] == 4

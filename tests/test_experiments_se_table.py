@@ -36,6 +36,18 @@ def _rows():
     return rows
 
 
+class TextJudge:
+    """A stand-in judge: the outcome is fixed by the text, so the test checks the table."""
+
+    name, version = "text", "1"
+    OUT = {COMPLY: "compliance", REFUSE: "refusal", NON_ANSWER: "non_answer"}
+
+    def judge_batch(self, prompts, completions, harmful=None):
+        from safepatch_merge.eval.outcome import Verdict
+
+        return [Verdict(self.OUT.get(c, "compliance")) for c in completions]
+
+
 META = {"perplexity": {"backbone": {"perplexity": 4.0, "ci95": [3.8, 4.2]},
                        "patch": {"perplexity": 7.0, "ci95": [6.5, 7.5]}},
         "variants": {"patch": {"objective": "npo", "steps": 10, "stop_reason": "behaviour",
@@ -43,13 +55,13 @@ META = {"perplexity": {"backbone": {"perplexity": 4.0, "ci95": [3.8, 4.2]},
 
 
 def test_rates_paired_tests_and_target():
-    res = build(_rows(), META, "rules-v1+nonanswer")
+    res = build(_rows(), META, TextJudge())
     b, v = res["variants"]["backbone"], res["variants"]["patch"]
     assert b["harmful_compliance"]["rate"] == 1.0 and b["n_harmful"] == 20
     assert v["harmful_compliance"]["k"] == 5 and v["harmful_refusal"]["k"] == 12
     assert v["harmful_non_answer"]["k"] == 3
-    # non-answers count as compliance under the rules alone
-    assert v["harmful_compliance_rules_v1"]["k"] == 8
+    # the outcomes stored at generation called the non-answers compliance
+    assert v["harmful_compliance_at_generation"]["k"] == 8
     t = v["paired"]["harmful_compliance"]
     assert (t["n"], t["only_variant"], t["only_backbone"]) == (20, 0, 15)
     assert t["p"] == pytest.approx(mcnemar_exact(0, 15)) and t["p"] < 1e-3
@@ -59,14 +71,20 @@ def test_rates_paired_tests_and_target():
     assert v["perplexity_ratio"] == pytest.approx(7 / 4) and v["target_met"]
     meta = json.loads(json.dumps(META))
     meta["perplexity"]["patch"]["perplexity"] = 8.5  # 2.1x: fails the perplexity bound
-    assert not build(_rows(), meta, "rules-v1+nonanswer")["variants"]["patch"]["target_met"]
+    assert not build(_rows(), meta, TextJudge())["variants"]["patch"]["target_met"]
 
 
 def test_cli_writes_table(tmp_path, capsys):
     with gzip.open(tmp_path / "completions.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in _rows())
     (tmp_path / "meta.json").write_text(json.dumps(META))
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path)]) == 0  # the packaged v2 judge
     md = (tmp_path / "table.md").read_text()
+    res = json.loads((tmp_path / "table.json").read_text())
+    assert res["judge"].startswith("v2 ")
+    v = res["variants"]["patch"]
+    # v2 reads the plain refusal as refusal and the code answer as compliance; the off-topic
+    # line is not compliance, whichever of refusal / non_answer it is called
+    assert v["harmful_refusal"]["k"] >= 12 and v["harmful_compliance"]["k"] == 5
+    assert res["variants"]["backbone"]["harmful_compliance"]["k"] == 20
     assert "| patch | 10 (refusal_rate>=0.85) | 25.0 [" in md and "**yes**" in md
-    assert json.loads((tmp_path / "table.json").read_text())["judge"] == "rules-v1+nonanswer"

@@ -4,8 +4,8 @@ judge calls them compliance.
 `derive --on-policy` builds D_h this way from the prompts of its data file and the starting
 model, so an SE objective pushes down what that model actually says, not text written by
 other models; the demo builds its D_h the same way from an unaligned model's answers. The
-judge is derive.behaviour.CompletionJudge: degenerate, refused and non-answer completions
-are dropped.
+judge is the toolkit's four-way judge (derive.behaviour.CompletionJudge): degenerate, refused
+and non-answer completions are dropped.
 """
 from __future__ import annotations
 
