@@ -461,15 +461,14 @@ class Experiment:
 
 
 def parse_args(argv=None):
-    from safepatch_merge.paths import shared_data_dir
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/runs/se_objectives",
                     help="work directory (cached, resumable stages)")
     ap.add_argument("--results-dir", help="where completions, meta, table go (default OUT/final)")
-    ap.add_argument("--data-dir", default=str(shared_data_dir()),
-                    help="the shared data folder (train/, eval/)")
+    ap.add_argument("--data-dir", required=True,
+                    help="the public data folder (train/, eval/; its README lists sources and "
+                         "licences)")
     ap.add_argument("--model-dir", help="SmolLM2-135M-Instruct directory (default: ensure_smollm2())")
     ap.add_argument("--sizes", choices=sorted(SIZES), default="full")
     ap.add_argument("--only", nargs="+", help="run only these variants (after the backbone); "
