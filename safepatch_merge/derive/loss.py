@@ -1,4 +1,4 @@
-"""The losses of patch derivation and scoring (DESIGN §1).
+"""The losses of patch derivation and scoring (docs/design.md §1.2).
 
 Per example: the mean NLL of its labelled tokens. Per batch: the mean over examples of that
 (not Hugging Face's token-weighted mean). Gradient descent (OSM patch, `gd`; `refusal_sft`)

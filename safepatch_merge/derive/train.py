@@ -1,4 +1,4 @@
-"""Derive a patch (DESIGN §1): an SE objective (`ga`, the paper's gradient ascent; `npo`;
+"""Derive a patch (docs/design.md §1.2): an SE objective (`ga`, the paper's gradient ascent; `npo`;
 `graddiff`; `refusal_sft`) or the OSM patch's gradient descent (`gd`) — objectives.py.
 
 A plain PyTorch loop driven by 🤗 Accelerate on the collator of dataset.py, so
