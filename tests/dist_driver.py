@@ -36,17 +36,17 @@ def main() -> None:
 
     rank = int(os.environ["RANK"])
     fail = job.get("fail") or {}
-    orig = train.per_example_nll
+    orig = train.batch_loss
     state = {"batches": [], "fail": False}
 
-    def recording_nll(logits, labels):
-        if torch.is_grad_enabled():  # a training batch (held-out evaluation runs without grad)
-            if state["fail"]:
-                raise DataError("injected failure in this rank's training batch")
-            state["batches"].append([row[row != IGNORE_INDEX].tolist() for row in labels])
-        return orig(logits, labels)
+    def recording_loss(objective, model, batch, *args, **kwargs):
+        """The training step's loss (held-out evaluation does not go through it)."""
+        if state["fail"]:
+            raise DataError("injected failure in this rank's training batch")
+        state["batches"].append([row[row != IGNORE_INDEX].tolist() for row in batch["labels"]])
+        return orig(objective, model, batch, *args, **kwargs)
 
-    train.per_example_nll = recording_nll
+    train.batch_loss = recording_loss
     # logs and progress bars go to the real stderr; a command's captured stderr is its own
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers.utils.logging.disable_progress_bar()

@@ -129,18 +129,17 @@ def single(setup, tmp_path_factory):
     bb, data = setup
     root = tmp_path_factory.mktemp("single")
     seen = {}
-    orig = train.per_example_nll
+    orig = train.batch_loss
     for name, extra in (("ga", ["--objective", "ga"]), ("gd", ["--objective", "gd"]),
                         ("lora", ["--objective", "gd", "--lora", "--lora-r", "4"])):
         batches = seen[name] = []
 
-        def recording(logits, labels, batches=batches):
-            if torch.is_grad_enabled():
-                batches.append([row[row != IGNORE_INDEX].tolist() for row in labels])
-            return orig(logits, labels)
+        def recording(objective, model, batch, *args, batches=batches, **kwargs):
+            batches.append([row[row != IGNORE_INDEX].tolist() for row in batch["labels"]])
+            return orig(objective, model, batch, *args, **kwargs)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train, "per_example_nll", recording)
+            mp.setattr(train, "batch_loss", recording)
             assert cli(["derive", str(bb), "--data", str(data), "-o", str(root / name),
                         "--batch-size", "4", *extra, *DERIVE]) == 0
     return root, seen
