@@ -42,23 +42,14 @@ print(json.dumps({"package": safepatch_merge.__file__,
                   "csrc": str(_extension.csrc_dir().resolve()), "ext_loaded": _extension.load()}))
 """
 
-# (label, parameters, extra config keys, backend, SAFEPATCH_MERGE_MIN_CHUNK, --max-memory)
-ENGINE_CASES = [  # tests/test_merge_engine.py CASES
-    ("difference", {"top_rate_se": 0.2, "top_rate_osm": 0.3}),
-    ("difference-retention", {"top_rate_se": 0.25, "top_rate_osm": 0.15, "retention": 0.6,
-                              "rescale": True, "seed": 7, "alpha": 0.8, "beta": 1.5}),
-    ("intersection-layer", {"mask_mode": "intersection", "top_rate_se": 0.4,
-                            "top_rate_osm": 0.4, "granularity": "layer"}),
-    ("topk-tensor", {"mask_mode": "topk", "top_rate_se": 0.07, "top_rate_osm": 0.5,
-                     "granularity": "tensor", "retention": 0.9}),
-    ("none", {"mask_mode": "none", "alpha": 0.5, "beta": 0.25}),
-    ("se-only", {"top_rate_se": 0.3, "beta": 0.0}),
-    ("zero-rates", {"top_rate_se": 0.0, "top_rate_osm": 0.0}),
-]
 SHARDS = {"output": {"max_shard_size": "30KB"}}
 
 
 def corpus() -> list[tuple]:
+    """(label, input kind, parameters, extra config keys, backend, SAFEPATCH_MERGE_MIN_CHUNK,
+    --max-memory) for every case of the corpus."""
+    from merge_helpers import ENGINE_CASES
+
     cases = []
     for backend in ("reference", "cpp"):
         for label, params in ENGINE_CASES:

@@ -142,3 +142,19 @@ def env_with_min_chunk(n: int) -> dict:
     env = dict(os.environ)
     env["SAFEPATCH_MERGE_MIN_CHUNK"] = str(n)
     return env
+
+
+# SafePatching parameter sets of the merge-engine tests (label, parameters), also merged by
+# bench/merge_bytes_parity.py.
+ENGINE_CASES = [
+    ("difference", {"top_rate_se": 0.2, "top_rate_osm": 0.3}),
+    ("difference-retention", {"top_rate_se": 0.25, "top_rate_osm": 0.15, "retention": 0.6,
+                              "rescale": True, "seed": 7, "alpha": 0.8, "beta": 1.5}),
+    ("intersection-layer", {"mask_mode": "intersection", "top_rate_se": 0.4,
+                            "top_rate_osm": 0.4, "granularity": "layer"}),
+    ("topk-tensor", {"mask_mode": "topk", "top_rate_se": 0.07, "top_rate_osm": 0.5,
+                     "granularity": "tensor", "retention": 0.9}),
+    ("none", {"mask_mode": "none", "alpha": 0.5, "beta": 0.25}),
+    ("se-only", {"top_rate_se": 0.3, "beta": 0.0}),
+    ("zero-rates", {"top_rate_se": 0.0, "top_rate_osm": 0.0}),
+]

@@ -8,21 +8,10 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from merge_helpers import (build_inputs, dir_bytes, in_memory_merge, load_dir, write_config)
+from merge_helpers import (ENGINE_CASES as CASES, build_inputs, dir_bytes, in_memory_merge,
+                           load_dir, write_config)
 from safepatch_merge.merge import merge
 
-CASES = [
-    ("difference", {"top_rate_se": 0.2, "top_rate_osm": 0.3}),
-    ("difference-retention", {"top_rate_se": 0.25, "top_rate_osm": 0.15, "retention": 0.6,
-                              "rescale": True, "seed": 7, "alpha": 0.8, "beta": 1.5}),
-    ("intersection-layer", {"mask_mode": "intersection", "top_rate_se": 0.4,
-                            "top_rate_osm": 0.4, "granularity": "layer"}),
-    ("topk-tensor", {"mask_mode": "topk", "top_rate_se": 0.07, "top_rate_osm": 0.5,
-                     "granularity": "tensor", "retention": 0.9}),
-    ("none", {"mask_mode": "none", "alpha": 0.5, "beta": 0.25}),
-    ("se-only", {"top_rate_se": 0.3, "beta": 0.0}),
-    ("zero-rates", {"top_rate_se": 0.0, "top_rate_osm": 0.0}),
-]
 
 
 @pytest.fixture(scope="module")
