@@ -11,7 +11,7 @@
 #include "../op_checks.h"
 #include "../philox.h"
 #include "convert.h"
-#include "kernels.h"
+#include "../kernels.h"
 #include "philox_lanes.h"
 
 namespace safepatch {

@@ -23,7 +23,7 @@
 #include "../philox.h"
 #include "convert.h"
 #include "hugepages.h"
-#include "kernels.h"
+#include "../kernels.h"
 #include "philox_lanes.h"
 
 namespace safepatch {

@@ -7,7 +7,7 @@
 #include "../op_checks.h"
 #include "../philox.h"
 #include "hugepages.h"
-#include "kernels.h"
+#include "../kernels.h"
 #include "philox_lanes.h"
 
 namespace safepatch {

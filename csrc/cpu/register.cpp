@@ -1,10 +1,4 @@
-// CPU implementations of the safepatch ops.
-#include <torch/library.h>
+// CPU kernels of the safepatch ops.
+#include "../kernels.h"
 
-#include "kernels.h"
-
-TORCH_LIBRARY_IMPL(safepatch, CPU, m) {
-  m.impl("saliency_accumulate_", &safepatch::cpu::saliency_accumulate_);
-  m.impl("radix_histogram", &safepatch::cpu::radix_histogram);
-  m.impl("masked_merge", &safepatch::cpu::masked_merge);
-}
+SAFEPATCH_REGISTER_KERNELS(CPU, cpu)

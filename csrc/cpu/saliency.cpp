@@ -3,7 +3,7 @@
 
 #include "../op_checks.h"
 #include "convert.h"
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace safepatch {
 namespace cpu {
@@ -25,8 +25,8 @@ void accumulate(float* __restrict__ score, const typename W::raw* __restrict__ w
 
 }  // namespace
 
-at::Tensor& saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
-                                 const at::Tensor& grad, double scale) {
+void saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
+                          const at::Tensor& grad, double scale) {
   check_saliency_args(score, weight, grad);
   const float s = static_cast<float>(scale);
   const int64_t n = score.numel();
@@ -39,7 +39,6 @@ at::Tensor& saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
                        static_cast<const typename G::raw*>(grad.data_ptr()), s, n);
     });
   });
-  return score;
 }
 
 }  // namespace cpu

@@ -23,7 +23,7 @@
 
 #include "../op_checks.h"
 #include "common.cuh"
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace safepatch {
 namespace cuda {

@@ -10,7 +10,7 @@
 
 #include "../op_checks.h"
 #include "common.cuh"
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace safepatch {
 namespace cuda {
@@ -46,11 +46,11 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-at::Tensor& saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
-                                 const at::Tensor& grad, double scale) {
+void saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
+                          const at::Tensor& grad, double scale) {
   check_saliency_args(score, weight, grad);
   const int64_t n = score.numel();
-  if (n == 0) return score;
+  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(score.device());
   const bool vec = aligned16(score.data_ptr()) && aligned16(weight.data_ptr()) &&
                    aligned16(grad.data_ptr());
@@ -61,7 +61,6 @@ at::Tensor& saliency_accumulate_(at::Tensor& score, const at::Tensor& weight,
       score.data_ptr<float>(), weight.data_ptr(), dtype_code(weight.scalar_type()),
       grad.data_ptr(), dtype_code(grad.scalar_type()), static_cast<float>(scale), n, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return score;
 }
 
 }  // namespace cuda

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import cpp_backend, library, reference, triton_backend  # noqa: F401 - library: the ops
 from .philox import fnv1a32, keep_threshold, retention_mask, retention_words  # noqa: F401
 from .reference import MODES, NUM_BINS, RETENTION_ORDERS, score_keys, threshold_key  # noqa: F401
 
@@ -27,6 +27,7 @@ log = logging.getLogger("safepatch_merge.ops")
 
 BACKENDS = ("reference", "cpp", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODULES = {"reference": reference, "cpp": cpp_backend, "triton": triton_backend}
 _forced: str | None = None
 _announced: set = set()
 
@@ -99,6 +100,15 @@ def backend_for(device: torch.device | str, op: str | None = None) -> tuple[str,
     available one in the device's (and op's) order of preference.
     """
     device = torch.device(device)
+    if torch.compiler.is_compiling():
+        # Traced: the choice is made once, at trace time, and the graph calls that backend's
+        # op (a compiled function keeps the backend it was compiled with).
+        name = _traced_choice(device, op)
+        return name, _MODULES[name]
+    return _choose(device, op)
+
+
+def _choose(device: torch.device, op: str | None) -> tuple[str, object]:
     want = _requested()
     if want is not None:
         mod = _backend_module(want, device)
@@ -113,6 +123,12 @@ def backend_for(device: torch.device | str, op: str | None = None) -> tuple[str,
         log.info("safepatch_merge ops: %s tensors use the %s backend%s", device.type, chosen[0],
                  "" if op is None else f" for {op}")
     return chosen
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(device: torch.device, op: str | None) -> str:
+    """backend_for's name, computed outside the traced graph (it builds, loads and logs)."""
+    return _choose(device, op)[0]
 
 
 def _check_tensor(t: torch.Tensor, what: str, dtypes=FLOAT_DTYPES) -> None:

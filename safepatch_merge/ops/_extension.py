@@ -1,4 +1,5 @@
-"""Build (JIT, once per machine) and load the csrc extension that registers ``torch.ops.safepatch``.
+"""Build (JIT, once per machine) and load the csrc extension: the C++ (and CUDA C++) kernels of
+the ``safepatch::`` ops, whose schemas and fake implementations :mod:`.library` defines.
 
 Sources: ``safepatch_merge.csrc`` (the repository's csrc/ folder, editable or installed):
 ``*.cpp`` and ``cpu/*.cpp`` always, ``cuda/*.cu`` only when torch sees a CUDA device and a
@@ -21,6 +22,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from . import library  # noqa: F401 - the schemas the extension's kernels register against
 
 log = logging.getLogger("safepatch_merge.ops")
 
@@ -91,7 +94,7 @@ def cache_root() -> Path:
 
 
 def load() -> bool:
-    """Build if needed and load the extension; True when ``torch.ops.safepatch`` is usable.
+    """Build if needed and load the extension; True when the ``safepatch::`` ops have CPU kernels.
 
     Never raises: a failure is logged once (warning) and remembered for the process.
     """
@@ -159,7 +162,8 @@ def _build_and_load() -> bool:
         finally:
             if not had_jobs:
                 os.environ.pop("MAX_JOBS", None)
-    if not hasattr(torch.ops.safepatch, "masked_merge"):
-        raise RuntimeError(f"{so} loaded but registered no safepatch ops")
+    if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"safepatch::{op}", "CPU")
+               for op in library.OPS):
+        raise RuntimeError(f"{so} loaded but registered no CPU kernels for the safepatch ops")
     return with_cuda and torch._C._dispatch_has_kernel_for_dispatch_key(
         "safepatch::masked_merge", "CUDA")

@@ -27,6 +27,7 @@ from torch.utils import cpp_extension
 
 from safepatch_merge.ops import philox as P
 from safepatch_merge.ops import reference as ref
+from safepatch_merge.ops.library import SCHEMAS
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
@@ -56,7 +57,7 @@ def rewrite(src: str, launch: str) -> str:
                       "unsigned long long* block_counts = emu_shared_u64;")
     src = src.replace('#include "common.cuh"', '#include "common_emu.cuh"')
     src = src.replace('#include "../op_checks.h"', '#include "op_checks.h"')
-    src = src.replace('#include "kernels.h"', '#include "cuda/kernels.h"')
+    src = src.replace('#include "../kernels.h"', '#include "kernels.h"')
     return re.sub(r"(\w+)<<<([^,]+),\s*(\w+),\s*(\w+),\s*c10::cuda::getCurrentCUDAStream\(\)>>>\((.*?)\);",
                   lambda m: f"{launch}({m.group(2)}, {m.group(3)}, {m.group(4)}, [&] {{ {m.group(1)}({m.group(5)}); }});",
                   src, flags=re.S)
@@ -71,20 +72,10 @@ def common_emu() -> str:
 
 
 REG = """#include <torch/library.h>
-#include "cuda/kernels.h"
+#include "kernels.h"
 TORCH_LIBRARY({ns}, m) {{ {defs} }}
 TORCH_LIBRARY_IMPL({ns}, CPU, m) {{ {impls} }}
 """
-SCHEMAS = {
-    "saliency_accumulate_": "saliency_accumulate_(Tensor(a!) score, Tensor weight, Tensor grad, float scale) -> Tensor(a!)",
-    "radix_histogram": "radix_histogram(Tensor scores, int prefix, int digit, int keep_threshold=4294967296, "
-                       "int seed=0, int name_hash=0, int patch_id=0, int offset=0) -> Tensor",
-    "masked_merge": "masked_merge(Tensor base, Tensor? patch_se, Tensor? patch_osm, Tensor? score_se, "
-                    "Tensor? score_osm, int key_se, int key_osm, int mode, float c_se, float c_osm, "
-                    "int keep_threshold, int seed, int name_hash, int offset, bool deltas, "
-                    "ScalarType out_dtype, bool return_masks, bool retain_first=False, "
-                    "Tensor(a!)? applied_counts=None) -> (Tensor, Tensor, Tensor)",
-}
 
 
 def build(work: Path, ns: str, files: list[str], ops: list[str], prelude: str, std: str):
@@ -97,7 +88,7 @@ def build(work: Path, ns: str, files: list[str], ops: list[str], prelude: str, s
         srcs.append(str(p))
     (d / "common_emu.cuh").write_text(common_emu())
     reg = d / "reg.cpp"
-    reg.write_text(REG.format(ns=ns, defs=" ".join(f'm.def("{SCHEMAS[o]}");' for o in ops),
+    reg.write_text(REG.format(ns=ns, defs=" ".join(f'm.def("{o}{SCHEMAS[o]}");' for o in ops),
                               impls=" ".join(f'm.impl("{o}", &safepatch::cuda::{o});' for o in ops)))
     cpp_extension.load(name=ns, sources=srcs + [str(reg)], build_directory=str(d), is_python_module=False,
                        extra_cflags=["-O1", std, "-ffp-contract=off", "-include", str(HERE / prelude), "-w",

@@ -1,0 +1,144 @@
+"""The ops as torch.library custom ops: torch.library.opcheck on every op (schema, fake
+implementation, autograd registration, AOT dispatch with dynamic shapes) on CPU tensors, one
+schema for every implementation, and torch.compile(fullgraph=True) equal to eager bit for bit.
+"""
+import math
+
+import pytest
+import torch
+
+from op_cases import merge_case, rand_scores, randn, require_backend
+from safepatch_merge import ops
+from safepatch_merge.ops import library
+from safepatch_merge.ops.lowering import histogram_args, merge_args
+
+N = 1001  # odd: not a multiple of any block
+
+
+def _merge_samples():
+    """(args, kwargs) samples of safepatch::masked_merge: both patches with retention, scores
+    and counts; full patched tensors, masks off; a missing patch, mode none."""
+    case = merge_case((7, 143), 5, torch.bfloat16, torch.bfloat16, torch.float32)
+    lowered = merge_args(t_se=0.5, t_osm=0.6, mode="difference", alpha=1.25, beta=0.75, p=0.6,
+                         rescale=True, seed=7, name="w", offset=3, patches_are_deltas=True,
+                         out_dtype=torch.bfloat16, return_masks=True)
+    full = merge_args(t_se=0.5, t_osm=0.6, mode="intersection", alpha=1.0, beta=1.0, p=1.0,
+                      rescale=False, seed=0, name="", offset=0, patches_are_deltas=False,
+                      out_dtype=torch.float32, return_masks=False,
+                      retention_order="before_selection")
+    none = merge_args(t_se=math.inf, t_osm=math.inf, mode="none", alpha=1.0, beta=1.0, p=0.5,
+                      rescale=False, seed=1, name="x", offset=0, patches_are_deltas=True,
+                      out_dtype=torch.float16, return_masks=True)
+    base = case.base.clone().requires_grad_(True)  # the autograd registration check needs one
+    return [
+        ((base, *case[1:], *lowered, torch.zeros(2, dtype=torch.int64)), {}),
+        ((case.base, *case[1:], *full), {}),
+        ((case.base, case.patch_se, None, None, None, *none), {}),
+    ]
+
+
+def _histogram_samples():
+    s = rand_scores(N, torch.float32, 1)
+    prefix = int(torch.argmax(ops.reference.radix_histogram(s, 0, 0)))
+    return [((s, *histogram_args(0, 0)), {}),
+            ((s.to(torch.bfloat16), *histogram_args(prefix, 1)), {}),
+            ((s, *histogram_args(0, 0, p=0.4, seed=3, name="layer", patch_id=1, offset=5)), {})]
+
+
+def _saliency_samples():
+    score = randn(N, torch.float32, 2)
+    weight = randn(N, torch.bfloat16, 3).requires_grad_(True)
+    return [((score, weight, randn(N, torch.float16, 4), 0.25), {}),
+            ((score.clone(), randn(N, torch.float32, 5), randn(N, torch.bfloat16, 6), -1.5), {})]
+
+
+SAMPLES = {"saliency_accumulate_": _saliency_samples, "radix_histogram": _histogram_samples,
+           "masked_merge": _merge_samples}
+
+
+@pytest.mark.parametrize("op", library.OPS)
+def test_opcheck_cpp(op):
+    require_backend("cpp", "cpu")
+    for args, kwargs in SAMPLES[op]():
+        torch.library.opcheck(getattr(torch.ops.safepatch, op).default, args, kwargs)
+
+
+@pytest.mark.parametrize("op", library.OPS)
+def test_opcheck_triton(op):
+    require_backend("triton", "cpu")
+    for args, kwargs in SAMPLES[op]():
+        torch.library.opcheck(getattr(torch.ops.safepatch, f"triton_{op}").default, args, kwargs)
+
+
+def test_opcheck_philox_words():
+    require_backend("cpp", "cpu")
+    torch.library.opcheck(torch.ops.safepatch.philox_words.default, (5, 37, 11, 1234, 1))
+
+
+def test_one_schema_per_op():
+    """The C++ and Triton ops share the schema written once in library.SCHEMAS."""
+    assert library.triton_ops(), "triton should import here (the dev extra installs it)"
+    for op in library.OPS:
+        for qual in (op, f"triton_{op}"):
+            schema = getattr(torch.ops.safepatch, qual).default._schema
+            got = str(schema).split("(", 1)[1]
+            want = str(torch._C.parse_schema(f"safepatch::{qual}{library.SCHEMAS[op]}"))
+            assert got == want.split("(", 1)[1], qual
+
+
+def _compiled(fn, seen: list):
+    """fn under torch.compile(fullgraph=True) with Inductor; `seen` gets the graph's targets."""
+    torch._dynamo.reset()
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return inductor(gm, example_inputs)
+
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+def test_compiled_masked_merge_equals_eager():
+    """ops.masked_merge inside torch.compile(fullgraph=True): one graph, the same bits."""
+    require_backend("cpp", "cpu")
+    case = merge_case((13, 77), 9, torch.bfloat16, torch.float32, torch.float32)
+
+    def merge(base, p_se, p_osm, s_se, s_osm, counts):
+        r = ops.masked_merge(base, p_se, p_osm, s_se, s_osm, t_se=0.4, t_osm=0.55,
+                             mode="difference", alpha=1.25, beta=-0.5, p=0.7, rescale=True,
+                             seed=2026, name="model.layers.0.mlp.up_proj.weight", offset=9,
+                             return_masks=True, applied_counts=counts)
+        return r.out * 2, r.applied_se, r.applied_osm
+
+    counts_e, counts_c = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    want = merge(*case, counts_e)
+    seen = []
+    got = _compiled(merge, seen)(*case, counts_c)
+    assert "safepatch.masked_merge" in seen, seen  # the C++ op, not the reference retraced
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8) if g.dtype == torch.bool
+                                                  else g, w.view(torch.uint8) if w.dtype ==
+                                                  torch.bool else w)
+    assert torch.equal(counts_c, counts_e) and 0 < int(counts_e[0]) < case.base.numel()
+    assert torch.equal(want[1], ops.reference.masked_merge(
+        *case, t_se=0.4, t_osm=0.55, mode="difference", alpha=1.25, beta=-0.5, p=0.7,
+        rescale=True, seed=2026, name="model.layers.0.mlp.up_proj.weight", offset=9,
+        patches_are_deltas=True, out_dtype=torch.bfloat16, return_masks=True)[1])
+
+
+def test_compiled_radix_histogram_equals_eager():
+    require_backend("cpp", "cpu")
+    s = rand_scores(N, torch.float32, 13)
+
+    def hist(scores):
+        h0 = ops.radix_histogram(scores)
+        h1 = ops.radix_histogram(scores, p=0.5, seed=4, name="w", patch_id=1, offset=2)
+        return h0 + 1, h1
+
+    want = hist(s)
+    seen = []
+    got = _compiled(hist, seen)(s)
+    assert seen.count("safepatch.radix_histogram") == 2, seen
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(want[0] - 1, ops.reference.radix_histogram(s))
+    assert int(want[1].sum()) == N and not torch.equal(want[1], want[0] - 1)
