@@ -8,8 +8,9 @@
 # triton_kernels/ and csrc/ into the package with symlinks when pip cannot); 3. builds the
 # csrc extension with its CUDA sources for sm_90 only (build.txt); 4. runs the op tests with
 # compiled kernels on the GPU, one pytest process per test file, all at once, plus
-# bench/op_check_probe.py (C++ ops called with bad arguments, each in its own process)
-# (pytest.txt); 5. runs bench/gpu_kernel_bars.py with a small launch sweep (bars.txt,
+# bench/op_check_probe.py (C++ ops called with bad arguments, each in its own process) and
+# torch.library.opcheck of every safepatch:: op on CUDA tensors, CUDA C++ and Triton kernels
+# (tests/test_ops_library.py -k opcheck_cuda, its own process) (pytest.txt); 5. runs bench/gpu_kernel_bars.py with a small launch sweep (bars.txt,
 # kernel_bars.csv), then bench/bench_ops.py --device cuda (bench.txt, ops.csv). summary.txt
 # says what ran, how long each stage took and its exit status (per test file: pytest's
 # summary line). Flat files under $OUT, no folders.
@@ -94,6 +95,9 @@ t=$(date +%s)
 # The direct C++-op argument test runs in a process of its own: run 1 died there with SIGSEGV,
 # and a crash loses pytest's end-of-run failure report of everything else in its process.
 ALONE=op_checks_its_own_arguments
+# torch.library.opcheck of the ops on CUDA tensors (schema, fake kernel, autograd registration,
+# AOT dispatch with dynamic shapes), CUDA C++ and compiled Triton: a process of its own too.
+OPCHECK=opcheck_cuda
 pytest_job() {  # pytest_job LOGNAME ARGS...
   local lname=$1 t1
   shift
@@ -112,17 +116,19 @@ for f in $TESTS; do
   b=$(basename "$f")
   if [[ " $SHARDED " == *" $b "* ]]; then
     for i in $(seq 0 $((SHARDS - 1))); do
-      SAFEPATCH_TEST_SHARD="$i/$SHARDS" pytest_job "$b.shard$i" "$f" -k "not $ALONE" &
+      SAFEPATCH_TEST_SHARD="$i/$SHARDS" pytest_job "$b.shard$i" "$f" -k "not $ALONE and not $OPCHECK" &
       PIDS="$PIDS $!"
       LOGS="$LOGS $b.shard$i"
     done
   else
-    pytest_job "$b" "$f" -k "not $ALONE" &
+    pytest_job "$b" "$f" -k "not $ALONE and not $OPCHECK" &
     PIDS="$PIDS $!"
     LOGS="$LOGS $b"
   fi
 done
 pytest_job "$ALONE" tests/test_ops_merge.py -k "$ALONE" &
+PIDS="$PIDS $!"
+pytest_job "$OPCHECK" tests/test_ops_library.py -k "$OPCHECK" &
 PIDS="$PIDS $!"
 # the engine's CUDA pipeline and SNIP on the GPU (their tests marked gpu)
 GPU_MARKED=gpu_marked
@@ -133,7 +139,7 @@ PIDS="$PIDS $!"
   echo "rc=$?" >> "$TLOG/probe.log" ) &
 PIDS="$PIDS $!"
 wait $PIDS  # not the background input generation of step 6
-for b in $LOGS $ALONE $GPU_MARKED; do
+for b in $LOGS $ALONE $OPCHECK $GPU_MARKED; do
   f=$b
   { echo "=== $f $(cat "$TLOG/$b.rc" 2>/dev/null)"; cat "$TLOG/$b.log" 2>/dev/null; } >> "$OUT/pytest.txt"
   echo "pytest     $b $(cat "$TLOG/$b.rc" 2>/dev/null || echo 'rc=?'): $(grep -E '(passed|failed|error|no tests ran)' "$TLOG/$b.log" | tail -n 1)" | tee -a "$SUMMARY"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 from op_cases import merge_case, rand_scores, randn, require_backend
 from safepatch_merge import ops
 from safepatch_merge.ops import library
@@ -56,18 +57,38 @@ SAMPLES = {"saliency_accumulate_": _saliency_samples, "radix_histogram": _histog
            "masked_merge": _merge_samples}
 
 
+def _on(device, args):
+    """The sample's tensors on `device`, requires_grad kept."""
+    return tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _opcheck(qual: str, op: str, device: str) -> None:
+    for args, kwargs in SAMPLES[op]():
+        torch.library.opcheck(getattr(torch.ops.safepatch, qual).default, _on(device, args),
+                              kwargs)
+
+
 @pytest.mark.parametrize("op", library.OPS)
 def test_opcheck_cpp(op):
     require_backend("cpp", "cpu")
-    for args, kwargs in SAMPLES[op]():
-        torch.library.opcheck(getattr(torch.ops.safepatch, op).default, args, kwargs)
+    _opcheck(op, op, "cpu")
 
 
 @pytest.mark.parametrize("op", library.OPS)
 def test_opcheck_triton(op):
     require_backend("triton", "cpu")
-    for args, kwargs in SAMPLES[op]():
-        torch.library.opcheck(getattr(torch.ops.safepatch, f"triton_{op}").default, args, kwargs)
+    _opcheck(f"triton_{op}", op, "cpu")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+@pytest.mark.parametrize("op", library.OPS)
+def test_opcheck_cuda(op, backend_name):
+    """The CUDA C++ and compiled Triton kernels under opcheck (bench/gpu_check.sh runs it)."""
+    require_backend(backend_name, "cuda")
+    _opcheck(op if backend_name == "cpp" else f"triton_{op}", op, "cuda")
 
 
 def test_opcheck_philox_words():
