@@ -53,14 +53,55 @@ def _saliency_samples():
             ((score.clone(), randn(N, torch.float32, 5), randn(N, torch.bfloat16, 6), -1.5), {})]
 
 
+def _classic_inputs():
+    n = 2 * 2048 + 11  # two whole blocks of the C++ loops and a partial one
+    base = randn(n, torch.bfloat16, 7)
+    xs = [(base.float() + randn(n, torch.float32, 8 + i, 0.05)).to(dt)
+          for i, dt in enumerate((torch.bfloat16, torch.float16, torch.float32))]
+    xs[0][::13] = base[::13]  # zero deltas
+    return base, xs
+
+
+def _abs_delta_samples():
+    base, xs = _classic_inputs()
+    return [((xs[0], base.clone().requires_grad_(True)), {}), ((xs[2], base), {})]
+
+
+def _abs_delta_histogram_samples():
+    base, xs = _classic_inputs()
+    h = torch.ops.safepatch.abs_delta_histogram(xs[0], base, 0, 0)
+    return [((xs[0], base, 0, 0), {}), ((xs[1], base, int(torch.argmax(h)), 1), {})]
+
+
+def _classic_merge_samples():
+    from safepatch_merge.merge.classic.cpu_kernels import KIND_ALL, KIND_NONE, KIND_RANDOM, KIND_TRIM
+
+    base, xs = _classic_inputs()
+    keep = torch.rand(base.numel(), generator=torch.Generator().manual_seed(3)) < 0.4
+    one = torch.ones((), dtype=torch.bool)  # the mask placeholder of non-random terms
+    ties = (base.clone().requires_grad_(True), xs, [KIND_TRIM, KIND_TRIM, KIND_NONE],
+            [0.03, 0.02, 0.0], [1.0, 1.0, 1.0], [0.7, 0.4, 1.0], [one, one, one], True, True,
+            1.0, 1.0, torch.bfloat16)
+    dare = (base, xs, [KIND_RANDOM, KIND_ALL, KIND_NONE], [0.0, 0.0, 0.0], [2.5, 1.0, 1.0],
+            [0.7, -0.4, 1.0], [keep, one, one], False, True, 0.3, 0.8, torch.float32)
+    return [(ties, {}), (dare, {})]
+
+
 SAMPLES = {"saliency_accumulate_": _saliency_samples, "radix_histogram": _histogram_samples,
-           "masked_merge": _merge_samples}
+           "masked_merge": _merge_samples, "abs_delta": _abs_delta_samples,
+           "abs_delta_histogram": _abs_delta_histogram_samples,
+           "classic_merge": _classic_merge_samples}
 
 
 def _on(device, args):
-    """The sample's tensors on `device`, requires_grad kept."""
-    return tuple(a.detach().to(device).requires_grad_(a.requires_grad)
-                 if isinstance(a, torch.Tensor) else a for a in args)
+    """The sample's tensors (also inside lists) on `device`, requires_grad kept."""
+    def move(a):
+        if isinstance(a, list):
+            return [move(x) for x in a]
+        if isinstance(a, torch.Tensor):
+            return a.detach().to(device).requires_grad_(a.requires_grad)
+        return a
+    return tuple(move(a) for a in args)
 
 
 def _opcheck(qual: str, op: str, device: str) -> None:
@@ -89,6 +130,14 @@ def test_opcheck_cuda(op, backend_name):
     """The CUDA C++ and compiled Triton kernels under opcheck (bench/gpu_check.sh runs it)."""
     require_backend(backend_name, "cuda")
     _opcheck(op if backend_name == "cpp" else f"triton_{op}", op, "cuda")
+
+
+@pytest.mark.parametrize("op", library.CLASSIC_OPS)
+def test_opcheck_classic(op):
+    """The classic merges' CPU loops (bit-for-bit checks against eager torch:
+    tests/test_classic_fused.py)."""
+    require_backend("cpp", "cpu")
+    _opcheck(op, op, "cpu")
 
 
 def test_opcheck_philox_words():
@@ -163,3 +212,20 @@ def test_compiled_radix_histogram_equals_eager():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(want[0] - 1, ops.reference.radix_histogram(s))
     assert int(want[1].sum()) == N and not torch.equal(want[1], want[0] - 1)
+
+
+def test_build_command(capsys, monkeypatch):
+    """python -m safepatch_merge.ops.build: the extension ready, its library named; refused
+    (exit 1, one line) when SAFEPATCH_NO_EXT=1."""
+    from pathlib import Path
+
+    from safepatch_merge.ops import build
+
+    require_backend("cpp", "cpu")
+    assert build.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("safepatch extension ready (")
+    assert Path(out.rsplit(": ", 1)[1].strip()).is_file()
+    monkeypatch.setenv("SAFEPATCH_NO_EXT", "1")
+    assert build.main() == 1
+    assert capsys.readouterr().err.strip() == "error: SAFEPATCH_NO_EXT=1 disables the extension"

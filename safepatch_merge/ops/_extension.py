@@ -120,6 +120,11 @@ def has_cuda() -> bool:
     return bool(load() and _state.get("cuda"))
 
 
+def library_path() -> str | None:
+    """The loaded extension's shared library, if any."""
+    return _state.get("path")
+
+
 def error() -> str | None:
     """The build/load error of this process, if any."""
     return _state.get("error")
@@ -162,8 +167,9 @@ def _build_and_load() -> bool:
         finally:
             if not had_jobs:
                 os.environ.pop("MAX_JOBS", None)
+    _state["path"] = str(so)
     if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"safepatch::{op}", "CPU")
-               for op in library.OPS):
+               for op in library.OPS + library.CLASSIC_OPS):
         raise RuntimeError(f"{so} loaded but registered no CPU kernels for the safepatch ops")
     return with_cuda and torch._C._dispatch_has_kernel_for_dispatch_key(
         "safepatch::masked_merge", "CUDA")

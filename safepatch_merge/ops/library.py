@@ -5,6 +5,8 @@ Each op's schema is written once below and serves every implementation:
     safepatch::saliency_accumulate_, radix_histogram, masked_merge, philox_words
         kernels from the csrc extension (C++ for CPU, CUDA C++ where built), registered per
         dispatch key when the extension loads (safepatch_merge.ops._extension)
+    safepatch::abs_delta, abs_delta_histogram, classic_merge
+        the classic merges' fused loops, from the same extension (C++, CPU tensors only)
     safepatch::triton_saliency_accumulate_, triton_radix_histogram, triton_masked_merge
         the Triton kernels (CUDA tensors; CPU tensors under Triton's interpreter), registered
         when Triton imports (:func:`triton_ops`)
@@ -58,10 +60,19 @@ SCHEMAS = {
                     "-> (Tensor, Tensor, Tensor)",
     # int64 (numel,) Philox4x32-10 retention words of elements offset.. (CPU)
     "philox_words": "(int offset, int numel, int seed, int name_hash, int patch_id) -> Tensor",
+    # The classic merges' fused loops (CPU tensors; safepatch_merge/merge/classic/fused.py):
+    # float32 (numel,) |float32(x) - float32(base)|
+    "abs_delta": "(Tensor x, Tensor base) -> Tensor",
+    # radix_histogram's int64 (65536,) counts of one digit of abs_delta's keys, without |d|
+    "abs_delta_histogram": "(Tensor x, Tensor base, int prefix, int digit) -> Tensor",
+    # one flat chunk of combine_deltas in out_dtype; one kind (cpu_kernels.KIND_*),
+    # threshold, factor, weight and bool mask (random drop) per model
+    "classic_merge": "(Tensor base, Tensor[] xs, int[] kinds, float[] thresholds, "
+                     "float[] factors, float[] weights, Tensor[] masks, bool consensus, "
+                     "bool normalize, float lin_div, float lam, ScalarType out_dtype) -> Tensor",
 }
-_MUTATES = {"saliency_accumulate_": ("score",), "radix_histogram": (),
-            "masked_merge": ("applied_counts",), "philox_words": ()}
 OPS = ("saliency_accumulate_", "radix_histogram", "masked_merge")  # the SafePatching ops
+CLASSIC_OPS = ("abs_delta", "abs_delta_histogram", "classic_merge")  # CPU kernels only
 
 
 # ---------------------------------------------------------------- fake implementations
@@ -87,9 +98,23 @@ def _fake_philox_words(offset, numel, seed, name_hash, patch_id):
     return torch.empty((numel,), dtype=torch.int64)
 
 
+def _fake_abs_delta(x, base):
+    return x.new_empty((x.numel(),), dtype=torch.float32)
+
+
+def _fake_abs_delta_histogram(x, base, prefix, digit):
+    return x.new_empty((NUM_BINS,), dtype=torch.int64)
+
+
+def _fake_classic_merge(base, xs, kinds, thresholds, factors, weights, masks, consensus,
+                        normalize, lin_div, lam, out_dtype):
+    return base.new_empty((base.numel(),), dtype=out_dtype)
+
+
 FAKES = {"saliency_accumulate_": _fake_saliency_accumulate_,
          "radix_histogram": _fake_radix_histogram, "masked_merge": _fake_masked_merge,
-         "philox_words": _fake_philox_words}
+         "philox_words": _fake_philox_words, "abs_delta": _fake_abs_delta,
+         "abs_delta_histogram": _fake_abs_delta_histogram, "classic_merge": _fake_classic_merge}
 
 
 def _define(name: str, schema: str, fake) -> None:

@@ -1,5 +1,5 @@
 """Fused kernels of the classic merges' elementwise work: C++ loops on CPU
-(:mod:`.cpu_kernels`), torch.compile (Inductor) elsewhere.
+(:mod:`.cpu_kernels`, ops of the csrc extension), torch.compile (Inductor) elsewhere.
 
 In eager torch every step of :func:`.combine.combine_deltas` is a pass over memory (some 30
 for TIES); on large chunks that, not arithmetic, is the cost. Here the same operations, in
@@ -8,7 +8,8 @@ before the radix histograms), so the results are the eager results bit for bit
 (tests/test_classic_fused.py). Used for chunks of at least MIN_FUSED elements; small tensors
 stay eager (building or compiling is slower than running them).
 
-SAFEPATCH_CLASSIC_COMPILE=0 disables both, =1 forces them even for small chunks. A build or
+SAFEPATCH_CLASSIC_COMPILE=0 disables both, =1 forces them even for small chunks;
+SAFEPATCH_NO_EXT=1 disables the extension, so CPU chunks then take torch.compile. A build or
 compile failure (no C++ compiler, unsupported platform) is logged once and the eager path is
 used from then on.
 """
@@ -22,8 +23,6 @@ import torch
 log = logging.getLogger("safepatch_merge.merge")
 
 MIN_FUSED = 1 << 20
-# c10::ScalarType codes of the output dtypes (the C++ kernel's out_dtype argument)
-_SCALAR_TYPE = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
 _kernels: dict = {}
 _state = {"failed": False}
 
@@ -125,7 +124,7 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
                          [ids[k] for k in kinds], [t.threshold for t in terms],
                          [t.factor for t in terms], [t.weight for t in terms],
                          [m.contiguous() for m in mask_args], consensus, normalize,
-                         float(lin_div), float(lam), _SCALAR_TYPE[out_dtype])
+                         float(lin_div), float(lam), out_dtype)
     key = ("merge", kinds, scaled, consensus, normalize, lam != 1, out_dtype)
 
     def build():
