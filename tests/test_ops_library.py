@@ -229,3 +229,23 @@ def test_build_command(capsys, monkeypatch):
     monkeypatch.setenv("SAFEPATCH_NO_EXT", "1")
     assert build.main() == 1
     assert capsys.readouterr().err.strip() == "error: SAFEPATCH_NO_EXT=1 disables the extension"
+
+
+def test_lowering():
+    """The one lowering of the public arguments: keys, keep threshold, FNV-1a, seed, α/s."""
+    from safepatch_merge.ops.lowering import KEEP_ALL, HistogramArgs, MergeArgs
+
+    a = merge_args(t_se=0.5, t_osm=math.inf, mode="topk", alpha=1.5, beta=-0.25, p=0.25,
+                   rescale=True, seed=(7 << 32) + 9, name="a", offset=1 << 40,
+                   patches_are_deltas=False, out_dtype=torch.float16, return_masks=True,
+                   retention_order="before_selection")
+    assert a == MergeArgs(0x3F000000, 0x7F800000, 2, 6.0, -1.0, 1 << 30, 9, 0xE40C292C, 1 << 40,
+                          False, torch.float16, True, True)
+    assert merge_args(t_se=-0.0, t_osm=1e39, mode="none", alpha=1.0, beta=1.0, p=1.0,
+                      rescale=True, seed=0, name="", offset=0, patches_are_deltas=True,
+                      out_dtype=torch.bfloat16)[:6] == (0, 0x7F800000, 3, 1.0, 1.0, KEEP_ALL)
+    # p == 1: the plain histogram, whatever the draw arguments say
+    assert histogram_args(3, 1, p=1.0, seed=5, name="x", patch_id=1, offset=7) == \
+        HistogramArgs(3, 1, KEEP_ALL, 0, 0, 0, 0)
+    assert histogram_args(0, 0, p=0.5, seed=(1 << 32) + 2, name="a", patch_id=1, offset=7) == \
+        HistogramArgs(0, 0, 1 << 31, 2, 0xE40C292C, 1, 7)

@@ -11,6 +11,7 @@ dtypes and asserts its preconditions, and a pointer to the plain-torch reference
     masked_merge.py  the whole SafePatching merge formula in one pass
     floats.py        exact bf16 widening / round-to-nearest-even narrowing (GPU and interpreter)
 
-safepatch_merge/ops/triton_backend.py adapts the public op arguments to these launchers.
+The launchers serve the ``safepatch::triton_*`` custom ops (safepatch_merge/ops/library.py),
+which take the arguments as safepatch_merge/ops/lowering.py lowers them.
 On machines without CUDA they run under TRITON_INTERPRET=1 on CPU tensors (tests only).
 """

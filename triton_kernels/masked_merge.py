@@ -1,7 +1,7 @@
 """SafePatching's masked merge in Triton: the whole formula of docs/design.md §1.5–§1.7 in one pass.
 
 Reference: ``safepatch_merge.ops.reference.masked_merge``; argument conventions are those of
-the extension schema (csrc/ops.cpp, ``safepatch::masked_merge``):
+the op schema (``safepatch::masked_merge``, safepatch_merge/ops/library.py):
 
     in_X      = key(S_X) >= key_X && key(S_X) > 0      (patch absent -> false; mode none -> true)
     M_X       = by mode (0 difference, 1 intersection, 2 topk, 3 none)
