@@ -8,6 +8,10 @@ cpp, else reference. Force one with the environment variable
 ``SAFEPATCH_BACKEND=reference|cpp|triton`` or :func:`set_backend` (the CLI's ``--backend``).
 ``SAFEPATCH_NO_EXT=1`` disables the extension. Which backend runs is logged once per device.
 
+The compiled backends run as ``torch.library`` custom ops (``safepatch::*``, :mod:`.library`)
+with fake implementations, so these functions trace under ``torch.compile(fullgraph=True)``;
+a compiled function keeps the backend chosen when it was traced.
+
 All arguments are validated here, once, so every backend may assume its preconditions.
 """
 from __future__ import annotations
