@@ -186,9 +186,7 @@ def test_compiled_masked_merge_equals_eager():
     got = _compiled(merge, seen)(*case, counts_c)
     assert "safepatch.masked_merge" in seen, seen  # the C++ op, not the reference retraced
     for g, w in zip(got, want):
-        assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8) if g.dtype == torch.bool
-                                                  else g, w.view(torch.uint8) if w.dtype ==
-                                                  torch.bool else w)
+        assert g.dtype == w.dtype and torch.equal(g, w)
     assert torch.equal(counts_c, counts_e) and 0 < int(counts_e[0]) < case.base.numel()
     assert torch.equal(want[1], ops.reference.masked_merge(
         *case, t_se=0.4, t_osm=0.55, mode="difference", alpha=1.25, beta=-0.5, p=0.7,
@@ -249,3 +247,22 @@ def test_lowering():
         HistogramArgs(3, 1, KEEP_ALL, 0, 0, 0, 0)
     assert histogram_args(0, 0, p=0.5, seed=(1 << 32) + 2, name="a", patch_id=1, offset=7) == \
         HistogramArgs(0, 0, 1 << 31, 2, 0xE40C292C, 1, 7)
+
+
+def test_compiled_triton_masked_merge_equals_eager():
+    """The Triton op traces too (its fake implementation): the same bits compiled and eager."""
+    require_backend("triton", "cpu")
+    case = merge_case((5, 67), 4, torch.float16, torch.bfloat16, torch.bfloat16)
+    kw = dict(t_se=0.3, t_osm=0.45, mode="intersection", alpha=0.5, beta=2.0, p=0.8,
+              seed=11, name="w", offset=6, patches_are_deltas=True, return_masks=True)
+    ops.set_backend("triton")
+    try:
+        want = ops.masked_merge(*case, **kw)
+        seen = []
+        got = _compiled(lambda *c: ops.masked_merge(*c, **kw), seen)(*case)
+    finally:
+        ops.set_backend(None)
+    assert "safepatch.triton_masked_merge" in seen, seen
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert 0 < int(want.applied_se.sum()) < case.base.numel()
