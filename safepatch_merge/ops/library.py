@@ -35,12 +35,12 @@ _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive for the proces
 
 # ---------------------------------------------------------------- schemas (one per op)
 
-# (masked_merge's mode is `mode_id`: an argument named `mode` collides with the mode
-# parameter of torch's functionalization wrappers.) Integers are `int`, not `SymInt`: they are keys, hashes, seeds and element offsets, never
-# sizes, so a compiled graph specialises on them instead of tracing them symbolically. The
-# trailing defaulted arguments (retention before selection, applied counts) leave the plain
-# calls valid: keep_threshold = 2^32 is the plain histogram, retain_first = False the merge
-# with retention after selection.
+# Integers are `int`, not `SymInt`: they are keys, hashes, seeds and element offsets, never
+# sizes, so a compiled graph specialises on them instead of tracing them symbolically.
+# masked_merge's mode is `mode_id`: an argument named `mode` collides with the mode parameter
+# of torch's functionalization wrappers. The trailing defaulted arguments (retention before
+# selection, applied counts) leave the plain calls valid: keep_threshold = 2^32 is the plain
+# histogram, retain_first = False the merge with retention after selection.
 SCHEMAS = {
     # in place: score += float32(scale) * (float32(weight) * float32(grad)); score fp32,
     # weight and grad fp32/bf16/fp16 with score's number of elements
