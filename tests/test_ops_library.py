@@ -74,7 +74,8 @@ def _abs_delta_histogram_samples():
 
 
 def _classic_merge_samples():
-    from safepatch_merge.merge.classic.cpu_kernels import KIND_ALL, KIND_NONE, KIND_RANDOM, KIND_TRIM
+    from safepatch_merge.merge.classic.cpu_kernels import (KIND_ALL, KIND_NONE, KIND_RANDOM,
+                                                           KIND_TRIM)
 
     base, xs = _classic_inputs()
     keep = torch.rand(base.numel(), generator=torch.Generator().manual_seed(3)) < 0.4
