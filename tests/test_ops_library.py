@@ -3,6 +3,7 @@ implementation, autograd registration, AOT dispatch with dynamic shapes) on CPU 
 schema for every implementation, and torch.compile(fullgraph=True) equal to eager bit for bit.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -267,3 +268,35 @@ def test_compiled_triton_masked_merge_equals_eager():
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert 0 < int(want.applied_se.sum()) < case.base.numel()
+
+
+def test_kernels_registered_per_dispatch_key():
+    """The extension's kernels sit on the CPU key (CUDA only where built), the Triton ones on
+    CUDA (and CPU under the interpreter); autograd falls through for all of them."""
+    require_backend("cpp", "cpu")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in library.OPS + library.CLASSIC_OPS:
+        assert has(f"safepatch::{op}", "CPU") and has(f"safepatch::{op}", "Autograd"), op
+    for op in library.CLASSIC_OPS:
+        assert not has(f"safepatch::{op}", "CUDA"), op
+    assert library.triton_ops()
+    for op in library.OPS:
+        assert has(f"safepatch::triton_{op}", "CUDA"), op
+        assert has(f"safepatch::triton_{op}", "CPU") == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def test_compiled_without_the_extension_traces_the_reference(monkeypatch):
+    """SAFEPATCH_NO_EXT=1: the public op falls back to the plain-torch reference, compiled too."""
+    monkeypatch.setenv("SAFEPATCH_NO_EXT", "1")
+    s = rand_scores(N, torch.bfloat16, 17)
+    seen = []
+    torch._dynamo.reset()
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    got = torch.compile(lambda x: ops.radix_histogram(x, 0, 0), fullgraph=True,
+                        backend=backend)(s)
+    assert not any("safepatch" in t for t in seen), seen
+    assert torch.equal(got, ops.reference.radix_histogram(s))
