@@ -73,3 +73,50 @@ def merge_args(*, t_se: float, t_osm: float, mode: str, alpha: float, beta: floa
                      beta / s, keep_threshold(p), seed & _M32, fnv1a32(name), int(offset),
                      bool(patches_are_deltas), out_dtype, bool(return_masks),
                      retention_order == "before_selection")
+
+
+class CompiledOps:
+    """The public signatures of ``safepatch_merge.ops.reference`` over one compiled backend's
+    custom ops (``torch.ops.safepatch.<prefix>saliency_accumulate_`` and so on): lower the
+    arguments here, call the op. `contiguous`: the kernels read scores as a flat buffer."""
+
+    def __init__(self, prefix: str = "", contiguous: bool = False):
+        self._prefix, self._contiguous = prefix, contiguous
+
+    def _op(self, name: str):
+        return getattr(torch.ops.safepatch, self._prefix + name)
+
+    def saliency_accumulate_(self, score: torch.Tensor, weight: torch.Tensor,
+                             grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """In place: score += float32(scale) * (float32(weight) * float32(grad)); returns
+        score."""
+        self._op("saliency_accumulate_")(score, weight, grad, float(scale))
+        return score
+
+    def radix_histogram(self, scores: torch.Tensor, prefix: int = 0, digit: int = 0, *,
+                        p: float = 1.0, seed: int = 0, name: str = "", patch_id: int = 0,
+                        offset: int = 0) -> torch.Tensor:
+        """int64 (65536,) histogram of one 16-bit digit of the score keys (see reference.py);
+        p < 1: of the retained scores."""
+        if self._contiguous:
+            scores = scores.contiguous()
+        return self._op("radix_histogram")(
+            scores, *histogram_args(prefix, digit, p=p, seed=seed, name=name,
+                                    patch_id=patch_id, offset=offset))
+
+    def masked_merge(self, base: torch.Tensor, patch_se: torch.Tensor | None,
+                     patch_osm: torch.Tensor | None, score_se: torch.Tensor | None,
+                     score_osm: torch.Tensor | None, *, t_se: float, t_osm: float, mode: str,
+                     alpha: float, beta: float, p: float, rescale: bool, seed: int, name: str,
+                     offset: int, patches_are_deltas: bool, out_dtype: torch.dtype,
+                     return_masks: bool = False, retention_order: str = "after_selection",
+                     applied_counts: torch.Tensor | None = None):
+        """Masked merge of one tensor or chunk in one kernel (see reference.masked_merge for
+        the semantics)."""
+        args = merge_args(t_se=t_se, t_osm=t_osm, mode=mode, alpha=alpha, beta=beta, p=p,
+                          rescale=rescale, seed=seed, name=name, offset=offset,
+                          patches_are_deltas=patches_are_deltas, out_dtype=out_dtype,
+                          return_masks=return_masks, retention_order=retention_order)
+        out, m_se, m_osm = self._op("masked_merge")(base, patch_se, patch_osm, score_se,
+                                                    score_osm, *args, applied_counts)
+        return (out, m_se, m_osm) if return_masks else out
