@@ -168,12 +168,17 @@ if [ "${MERGE_BENCH:-0}" = 1 ]; then
   wait "$GEN_PID"
   echo "merge_gen  rc=$? inputs $([ -f "$MERGE_WORK/${MERGE_SIZE:-0.7b}/generated.ok" ] && echo complete || echo MISSING) (log merge_bench.txt)" | tee -a "$SUMMARY"
   stage merge ${LIMIT_MERGE:-120} "$OUT/merge_bench.txt" python3 bench/bench_merge.py --sizes ${MERGE_SIZE:-0.7b} \
-    --repeats ${MERGE_REPEATS:-2} --device cuda --skip-mergekit --reuse-inputs --workdir "$MERGE_WORK" \
+    --repeats ${MERGE_REPEATS:-2} --device cuda --skip-mergekit --reuse-inputs --keep --workdir "$MERGE_WORK" \
     --results-dir "$OUT" --max-memory ${MERGE_MEM_CUDA:-12GiB}
   # 12 GiB: room to keep the 5.6 GB of fp32 scores the threshold refinement brings to the
   # device there for the merge pass, so the inputs are read once
   grep -E "wall_s|safepatch wall" "$OUT/merge_bench.txt" | cut -c1-220 | sed 's/^/  merge: /' >> "$SUMMARY"
   grep -E "in-process" "$OUT/merge_bench.txt" | sed 's/^/  merge: /' >> "$SUMMARY"
+  # retention drawn before the selection: one more read of the scores in the pre-pass
+  stage merge_before ${LIMIT_MERGE:-120} "$OUT/merge_bench.txt" python3 bench/bench_merge.py --sizes ${MERGE_SIZE:-0.7b} \
+    --repeats 1 --device cuda --skip-mergekit --reuse-inputs --keep --workdir "$MERGE_WORK" \
+    --results-dir "$OUT" --max-memory ${MERGE_MEM_CUDA:-12GiB} --retention-order before_selection
+  grep -E "wall_s" "$OUT/merge_bench.txt" | tail -n 1 | cut -c1-220 | sed 's/^/  merge_before: /' >> "$SUMMARY"
   # the same merge on the host's CPUs, for scale (one run)
   stage merge_cpu ${LIMIT_MERGE:-120} "$OUT/merge_bench.txt" python3 bench/bench_merge.py --sizes ${MERGE_SIZE:-0.7b} \
     --repeats 1 --device cpu --skip-mergekit --reuse-inputs --keep --workdir "$MERGE_WORK" \
