@@ -328,8 +328,8 @@ class Study:
                                                 progress=not self.args.quiet) and None)
 
     def stage_setup(self, seed: int) -> dict:
-        """The seed's patches and score directories: {"se": {name: (dir, id)}, "osm": ...,
-        "scores": {(patch, saliency): (dir, id)}}."""
+        """The seed's patches and score directories: {"patches": {name: (dir, id)},
+        "scores": function (patch, saliency) -> (dir, id), computed on first use}."""
         from safepatch_merge.derive.train import DeriveConfig
         from safepatch_merge.pipeline.stages import dir_fingerprint, file_identity
         from safepatch_merge.score.api import ScoreConfig, score_patch
@@ -367,11 +367,13 @@ class Study:
         score_data = self.out / "score_data" / f"dh_s{seed}.jsonl"  # not in the data step's dir
         _write_jsonl(score_data, [{"prompt": r["prompt"], "response": r["response"]}
                                   for r in rows])
-        scores = {}
-        for pname, (pdir, pid) in patches.items():
-            for sal in ("responses", "questions"):
-                if pname == "ga" and sal == "questions":
-                    continue  # GA enters at a few response-saliency points only
+        memo: dict = {}
+
+        def scores(pname: str, sal: str) -> tuple[Path, str]:
+            """The score directory of a patch and saliency, computed when a point first needs
+            it (so a short chunk reaches the first points sooner)."""
+            if (pname, sal) not in memo:
+                pdir, pid = patches[pname]
                 scfg = ScoreConfig(saliency_on=sal, batch_size=sz.score_batch,
                                    max_length=sz.patch_max_length, device=dev,
                                    dtype="float32", seed=seed)
@@ -379,11 +381,13 @@ class Study:
                 ss = self.step("02-scores", f"s{seed}-{pname}-{sal}",
                                {"patch": pid, "rows": [r["_i"] for r in rows],
                                 "dh": dh_id, "cfg": asdict(scfg)}, sdir,
-                               lambda o, pdir=pdir, scfg=scfg: score_patch(
-                                   pdir, o, data=score_data, backbone=self.backbone,
-                                   config=scfg, overwrite=True,
-                                   progress=not self.args.quiet) and None)
-                scores[(pname, sal)] = (sdir, ss.output_id)
+                               lambda o: score_patch(pdir, o, data=score_data,
+                                                     backbone=self.backbone, config=scfg,
+                                                     overwrite=True,
+                                                     progress=not self.args.quiet) and None)
+                memo[(pname, sal)] = (sdir, ss.output_id)
+            return memo[(pname, sal)]
+
         return {"patches": patches, "scores": scores}
 
     # ------------------------------------------------------------------ points
@@ -411,9 +415,10 @@ class Study:
             scores = {}
             ids = {"se": se_id, "osm": osm_id}
             if pt["engine"] == "safepatch":
-                scores = {"se": str(sc[(pt["se"], pt["saliency"])][0]),
-                          "osm": str(sc[("osm", pt["saliency"])][0])}
-                ids["scores"] = [sc[(pt["se"], pt["saliency"])][1], sc[("osm", pt["saliency"])][1]]
+                (se_sc, se_sid), (osm_sc, osm_sid) = sc(pt["se"], pt["saliency"]), \
+                    sc("osm", pt["saliency"])
+                scores = {"se": str(se_sc), "osm": str(osm_sc)}
+                ids["scores"] = [se_sid, osm_sid]
             mcfg = fg.merge_config(pt, str(self.backbone), str(se_dir), str(osm_dir), scores,
                                    seed)
             ident = {"merge": {k: v for k, v in mcfg.items()
