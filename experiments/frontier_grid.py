@@ -4,7 +4,8 @@ config of each point for the toolkit's engine. Every value here is ours.
 A point: {"name", "method" (family shown in tables), "engine" ("safepatch" |
 "task_arithmetic" | "ties" | "backbone"), "params", "se" ("npo" | "ga"), "saliency"
 ("responses" | "questions")}. `grid()` returns them in run order: one point of every method
-first, so a short chunk screens each method, then the rest.
+first (question saliency after three more SafePatching points), so a short chunk screens
+each method, then the rest.
 """
 from __future__ import annotations
 
@@ -87,9 +88,11 @@ def grid(with_ga: bool = True) -> list[dict]:
     default = sp_point(0.1, 0.1)
     before = sp_point(0.1, 0.1, p=0.5, order="before_selection")
     first = [BACKBONE, default, osm[0], se[0], ta[0], ix[0], before, osm[1], se[1], ta[1],
-             ties[0], q[0]]
+             ties[0]]
     rest_sp = [sp_point(0.05, 0.05), sp_point(0.1, 0.3), sp_point(0.3, 0.3)]
-    ordered = first + rest_sp + osm[2:] + se[2:] + ta[2:] + ties[1:] + ix[1:]
+    # question saliency needs two more score directories (~2 x 5 min on 2 cores): after the
+    # response-saliency points that need none
+    ordered = first + rest_sp + [q[0]] + osm[2:] + se[2:] + ta[2:] + ties[1:] + ix[1:]
     for p in sp + ret + q + ga:
         ordered.append(p)
     out, seen = [], set()
