@@ -34,8 +34,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("SAFEPATCH_NO_EXT", "1")        # no JIT extension build inside a run
-os.environ.setdefault("SAFEPATCH_CLASSIC_COMPILE", "0")
 
 import frontier_analysis as fa  # noqa: E402
 import frontier_grid as fg  # noqa: E402
@@ -629,6 +627,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # no JIT extension build inside a timed run (set here, not at import: tests import this)
+    os.environ.setdefault("SAFEPATCH_NO_EXT", "1")
+    os.environ.setdefault("SAFEPATCH_CLASSIC_COMPILE", "0")
     args = parse_args(argv)
     import torch
 
