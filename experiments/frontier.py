@@ -35,6 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from run_logging import setup_logging  # noqa: E402
+
 import frontier_analysis as fa  # noqa: E402
 import frontier_grid as fg  # noqa: E402
 
@@ -93,18 +95,6 @@ GROUP = {"safepatch": "safepatch", "safepatch_questions": "safepatch",
 
 class BudgetExceeded(Exception):
     pass
-
-
-def _setup_logging(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in (logging.FileHandler(path, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -638,7 +628,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     if Path(args.se_run).resolve() in (out, *out.parents):
         raise SystemExit("--out must not lie inside --se-run (it is only read)")
-    _setup_logging(out / "run.log")
+    setup_logging(out / "run.log")
     study = Study(args, PRESETS[args.preset])
     try:
         study.run()

@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from run_logging import setup_logging  # noqa: E402
+
 from pattern_data import build_dh, build_prompt_files, build_sft_mix  # noqa: E402
 from pattern_presets import PRESETS, Preset, get_preset  # noqa: E402
 from pattern_report import write_report  # noqa: E402
@@ -56,21 +58,6 @@ class Budget:
 
     def exceeded(self) -> bool:
         return self.limit is not None and self.elapsed() > self.limit
-
-
-def _setup_logging(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    fh = logging.FileHandler(path, encoding="utf-8")
-    fh.setFormatter(fmt)
-    sh = logging.StreamHandler(sys.stdout)
-    sh.setFormatter(fmt)
-    root.addHandler(fh)
-    root.addHandler(sh)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _rates(recs: list[dict]) -> dict:
@@ -688,7 +675,7 @@ def main(argv=None) -> int:
                                                "se_lr", "osm_lr", "calib_target")}
     preset = get_preset(name, **overrides)
     out = Path(args.out).resolve()
-    _setup_logging(out / "run.log")
+    setup_logging(out / "run.log")
     log.info("preset %s: %s", name, json.dumps(preset.as_dict()))
     exp = Experiment(args, preset)
     try:

@@ -40,7 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("SAFEPATCH_NO_EXT", "1")  # no JIT extension build inside a timed run
+
+from run_logging import setup_logging  # noqa: E402
 
 from pattern_data import _alpaca_rows, _write_jsonl, build_dh, build_prompt_files, build_sft_mix  # noqa: E402
 from pattern_presets import get_preset  # noqa: E402
@@ -107,18 +108,6 @@ def variants(sz: Sizes) -> list[dict]:
          "nll_ceiling": 4.0, "train_exclude": FREEZE,
          "note": "ga with embeddings, output head and norms frozen"},
     ]
-
-
-def _setup_logging(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in (logging.FileHandler(path, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _prompt_texts(path: Path) -> list[str]:
@@ -484,11 +473,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # no JIT extension build inside a timed run; set here, not at import, so that importing
+    # this module (tests) leaves the extension on for the rest of the process
+    os.environ.setdefault("SAFEPATCH_NO_EXT", "1")
     import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
-    _setup_logging(out / "run.log")
+    setup_logging(out / "run.log")
     sizes = SIZES[args.sizes]
     log.info("sizes %s: %s", args.sizes, json.dumps(asdict(sizes)))
     exp = Experiment(args, sizes)

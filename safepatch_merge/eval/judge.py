@@ -264,6 +264,34 @@ def parse_guard_text(text: str) -> bool | None:
     return None
 
 
+def load_chat_lm(path: str, device: str, dtype, role: str):
+    """(tokenizer, model) of a local causal LM that reads chat-templated prompts, ready for
+    batched greedy generation: eval mode on `device`, `dtype` (default float32), tokenizer
+    padding on the left with a pad token. local_files_only, no remote code. Raises
+    CheckpointError naming `path` and the `role` ("guard", "judge") when it cannot load or
+    has no chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..errors import CheckpointError
+    from .generate import dtype_kwarg
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False,
+            **dtype_kwarg(dtype or torch.float32)).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load {role} model ({str(e).splitlines()[0]})"
+                              ) from None
+    if tok.chat_template is None:
+        raise CheckpointError(f"{path}: {role} tokenizer has no chat template")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
+
+
 class CausalLMGuard:
     """A Llama-Guard-style causal LM the user has locally: its chat template turns the
     (user prompt, assistant completion) conversation into a moderation prompt, and it answers
@@ -272,25 +300,7 @@ class CausalLMGuard:
 
     def __init__(self, path: str, device: str = "cpu", dtype=None, batch_size: int = 8,
                  max_new_tokens: int = 8):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..errors import CheckpointError
-        from .generate import dtype_kwarg
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False,
-                **dtype_kwarg(dtype or torch.float32)).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load guard model ({str(e).splitlines()[0]})"
-                                  ) from None
-        if self.tok.chat_template is None:
-            raise CheckpointError(f"{path}: guard tokenizer has no chat template")
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+        self.tok, self.model = load_chat_lm(path, device, dtype, "guard")
         self.device, self.batch_size, self.max_new_tokens = device, batch_size, max_new_tokens
         self.name = f"guard:{path}"
 

@@ -55,6 +55,21 @@ def _config_digest(path: str) -> str:
     return hashlib.sha256(cfg.read_bytes()).hexdigest()[:12] if cfg.is_file() else "noconfig"
 
 
+def _degenerate_first(completions: Sequence[str], detector: DegenerationDetector
+                      ) -> tuple[list[Verdict | None], list[int]]:
+    """(verdicts with `degenerate` filled in and None elsewhere, indices left for the model):
+    degenerate output is never sent to a judge model."""
+    out: list[Verdict | None] = [None] * len(completions)
+    todo = []
+    for i, c in enumerate(completions):
+        d = detector(c)
+        if d.degenerate:
+            out[i] = Verdict("degenerate", evidence=f"degenerate:{d.reason}")
+        else:
+            todo.append(i)
+    return out, todo
+
+
 class ClassifierJudge:
     """A local sequence classifier as the refusal judge (module doc). label_map: {label name:
     outcome} for labels whose names say nothing (e.g. {"LABEL_0": "compliance", "LABEL_1":
@@ -97,14 +112,7 @@ class ClassifierJudge:
                     harmful: Sequence[bool | None] | None = None) -> list[Verdict]:
         import torch
 
-        out: list[Verdict | None] = [None] * len(completions)
-        todo = []
-        for i, c in enumerate(completions):
-            d = self.degeneration(c)
-            if d.degenerate:
-                out[i] = Verdict("degenerate", evidence=f"degenerate:{d.reason}")
-            else:
-                todo.append(i)
+        out, todo = _degenerate_first(completions, self.degeneration)
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s:s + self.batch_size]
             enc = self.tok([prompts[i] for i in idx], [completions[i] for i in idx],
@@ -157,25 +165,10 @@ class CausalLMJudge:
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 8,
                  max_new_tokens: int = 4, max_chars: int = 2000):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .generate import dtype_kwarg
+        from .judge import load_chat_lm
         from .judge_v2 import JudgeV2
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False,
-                **dtype_kwarg(torch.float32)).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load judge model ({str(e).splitlines()[0]})"
-                                  ) from None
-        if self.tok.chat_template is None:
-            raise CheckpointError(f"{path}: judge tokenizer has no chat template")
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+
+        self.tok, self.model = load_chat_lm(path, device, None, "judge")
         self.device, self.batch_size = device, batch_size
         self.max_new_tokens, self.max_chars = max_new_tokens, max_chars
         self.degeneration = DegenerationDetector()
@@ -195,14 +188,7 @@ class CausalLMJudge:
         import torch
 
         harmful = list(harmful) if harmful is not None else [None] * len(prompts)
-        out: list[Verdict | None] = [None] * len(completions)
-        todo = []
-        for i, c in enumerate(completions):
-            d = self.degeneration(c)
-            if d.degenerate:
-                out[i] = Verdict("degenerate", evidence=f"degenerate:{d.reason}")
-            else:
-                todo.append(i)
+        out, todo = _degenerate_first(completions, self.degeneration)
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s:s + self.batch_size]
             texts = [self.prompt_text(prompts[i], completions[i]) for i in idx]
