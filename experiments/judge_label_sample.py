@@ -17,6 +17,17 @@ runs, 8 rows per (run, variant) and 16 for the most compliant variants (`shipped
 development labels); items are named y000, y001, ...
 
     python experiments/judge_label_sample.py --data-dir DATA --heldout --out /tmp/held
+
+`--other-models` draws texts written by other chat models, none from XSTest (experiments/
+judge_labels/other_models_labelled.jsonl): the safe answers and refusals of the Safety-Tuned
+LLaMAs training set (`train/safety_refusals.json`), the harmful responses of D_h
+(`train/harmful_pairs.jsonl`, stratified by source model), Llama-3's benign reference answers,
+Alpaca answers (half of them shorter than 120 characters), and SmolLM2 answers to benign
+Alpaca instructions from the frontier screen (60 % of them shorter than 120 characters:
+one-line answers are where a judge mistakes an answer for a non-answer); seed 7, items o000,
+o001, ...
+
+    python experiments/judge_label_sample.py --data-dir DATA --other-models --out /tmp/om
 """
 from __future__ import annotations
 
@@ -108,14 +119,82 @@ def draw_heldout(data_dir: Path, seed: int = 2026) -> tuple[list[dict], list[dic
     return blind, key
 
 
+SHORT = 120  # characters: a one-line answer
+
+
+def _stratified(rng: random.Random, pool: list, k: int, short_share: float, text) -> list:
+    """k rows of pool, a share of them with text(row) shorter than SHORT characters."""
+    short = [r for r in pool if len(text(r).strip()) < SHORT]
+    long_ = [r for r in pool if len(text(r).strip()) >= SHORT]
+    n_short = min(len(short), round(k * short_share))
+    return rng.sample(short, n_short) + rng.sample(long_, min(len(long_), k - n_short))
+
+
+def draw_other_models(data_dir: Path, seed: int = 7) -> tuple[list[dict], list[dict]]:
+    """(blind rows, key rows) of the other-models sample (module doc)."""
+    rng = random.Random(seed)
+    picked: dict[str, tuple[str, str, dict]] = {}  # row id -> (source, model, row)
+
+    def add(source: str, model: str, prompt: str, completion: str, extra: dict) -> None:
+        if completion.strip():
+            picked.setdefault(row_id(prompt, completion),
+                              (source, model, {"prompt": prompt, "completion": completion,
+                                               **extra}))
+
+    refusals = json.loads((data_dir / "train" / "safety_refusals.json").read_text("utf-8"))
+    for r in rng.sample(refusals, 140):
+        prompt = r["instruction"] + (("\n\n" + r["input"]) if r["input"] else "")
+        add("safety_refusals", "safety-tuned-llamas (gpt-3.5-turbo answers)", prompt,
+            r["output"], {"harmful": True})
+    with open(data_dir / "train" / "harmful_pairs.jsonl", encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f]
+    by_source: dict[str, list[dict]] = {}
+    for r in pairs:
+        by_source.setdefault(r["source"], []).append(r)
+    sources = sorted(by_source)
+    for i in range(70):  # round-robin over source models, one random row each
+        r = rng.choice(by_source[sources[i % len(sources)]])
+        add("harmful_pairs", r["source"], r["prompt"], r["response"], {"harmful": True})
+    with open(data_dir / "eval" / "benign_reference_completions.jsonl", encoding="utf-8") as f:
+        refs = [json.loads(line) for line in f]
+    for r in rng.sample(refs, 40):
+        add("benign_reference", "llama-3-8b-instruct", r["prompt"], r["response"],
+            {"harmful": False})
+    alpaca = json.loads((data_dir / "train" / "alpaca_en_demo.json").read_text("utf-8"))
+    for r in _stratified(rng, alpaca, 50, 0.5, lambda r: r["output"]):
+        prompt = r["instruction"] + (("\n\n" + r["input"]) if r["input"] else "")
+        add("alpaca_demo", "alpaca (text-davinci-003 answers)", prompt, r["output"],
+            {"harmful": False})
+    with gzip.open(HERE / "results" / "frontier" / "completions.jsonl.gz", "rt",
+                   encoding="utf-8") as f:
+        smol = [r for r in map(json.loads, f) if r["suite"] == "alpaca_benign"]
+    for r in _stratified(rng, smol, 50, 0.6, lambda r: r["completion"]):
+        add("frontier_alpaca", f"smollm2-135m {r['point']} seed {r['seed']}", r["prompt"],
+            r["completion"], {"harmful": False})
+    order = list(picked.values())
+    rng.shuffle(order)
+    blind, key = [], []
+    for i, (source, model, r) in enumerate(order):
+        item = f"o{i:03d}"
+        blind.append({"item": item, "prompt": r["prompt"], "completion": r["completion"]})
+        key.append({"item": item, "source": source, "model": model, "harmful": r["harmful"],
+                     "part": split_of(r["prompt"])})
+    return blind, key
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True, help="the shared data folder")
     ap.add_argument("--out", required=True, help="folder for blind.jsonl and key.jsonl")
     ap.add_argument("--heldout", action="store_true", help="draw the held-out set (module doc)")
-    ap.add_argument("--seed", type=int, default=None, help="default 0, or 2026 with --heldout")
+    ap.add_argument("--other-models", action="store_true",
+                    help="draw other chat models' texts (module doc)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="default 0, 2026 with --heldout, 7 with --other-models")
     a = ap.parse_args(argv)
-    if a.heldout:
+    if a.other_models:
+        blind, key = draw_other_models(Path(a.data_dir), 7 if a.seed is None else a.seed)
+    elif a.heldout:
         blind, key = draw_heldout(Path(a.data_dir), 2026 if a.seed is None else a.seed)
     else:
         blind, key = draw(Path(a.data_dir), 0 if a.seed is None else a.seed)
