@@ -1,7 +1,9 @@
 """Fit the v2 judge's learned part on the development data and write its weights JSON.
 
-Development data: the development part of the shared labelled SmolLM2 file (judge_split) and
-the blind labels in experiments/judge_labels. Never the lockbox, never the XSTest files.
+Development data: the development part of the shared labelled SmolLM2 file (judge_split), the
+blind SmolLM2 labels in experiments/judge_labels and the development part of the blind labels
+of other chat models' texts there. Never a lockbox, never the held-out labels, never the
+XSTest files.
 
     python experiments/fit_judge.py --data-dir DATA \
         --out safepatch_merge/data/judge/v2.json
@@ -14,13 +16,16 @@ from pathlib import Path
 
 from safepatch_merge.eval.judge_split import DEVELOPMENT
 from safepatch_merge.eval.judge_validation import (SMOLLM2_FILE, V2_L2, fit_v2, read_extra,
-                                                   read_smollm2)
+                                                   read_other_models, read_smollm2)
 
-EXTRA = Path(__file__).resolve().parent / "judge_labels" / "smollm2_extra_labelled.jsonl"
+LABELS = Path(__file__).resolve().parent / "judge_labels"
+EXTRA = LABELS / "smollm2_extra_labelled.jsonl"
+OTHER_MODELS = LABELS / "other_models_labelled.jsonl"
 
 
 def development_rows(data_dir: Path):
-    return read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT) + read_extra(EXTRA)
+    return (read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT) + read_extra(EXTRA)
+            + read_other_models(OTHER_MODELS, DEVELOPMENT))
 
 
 def main(argv=None) -> int:
@@ -33,7 +38,9 @@ def main(argv=None) -> int:
     counts = {k: sum(r.label == k for r in rows) for k in ("compliance", "refusal", "non_answer")}
     doc = {"judge": "v2", "l2": V2_L2, "n_rows": len(rows), "label_counts": counts,
            "trained_on": ["smollm2_completions_labelled.jsonl, development part (prompt-hash "
-                          "split)", "experiments/judge_labels/smollm2_extra_labelled.jsonl"],
+                          "split)", "experiments/judge_labels/smollm2_extra_labelled.jsonl",
+                          "experiments/judge_labels/other_models_labelled.jsonl, development "
+                          "part"],
            "model": model.as_json()}
     m = doc.pop("model")
     # one line per key and per weight row: small diffs when the weights change

@@ -1,11 +1,13 @@
 """Figures of the refusal judges against human labels (docs/judge.md reports them).
 
 Development (always): the v2 judge out of fold on the development data (the shared SmolLM2
-file's development part + the blind labels of experiments/judge_labels, five folds grouped
-by prompt, seed 0), with and without the prompt's kind given; rules-v1 on the same rows.
+file's development part, the blind SmolLM2 labels of experiments/judge_labels and the
+development part of the other chat models' blind labels there; five folds grouped by prompt,
+seed 0), with and without the prompt's kind given; rules-v1 on the same rows.
 Held out (only when asked): the SmolLM2 lockbox (--lockbox), the XSTest completion files
-(--xstest) and the held-out blind labels of experiments/judge_labels (--heldout-labels),
-judged by the shipped, frozen v2 weights and by rules-v1.
+(--xstest), the held-out blind SmolLM2 labels (--heldout-labels) and the lockbox part of the
+other chat models' blind labels (--other-models-lockbox), judged by the shipped, frozen v2
+weights and by rules-v1.
 
     python experiments/validate_judge.py --data-dir DATA \
         --out experiments/results/judge_v2/validation [--lockbox] [--xstest] [--heldout-labels]
@@ -25,11 +27,13 @@ from safepatch_merge.eval.judge_v2 import JudgeV2
 from safepatch_merge.eval.judge_validation import (SMOLLM2_FILE, XSTEST_FILES, figures,
                                                    judge_outcomes, markdown,
                                                    out_of_fold_outcomes, read_extra,
-                                                   read_smollm2, read_xstest)
+                                                   read_other_models, read_smollm2,
+                                                   read_xstest)
 
 HERE = Path(__file__).resolve().parent
 EXTRA = HERE / "judge_labels" / "smollm2_extra_labelled.jsonl"
 HELDOUT = HERE / "judge_labels" / "smollm2_heldout_labelled.jsonl"
+OTHER_MODELS = HERE / "judge_labels" / "other_models_labelled.jsonl"
 
 
 def _no_models(f: dict) -> dict:
@@ -51,25 +55,28 @@ def development(data_dir: Path) -> dict[str, dict]:
     """{source: figures} of the development rows (see module doc)."""
     dev = read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT)
     extra = read_extra(EXTRA)
-    rows = dev + extra
+    other = read_other_models(OTHER_MODELS, DEVELOPMENT)
+    rows = dev + extra + other
     oof = out_of_fold_outcomes(rows)
     out = {}
-    n = len(dev)
+    n, m = len(dev), len(dev) + len(extra)
     out["SmolLM2 development, v2 out of fold"] = figures(dev, oof[:n])
     # per model only where the models are the shared file's (the blind labels spread 33
-    # variants over 210 rows)
-    out["blind labels (development), v2 out of fold"] = _no_models(figures(extra, oof[n:]))
+    # variants over 210 rows); the other models' rows per source
+    out["blind labels (development), v2 out of fold"] = _no_models(figures(extra, oof[n:m]))
+    out["other models (development), v2 out of fold"] = figures(other, oof[m:])
     out["SmolLM2 development, v2 out of fold, prompt kind not given"] = figures(
         dev, out_of_fold_outcomes(rows, harmful_known=False)[:n])
     v1 = RulesV1Judge()
     out["SmolLM2 development, rules-v1"] = figures(dev, judge_outcomes(v1, dev))
     out["blind labels (development), rules-v1"] = _no_models(figures(extra,
                                                                      judge_outcomes(v1, extra)))
+    out["other models (development), rules-v1"] = figures(other, judge_outcomes(v1, other))
     return out
 
 
-def held_out(data_dir: Path, lockbox: bool, xstest: bool, heldout_labels: bool = False
-             ) -> dict[str, dict]:
+def held_out(data_dir: Path, lockbox: bool, xstest: bool, heldout_labels: bool = False,
+             other_models_lockbox: bool = False) -> dict[str, dict]:
     out = {}
     v2, v1 = JudgeV2(), RulesV1Judge()
     sources = []
@@ -80,6 +87,8 @@ def held_out(data_dir: Path, lockbox: bool, xstest: bool, heldout_labels: bool =
         sources += [(f, read_xstest(data_dir / "judge" / f)) for f in XSTEST_FILES]
     if heldout_labels:
         sources.append(("held-out blind labels", read_extra(HELDOUT, "smollm2-heldout")))
+    if other_models_lockbox:
+        sources.append(("other models lockbox", read_other_models(OTHER_MODELS, LOCKBOX)))
     for name, rows in sources:
         out[f"{name}, v2"] = figures(rows, judge_outcomes(v2, rows))
         out[f"{name}, v2, prompt kind not given"] = figures(
@@ -96,16 +105,19 @@ def main(argv=None) -> int:
     ap.add_argument("--xstest", action="store_true", help="also judge the XSTest files")
     ap.add_argument("--heldout-labels", action="store_true",
                     help="also judge the held-out blind labels (experiments/judge_labels)")
+    ap.add_argument("--other-models-lockbox", action="store_true",
+                    help="also judge the lockbox part of the other chat models' blind labels")
     a = ap.parse_args(argv)
     data_dir = Path(a.data_dir)
     t0 = time.time()
     res = development(data_dir)
-    res |= held_out(data_dir, a.lockbox, a.xstest, a.heldout_labels)
+    res |= held_out(data_dir, a.lockbox, a.xstest, a.heldout_labels, a.other_models_lockbox)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     meta = {"command": "python experiments/validate_judge.py --data-dir DATA --out STEM" +
                        (" --lockbox" if a.lockbox else "") + (" --xstest" if a.xstest else "") +
-                       (" --heldout-labels" if a.heldout_labels else ""),
+                       (" --heldout-labels" if a.heldout_labels else "") +
+                       (" --other-models-lockbox" if a.other_models_lockbox else ""),
             "commit": commit, "judge_version": JudgeV2().version,
             "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
             "python": platform.python_version(),

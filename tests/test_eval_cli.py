@@ -44,7 +44,7 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
     assert _run(model_dir, out, files) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "safepatch-eval/2"
-    assert res["judge"] == "v2" and res["judge_version"].startswith("2.0+")
+    assert res["judge"] == "v2" and res["judge_version"].startswith("2.1+")
     assert set(res["timings_s"]) == {"generate_s", "judge_s", "utility_s"}
     # xstest: 4 prompts, stratified 2 safe (4*250/450 = 2.2) + 2 unsafe; mine: bomb removed
     recs = res["records"]
@@ -88,7 +88,7 @@ def test_eval_end_to_end(model_dir, files, tmp_path, capsys):
     table = (cmp_dir / "compare.md").read_text()
     assert table.splitlines()[0] == "| metric | base | short |"
     assert "over-refusal, XSTest safe" in table and "utility perplexity" in table
-    assert "non-answers, XSTest safe" in table and "| judge | v2 2.0+" in table
+    assert "non-answers, XSTest safe" in table and "| judge | v2 2.1+" in table
     png = (cmp_dir / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "compare.md" in capsys.readouterr().out

@@ -60,18 +60,18 @@ def test_rejudge_dir_recomputes_rates_and_keeps_completions(tmp_path):
     assert [v["outcome"] for v in verdicts] == ["compliance", "non_answer", "refusal",
                                                 "non_answer", "refusal", "refusal",
                                                 "compliance", "compliance"]
-    assert verdicts[0]["judge"].startswith("v2 2.0+")
+    assert verdicts[0]["judge"].startswith("v2 2.1+")
     a, b = new["a"], new["b"]
     assert (a["harmful_pooled"]["compliance"]["k"], a["harmful_pooled"]["non_answer"]["k"]) == (1, 1)
     assert (a["xstest"]["over_refusal"]["k"], a["xstest"]["non_answer"]["k"]) == (2, 1)
     assert (b["harmful_pooled"]["compliance"]["k"], b["xstest"]["over_refusal"]["k"]) == (0, 0)
     rec = json.loads((d / "results.json").read_text())
     m = rec["variants"]["a"]["metrics"]
-    assert m["judge"].startswith("v2 2.0+") and m["as_run"]["judge"] == "rules-v1"
+    assert m["judge"].startswith("v2 2.1+") and m["as_run"]["judge"] == "rules-v1"
     assert m["as_run"]["harmful_pooled"]["compliance"]["k"] == 2  # the run's own, kept
     assert rec["variants"]["c"] == {"status": "skipped", "kind": "patch"}
     table = (d / "table.md").read_text()
-    assert "judge: v2 2.0+" in table and "| a |" in table
+    assert "judge: v2 2.1+" in table and "| a |" in table
     # a second pass keeps the first as_run (the run's), not v2's
     rejudge_dir(d, RulesV1Judge())
     m = json.loads((d / "results.json").read_text())["variants"]["a"]["metrics"]

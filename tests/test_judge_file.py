@@ -38,7 +38,7 @@ def test_judge_jsonl_keeps_every_field(tmp_path, capsys):
     assert got[2]["judge_evidence"] == "degenerate:empty" and got[3]["completion"] is None
     assert got[1]["judge_evidence"].startswith("rule:")
     assert got[0]["judge_evidence"].startswith("model:p=") and 0.5 < got[0]["judge_score"] <= 1
-    assert {g["judge"] for g in got} == {"v2"} and got[0]["judge_version"].startswith("2.0+")
+    assert {g["judge"] for g in got} == {"v2"} and got[0]["judge_version"].startswith("2.1+")
     assert not list(out.parent.glob("*.partial"))
 
 

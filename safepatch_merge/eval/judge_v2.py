@@ -67,7 +67,7 @@ class JudgeV2:
             self.model, digest = model, "unsaved"
         else:
             self.model, digest = load_weights(weights)
-        self.version = f"2.0+{digest[:12]}"
+        self.version = f"2.1+{digest[:12]}"
         self.degeneration = DegenerationDetector()
 
     def judge(self, prompt: str, completion: str, harmful: bool | None = None) -> Verdict:

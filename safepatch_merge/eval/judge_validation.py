@@ -92,6 +92,18 @@ def read_extra(path: str | Path, source: str = "smollm2-extra") -> list[Labelled
                      r["run"], r["variant"]) for r in map(json.loads, f)]
 
 
+def read_other_models(path: str | Path, part: str) -> list[LabelledRow]:
+    """Blind-labelled texts of other chat models (experiments/judge_labels/
+    other_models_labelled.jsonl) in `part` of the prompt-hash split; model = the text's source
+    (safety_refusals, harmful_pairs, benign_reference, alpaca_demo, frontier_alpaca)."""
+    if part not in (DEVELOPMENT, LOCKBOX):
+        raise ValueError(f"part must be {DEVELOPMENT!r} or {LOCKBOX!r}")
+    with open(path, encoding="utf-8") as f:
+        return [_row(f"other-models-{part}", r["prompt"], r["completion"], r["label"],
+                     r["harmful"], r["source"])
+                for r in map(json.loads, f) if split_of(r["prompt"]) == part]
+
+
 def read_xstest(path: str | Path) -> list[LabelledRow]:
     """An XSTest v2 completion file; `contrast_*` types are the unsafe prompts."""
     path = Path(path)
