@@ -15,6 +15,10 @@ cached under --out with a manifest keyed by its inputs (a rerun skips what finis
 5. report: points.jsonl, completions.jsonl.gz, table.md, fronts.png, meta.json in
    --results-dir, rewritten after every point.
 
+Verdicts are not part of a step: every point's stored completions are judged by the current
+judge when its row is built (milliseconds), so a new judge re-judges the study instead of
+regenerating it. `--stages report` only rebuilds the report from finished steps.
+
 --max-minutes M starts no new step after M minutes; the next invocation goes on from there.
 """
 from __future__ import annotations
@@ -160,6 +164,10 @@ class Study:
         self.deadline = None if args.max_minutes is None else self.t0 + 60 * args.max_minutes
         self.stopped_by_budget = False
         self.timings: dict[str, dict] = {}
+        from safepatch_merge.eval.judge_models import load_judge
+
+        self.judge = load_judge("v2")
+        self.verdicts: dict[str, list[dict]] = {}  # eval dir -> records judged now
         self.meta: dict = {"command": " ".join(sys.argv), "preset": args.preset,
                            "sizes": asdict(sizes), "seeds": args.seeds,
                            "screen_seeds": args.screen_seeds,
@@ -196,6 +204,25 @@ class Study:
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.stopped_by_budget = True
             raise BudgetExceeded()
+
+    def drop_judge_from_keys(self) -> int:
+        """Manifests of evaluation steps whose inputs still name a judge (steps written when
+        verdicts were part of a step) get that entry removed and their key recomputed, so
+        their completions are reused and judged afresh. Returns how many were rewritten."""
+        from safepatch_merge.eval.report import write_atomic
+        from safepatch_merge.pipeline.stages import canonical_hash
+
+        n = 0
+        for stage in ("03-screen", "04-confirm"):
+            for path in sorted((self.out / "manifests" / stage).glob("*.json")):
+                m = json.loads(path.read_text())
+                if "judge" in m.get("inputs", {}):
+                    m["inputs"].pop("judge")
+                    m["key"] = canonical_hash(m["inputs"])
+                    write_atomic(path, json.dumps(m, indent=1, sort_keys=True,
+                                                  default=str) + "\n")
+                    n += 1
+        return n
 
     def step(self, stage: str, name: str, inputs: dict, output: Path, fn):
         from safepatch_merge.pipeline.stages import canonical_hash, dir_fingerprint
@@ -383,7 +410,6 @@ class Study:
         """Merge (unless backbone) and evaluate one point on the stage's split; returns its
         row (every metric, parameters, timings)."""
         from safepatch_merge.eval.generate import GenerationSettings
-        from safepatch_merge.eval.judge_models import judge_identity
         from safepatch_merge.eval.run import evaluate
         from safepatch_merge.merge import merge
         from safepatch_merge.pipeline.stages import dir_fingerprint
@@ -414,8 +440,7 @@ class Study:
                      "models": [m["parameters"] for m in mcfg.get("models", [])],
                      "ids": ids, "backbone": dir_fingerprint(self.backbone)}
         inputs = {"point": ident, "data": self.data_step.output_id, "split": split,
-                  "gen": [sz.max_new_tokens, sz.eval_batch, sz.reference_tokens],
-                  "judge": judge_identity()}
+                  "gen": [sz.max_new_tokens, sz.eval_batch, sz.reference_tokens]}
         merged = self.out / "merged" / tag
 
         def run(o: Path) -> None:
@@ -442,12 +467,15 @@ class Study:
                 extra["eval_s"] = round(time.monotonic() - t0, 1)
             finally:
                 shutil.rmtree(merged, ignore_errors=True)
-            extra["metrics"] = point_metrics(res["records"], res.get("utility"))
-            extra["judge"] = f"{res['judge']} {res['judge_version']}"
             (o / "point.json").write_text(json.dumps(extra, indent=1, default=str) + "\n")
 
         self.step(stage, tag, inputs, ev_dir, run)
         p = json.loads((ev_dir / "point.json").read_text())
+        ev = json.loads((ev_dir / "results.json").read_text())
+        records = self.rejudge(ev["records"])
+        self.verdicts[str(ev_dir)] = records
+        p["metrics"] = point_metrics(records, ev.get("utility"))
+        p["judge"] = f"{self.judge.name} {self.judge.version}"
         m = self.runner.read_manifest(stage, tag) or {}
         return {"stage": split, "seed": None if pt["engine"] == "backbone" else seed,
                 "point": pt["name"], "method": pt["method"], "group": GROUP[pt["method"]],
@@ -457,12 +485,25 @@ class Study:
                 "step_s": m.get("seconds"), "step_cpu_s": m.get("cpu_seconds"),
                 "finished": m.get("finished"), "eval_dir": str(ev_dir)}
 
+    def rejudge(self, records: list[dict]) -> list[dict]:
+        """The records with `outcome` from the current judge (prompt kind given)."""
+        verdicts = self.judge.judge_batch([r["prompt"] for r in records],
+                                          [r["completion"] for r in records],
+                                          [r["harmful"] for r in records])
+        return [{**r, "outcome": v.outcome, "refusal_kind": v.refusal_kind}
+                for r, v in zip(records, verdicts)]
+
     # ------------------------------------------------------------------ run
     def run(self) -> None:
         self.rows: list[dict] = []
+        if (n := self.drop_judge_from_keys()):
+            log.info("%d evaluation manifests keyed on a judge: key recomputed without it", n)
         self.meta["fingerprints"] = self.fingerprints()
+        self.meta["judge"] = f"{self.judge.name} {self.judge.version}"
         self.stage_data()
         stages = set(self.args.stages)
+        if "report" in stages:  # collect every finished step, start none
+            stages, self.deadline = {"screen", "confirm"}, self.t0
         grid = fg.grid(with_ga=not self.args.no_ga)
         if self.args.points:
             want = set(self.args.points)
@@ -483,7 +524,9 @@ class Study:
                     self._point("03-screen", seed, pt, setups[seed])
         if "confirm" in stages:
             self.stage_confirm(grid, setups)
-        if self.stopped_by_budget:
+        if self.stopped_by_budget and "report" in self.args.stages:
+            log.info("report only: unfinished steps were left for a later run")
+        elif self.stopped_by_budget:
             log.info("--max-minutes %s reached: no new step was started after it; rerun the "
                      "same command to go on", self.args.max_minutes)
         self.write_outputs()
@@ -547,8 +590,7 @@ class Study:
         tmp = res / "completions.jsonl.gz.partial"
         with gzip.open(tmp, "wt", encoding="utf-8") as f:
             for r in rows:
-                ev = json.loads((Path(r["eval_dir"]) / "results.json").read_text())
-                for c in ev["records"]:
+                for c in self.verdicts[r["eval_dir"]]:
                     f.write(json.dumps({"stage": r["stage"], "seed": r["seed"],
                                         "point": r["point"], **{k: c.get(k) for k in (
                                             "suite", "id", "harmful", "prompt", "completion",
@@ -600,8 +642,9 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--screen-seeds", type=int, nargs="+", default=[0],
                     help="seeds whose whole grid is screened (default 0: the budget mode)")
-    ap.add_argument("--stages", nargs="+", choices=("screen", "confirm"),
-                    default=["screen", "confirm"])
+    ap.add_argument("--stages", nargs="+", choices=("screen", "confirm", "report"),
+                    default=["screen", "confirm"],
+                    help="report: start no step, rebuild the report from finished ones")
     ap.add_argument("--points", nargs="+", help="only these grid points (and the backbone)")
     ap.add_argument("--no-ga", action="store_true", help="leave out the GA SE patch's points")
     ap.add_argument("--max-minutes", type=float,
