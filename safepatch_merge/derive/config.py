@@ -1,116 +1,174 @@
-"""DeriveConfig: the options of one patch derivation and their validation."""
+"""DeriveConfig: the options of one patch derivation, declared once (default, help, choices),
+and their validation. `safepatch derive` and the `derive:` section of a run config are derived
+from it (config_fields.py). Torch-free, so `safepatch derive --help` stays fast."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config_fields import option
 from ..errors import ConfigError
-from ..models.loading import parse_dtype
-from .behaviour import RATE_METRICS, StopRule
-from .objectives import OBJECTIVES
+from .behaviour import METRICS, RATE_METRICS, StopRule
+from .objective_table import OBJECTIVES
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 STOP_ON = ("train", "heldout")
+DEVICES = ("auto", "cpu", "cuda")
+# The names models.loading.parse_dtype reads (case-insensitive), spelled here without torch.
+SAVE_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# argparse group titles of `safepatch derive --help`, in the order shown
+GROUPS = ("data", "training", "objectives", "confinement (every objective)",
+          "behavioural stop (every objective)", "LoRA")
+_DATA, _TRAIN, _OBJ, _CONFINE, _STOP, _LORA = GROUPS
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeriveConfig:
-    """Hyperparameters of one patch derivation. Defaults are ours, not the paper's (it
-    publishes none): a short, clipped run that a step budget always ends.
+    """Hyperparameters of one patch derivation (each field's help says what it does). Defaults
+    are ours, not the paper's (it publishes none): a short, clipped run that a step budget
+    always ends. Validated on construction: an invalid value raises ConfigError naming it.
 
-    objective: 'ga' (the paper's SE patch: gradient ascent on D_h), 'npo', 'graddiff',
-    'refusal_sft' (SE patches of ours, objectives.py) or 'gd' (the OSM patch).
-    precision: 'fp32' (fp32 weights and math), 'bf16-mixed' (fp32 weights, bf16 autocast on
-    CPU or GPU), 'bf16' (bf16 weights; least memory, coarsest updates).
-    save_dtype: dtype of the written checkpoint; 'auto' = the dtype the weights were trained
-    in (float32 unless precision is 'bf16'), because rounding a patch to bfloat16 erases the
-    updates smaller than its resolution (~0.4% of a weight); 'bfloat16' halves the disk.
-    nll_ceiling (ascent objectives) / nll_floor (descent): stop once the NLL of the training
-    pairs' responses on `stop_on` reaches it (nats/token).
-    input_field: a data column appended to the prompt after a newline (Alpaca's `input`).
-    npo_beta: NPO's inverse temperature β (not the merge's OSM scale β).
-    retain_*: graddiff's retain set (a file of benign prompt/answer pairs; Alpaca fields by
-    default), its weight λ, size and batch size (default: batch_size).
-    train_include / train_exclude: glob patterns over tensor names confining what trains
-    (confine.py), for every objective.
-    on_policy: replace the data's responses by the starting model's own greedy answers to
-    its prompts (on_policy_max_new_tokens long), kept where judged compliance (ga, npo,
-    graddiff); fewer than on_policy_min_pairs kept is an error.
-    stop_when: behavioural stop rules, e.g. ["refusal_rate>=0.8", "perplexity>=9"]
-    (behaviour.py): checked at step 0 and every calib_every steps on calib_prompts (harmful
-    prompts, the first calib_limit; greedy, calib_max_new_tokens) and calib_reference (benign
-    prompt/response pairs, the first calib_reference_limit, responses cut to
-    calib_reference_tokens, for perplexity); the first rule
-    that holds stops the run with the weights it measured (a target reached).
-    guard_when: rules of the same form for damage, e.g. ["perplexity>=9",
-    "non_answer_rate>=0.25"]: the first that holds stops the run and restores the weights of
+    Behavioural stop (behaviour.py): `stop_when` rules are targets, checked at step 0 and every
+    calib_every steps on calib_prompts (harmful prompts, the first calib_limit; greedy,
+    calib_max_new_tokens) and calib_reference (benign prompt/response pairs, the first
+    calib_reference_limit, responses cut to calib_reference_tokens, for perplexity); the first
+    rule that holds stops the run with the weights it measured. `guard_when` rules have the
+    same form and mark damage: the first that holds stops the run and restores the weights of
     the last check where no guard held (kept in host memory: one copy of the trainable
-    parameters). The calibration files are measured (every calib_every steps) whenever
-    given, even without rules.
-    calib_batch_size: generation batch of the calibration checks and of on_policy.
+    parameters). The calibration files are measured whenever given, even without rules.
     """
 
-    objective: str = "ga"
-    learning_rate: float = 1e-5
-    max_steps: int = 100
-    epochs: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    nll_ceiling: float | None = None
-    nll_floor: float | None = None
-    stop_on: str = "train"
-    heldout: float = 0.1
-    eval_every: int = 10
-    max_length: int = 512
-    limit: int | None = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    input_field: str | None = None
-    hf_split: str = "train"
-    system_prompt: str | None = None
-    chat_template: str | None = None
-    precision: str = "fp32"
-    save_dtype: str = "auto"
-    seed: int = 0
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_target: list = field(default_factory=lambda: ["all-linear"])
-    save_merged: bool = True
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    max_shard_size: str = "5GB"
-    npo_beta: float = 0.1
-    retain_data: str | None = None
-    retain_weight: float = 1.0
-    retain_prompt_field: str = "instruction"
-    retain_response_field: str = "output"
-    retain_input_field: str | None = "input"
-    retain_limit: int | None = None
-    retain_batch_size: int | None = None
-    train_include: list = field(default_factory=list)
-    train_exclude: list = field(default_factory=list)
-    on_policy: bool = False
-    on_policy_max_new_tokens: int = 64
-    on_policy_min_pairs: int = 8
-    stop_when: list = field(default_factory=list)
-    guard_when: list = field(default_factory=list)
-    calib_prompts: str | None = None
-    calib_reference: str | None = None
-    calib_every: int = 10
-    calib_limit: int | None = None
-    calib_reference_limit: int | None = None
-    calib_max_new_tokens: int = 48
-    calib_reference_tokens: int = 256
-    calib_batch_size: int = 16
+    objective: str = option(
+        "ga", required=True, choices=tuple(OBJECTIVES),
+        help="SE: ga (the paper's gradient ascent), npo, graddiff, refusal_sft; "
+             "OSM: gd (gradient descent)")
+    # data
+    prompt_field: str = option("prompt", group=_DATA)
+    response_field: str = option("response", group=_DATA)
+    input_field: str | None = option(
+        None, group=_DATA, help="a column appended to the prompt after a newline when "
+                                "non-empty (Alpaca's input)")
+    hf_split: str = option("train", group=_DATA, help="split of a dataset name")
+    limit: int | None = option(None, group=_DATA, help="use the first N pairs")
+    heldout: float = option(0.1, group=_DATA, help="fraction of distinct prompts held out "
+                                                   "(default 0.1; 0 = none)")
+    max_length: int = option(512, group=_DATA, help="tokens per example (default 512)")
+    system_prompt: str | None = option(None, group=_DATA,
+                                       help="system message before every prompt")
+    chat_template: str | None = option(
+        None, group=_DATA, help="Jinja chat template (file or string) if the tokenizer has "
+                                "none or another is wanted")
+    # training
+    learning_rate: float = option(1e-5, group=_TRAIN, flag="--lr",
+                                  help="learning rate (default 1e-5)")
+    max_steps: int = option(100, group=_TRAIN, help="step budget (default 100)")
+    epochs: int | None = option(None, group=_TRAIN,
+                                help="stop after this many passes over the data")
+    batch_size: int = option(4, group=_TRAIN, help="per device (default 4)")
+    grad_accum: int = option(1, group=_TRAIN)
+    max_grad_norm: float = option(1.0, group=_TRAIN, help="clip (default 1.0)")
+    weight_decay: float = option(0.0, group=_TRAIN)
+    lr_scheduler: str = option("constant", group=_TRAIN,
+                               help="transformers scheduler name: constant, linear, cosine, ...")
+    warmup_steps: int = option(0, group=_TRAIN)
+    nll_ceiling: float | None = option(
+        None, group=_TRAIN, help="ga/npo/graddiff: stop when the training pairs' NLL "
+                                 "(nats/token) reaches this")
+    nll_floor: float | None = option(None, group=_TRAIN,
+                                     help="gd/refusal_sft: stop when the NLL falls to this")
+    stop_on: str = option("train", group=_TRAIN, choices=STOP_ON,
+                          help="which NLL the ceiling/floor watches (default: the train batch)")
+    eval_every: int = option(10, group=_TRAIN, help="held-out NLL every N steps")
+    precision: str = option(
+        "fp32", group=_TRAIN, choices=PRECISIONS,
+        help="fp32 (default) | bf16-mixed (fp32 weights, bf16 autocast, CPU too) | "
+             "bf16 (bf16 weights)")
+    save_dtype: str = option(
+        "auto", group=_TRAIN,
+        help="dtype of the written weights (default auto: the training dtype, float32 unless "
+             "--precision bf16; bfloat16 rounds small updates away)")
+    seed: int = option(0, group=_TRAIN)
+    gradient_checkpointing: bool = option(False, group=_TRAIN)
+    device: str = option("auto", group=_TRAIN, choices=DEVICES)
+    max_shard_size: str = option("5GB", group=_TRAIN)
+    # objectives
+    npo_beta: float = option(0.1, group=_OBJ, help="npo: inverse temperature β of NPO "
+                                                   "(default 0.1; not the merge's β)")
+    retain_data: str | None = option(
+        None, group=_OBJ, help="graddiff: retain set file (benign prompt/answer pairs)")
+    retain_weight: float = option(1.0, group=_OBJ, help="graddiff: λ (default 1)")
+    retain_prompt_field: str = option("instruction", group=_OBJ)
+    retain_response_field: str = option("output", group=_OBJ)
+    retain_input_field: str | None = option(
+        "input", group=_OBJ, help="appended to the retain prompt when non-empty "
+                                  "(default: input)")
+    retain_limit: int | None = option(None, group=_OBJ, help="use the first N retain pairs")
+    retain_batch_size: int | None = option(None, group=_OBJ, help="default: --batch-size")
+    on_policy: bool = option(
+        False, group=_OBJ,
+        help="ga/npo/graddiff: train on the backbone's own greedy answers to the data's "
+             "prompts, kept where judged compliance (responses in --data are not needed)")
+    on_policy_max_new_tokens: int = option(64, group=_OBJ)
+    on_policy_min_pairs: int = option(
+        8, group=_OBJ, help="fewer compliant answers than this is an error (default 8)")
+    # confinement (confine.py)
+    train_include: list[str] = option(
+        [], group=_CONFINE, metavar="GLOB",
+        help="train only parameters whose tensor name matches one of these")
+    train_exclude: list[str] = option(
+        [], group=_CONFINE, metavar="GLOB",
+        help="freeze parameters matching any of these, e.g. 'model.embed_tokens.*' "
+             "'lm_head.*' '*norm*' (frozen tensors are saved byte-identical)")
+    # behavioural stop (behaviour.py)
+    stop_when: list[str] = option(
+        [], group=_STOP, metavar="RULE",
+        help=f"targets: METRIC>=X or METRIC<=X, METRIC in {', '.join(METRICS)}; the first "
+             "rule that holds at a calibration check stops the run with the weights it "
+             "measured")
+    guard_when: list[str] = option(
+        [], group=_STOP, metavar="RULE",
+        help="guards, same form (e.g. 'perplexity>=9'): the first that holds stops the run "
+             "and restores the weights of the last check where none held")
+    calib_prompts: str | None = option(
+        None, group=_STOP, help="harmful calibration prompts (JSONL/JSON/CSV), answered "
+                                "greedily at every check")
+    calib_reference: str | None = option(
+        None, group=_STOP, help="benign prompt/response pairs (JSONL) whose perplexity is "
+                                "measured at every check")
+    calib_every: int = option(10, group=_STOP, help="check every N steps (default 10)")
+    calib_limit: int | None = option(None, group=_STOP, help="first N calibration prompts")
+    calib_reference_limit: int | None = option(None, group=_STOP,
+                                               help="first N reference pairs")
+    calib_max_new_tokens: int = option(48, group=_STOP)
+    calib_reference_tokens: int = option(
+        256, group=_STOP, help="response tokens per reference answer (default 256)")
+    calib_batch_size: int = option(
+        16, group=_STOP, help="generation batch of the calibration checks and of --on-policy")
+    # LoRA
+    lora: bool = option(False, group=_LORA, help="train a LoRA adapter (PEFT)")
+    lora_r: int = option(16, group=_LORA)
+    lora_alpha: float = option(32.0, group=_LORA)
+    lora_dropout: float = option(0.0, group=_LORA)
+    lora_target: list[str] = option(
+        ["all-linear"], group=_LORA,
+        help="module names (default all-linear: every linear layer but the head)")
+    save_merged: bool = option(
+        True, group=_LORA, flag="--no-merged",
+        help="write only the adapter (scoring then merges it in memory)")
+
+    def __post_init__(self) -> None:
+        # a single string where a list of strings belongs is that one string
+        for name in ("train_include", "train_exclude", "stop_when", "guard_when",
+                     "lora_target"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                object.__setattr__(self, name, [v])
+            elif isinstance(v, tuple):
+                object.__setattr__(self, name, list(v))
+        self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad value."""
+        """Raise ConfigError naming the first bad value (run on construction)."""
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got "
                               f"{self.objective!r}")
@@ -145,7 +203,7 @@ class DeriveConfig:
                               "stops at nll_floor")
         if self.stop_on == "heldout" and self.heldout == 0:
             raise ConfigError("stop_on heldout needs a held-out split (heldout > 0)")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not (isinstance(self.npo_beta, (int, float)) and self.npo_beta > 0
                 and math.isfinite(self.npo_beta)):
@@ -162,9 +220,7 @@ class DeriveConfig:
             raise ConfigError(f"on_policy applies to ga, npo and graddiff, not {self.objective}")
         for name in ("train_include", "train_exclude", "stop_when", "guard_when", "lora_target"):
             v = getattr(self, name)
-            if isinstance(v, str):
-                setattr(self, name, [v])
-            elif not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{name} must be a list of strings, got {v!r}")
         rules = self.stop_rules() + self.guard_rules()
         if any(r.metric in RATE_METRICS for r in rules) and not self.calib_prompts:
@@ -172,7 +228,9 @@ class DeriveConfig:
         if any(r.metric == "perplexity" for r in rules) and not self.calib_reference:
             raise ConfigError("a perplexity stop rule needs benign reference answers "
                               "(calib_reference)")
-        parse_dtype(self.save_dtype)  # ConfigError on an unknown name
+        if not isinstance(self.save_dtype, str) or self.save_dtype.lower() not in SAVE_DTYPES:
+            raise ConfigError(f"unknown dtype {self.save_dtype!r}; choose auto, float32, "
+                              "bfloat16 or float16")
 
     def stop_rules(self) -> list[StopRule]:
         """The parsed behavioural stop rules (targets: the run ends with the weights that

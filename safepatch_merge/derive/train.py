@@ -167,8 +167,7 @@ def derive_patch(backbone: str | Path, data: str | Path, out: str | Path,
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cfg = config or DeriveConfig()
-    cfg.validate()
+    cfg = config or DeriveConfig()  # validated when it was built
     backbone = check_model_dir(Path(backbone).resolve(), "backbone")
     out = Path(out)
     if out.exists() and not overwrite:
