@@ -6,17 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config_fields import add_arguments, from_args
+from ..score.config import ScoreConfig
 from .options import add_output
-
-# The values of score.api.LOSSES / SPLITS, score.distributed.PARALLEL and score.snip.ACCUMULATIONS
-# / BUFFERS, spelled here so that `--help` needs no torch (tests/test_cli_conventions.py checks
-# that they agree).
-LOSSES = ("response_nll", "question_nll", "prompt_nll", "magnitude")
-SALIENCY_ON = ("responses", "questions")
-SPLITS = ("all", "train", "heldout")
-PARALLEL = ("data", "fsdp")
-ACCUMULATIONS = ("signed", "abs_per_batch")
-BUFFERS = ("device", "host")
 
 EPILOG = """examples:
   # SNIP on the harmful responses (the default loss), fp32 scores
@@ -67,39 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--backbone", help="unpatched model (adapter base; magnitude); default "
                    "from the patch's derive_record.json")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--saliency-on", choices=SALIENCY_ON,
-                   help="what SNIP differentiates: the responses of D_h (default) or its "
-                        "questions (the paper's reading); see below")
-    p.add_argument("--loss", choices=LOSSES,
-                   help="the loss by name (default response_nll); prompt_nll and magnitude "
-                        "are only reachable here")
-    p.add_argument("--accumulation", choices=ACCUMULATIONS, default="signed")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--limit", type=int, help="score on the first N pairs (after --split)")
-    p.add_argument("--split", choices=SPLITS, default="all",
-                   help="all pairs, or derive's train/heldout part (same --heldout/--seed)")
-    p.add_argument("--heldout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--response-field", default="response")
-    p.add_argument("--hf-split", default="train")
-    p.add_argument("--system-prompt")
-    p.add_argument("--chat-template")
-    p.add_argument("--dtype", default="auto", help="load the model as auto|float32|bfloat16|float16")
-    p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--score-buffers", choices=BUFFERS, default="device",
-                   help="where the fp32 score buffers live: beside the model (default) or in "
-                        "host memory (a GPU then holds none; one gradient copy per batch)")
-    p.add_argument("--parallel", choices=PARALLEL, default="data",
-                   help="under torchrun/accelerate launch with several processes: data (each "
-                        "holds the model, scores its share of the batches; default) or fsdp "
-                        "(parameters sharded with FSDP2)")
-    p.add_argument("--dist-timeout", type=float, default=1800.0,
-                   help="seconds a collective waits for a missing process (default 1800)")
-    p.add_argument("--exclude", help="regex of tensor names not to score (kept unpatched)")
-    p.add_argument("--max-shard-size", default="2GB")
+    add_arguments(p, ScoreConfig)
     p.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"),
                    help="ops backend for saliency accumulation and histograms")
     p.set_defaults(func=run)
@@ -108,23 +68,16 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..errors import ConfigError
     from ..ops import set_backend
-    from ..score.api import SALIENCY_ON, ScoreConfig, score_patch
+    from ..score.api import SALIENCY_ON, score_patch
 
+    # Stricter than ScoreConfig, which lets the default loss stand beside either choice: on
+    # the command line --loss response_nll was typed, so it must agree.
     if args.saliency_on and args.loss and SALIENCY_ON[args.saliency_on] != args.loss:
         raise ConfigError(f"--saliency-on {args.saliency_on} contradicts --loss {args.loss}")
 
     if args.backend:
         set_backend(args.backend)
-    cfg = ScoreConfig(
-        loss=args.loss or "response_nll", saliency_on=args.saliency_on,
-        accumulation=args.accumulation, batch_size=args.batch_size,
-        max_length=args.max_length, limit=args.limit, split=args.split, heldout=args.heldout,
-        seed=args.seed, prompt_field=args.prompt_field, response_field=args.response_field,
-        hf_split=args.hf_split, system_prompt=args.system_prompt,
-        chat_template=args.chat_template, dtype=args.dtype, score_dtype=args.score_dtype,
-        device=args.device, score_buffers=args.score_buffers, exclude=args.exclude,
-        max_shard_size=args.max_shard_size, parallel=args.parallel,
-        dist_timeout=args.dist_timeout)
+    cfg = from_args(ScoreConfig, args)
     info = score_patch(args.patch, args.out, args.data, args.backbone, cfg,
                        overwrite=args.overwrite, progress=args.progress)
     if info is None:  # not rank 0 of several processes

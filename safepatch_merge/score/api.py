@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,92 +19,12 @@ from ..derive.record import versions, weights_sha256
 from ..errors import ConfigError, DataError
 from ..models.loading import (adapter_base_path, check_model_dir, is_adapter_dir, load_patched_model,
                               load_tokenizer)
-from .distributed import PARALLEL, scoring_processes
-from .scoredir import SCORE_DTYPES, write_score_dir
-from .snip import (ACCUMULATIONS, BUFFERS, checkpoint_tensor_names, magnitude_scores,
-                   scored_parameters)
+from .config import LOSSES, SALIENCY_ON, SPLITS, ScoreConfig  # noqa: F401 (the API's names)
+from .distributed import scoring_processes
+from .scoredir import write_score_dir
+from .snip import checkpoint_tensor_names, magnitude_scores, scored_parameters
 
 log = logging.getLogger("safepatch_merge.score")
-
-LOSSES = ("response_nll", "question_nll", "prompt_nll", "magnitude")
-SPLITS = ("all", "train", "heldout")
-# `saliency_on` names the paper's choice of what SNIP differentiates; it sets `loss`.
-SALIENCY_ON = {"responses": "response_nll", "questions": "question_nll"}
-
-
-@dataclass
-class ScoreConfig:
-    """Options of one scoring run.
-
-    loss: response_nll (default: NLL of D_h's response tokens) | question_nll (NLL of the
-    user question's own tokens in the rendered chat template — no system prompt, role or
-    turn markers, generation prompt; each distinct question once) | prompt_nll (NLL of every
-    token of the rendered prompt: system turn, markers, question, generation prompt) |
-    magnitude (|θ_X − θ|, needs the backbone).
-    saliency_on: 'responses' | 'questions' — the same choice by what SNIP is computed on;
-    it sets loss (response_nll / question_nll) and contradicting prompt_nll or magnitude is
-    an error.
-    split: which part of the data scores — all, or the train / heldout part of derive's split
-    by prompt (same `heldout` fraction and `seed` give the same parts).
-    dtype: dtype the patched model is loaded in ('auto' = as stored). score_dtype: stored dtype.
-    exclude: regex of tensor names not to score (they are then not patched by the merge).
-    score_buffers: 'device' (beside the model) or 'host' (host memory: a GPU then holds no
-    fp32 score buffer, at the cost of copying every gradient down once per batch).
-    parallel: how processes started by a launcher share the work — 'data' (each holds the
-    model) or 'fsdp' (parameters sharded); dist_timeout: seconds a collective waits for a
-    missing rank (score/distributed.py).
-    """
-
-    loss: str = "response_nll"
-    saliency_on: str | None = None
-    accumulation: str = "signed"
-    batch_size: int = 8
-    max_length: int = 512
-    limit: int | None = None
-    split: str = "all"
-    heldout: float = 0.1
-    seed: int = 0
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    hf_split: str = "train"
-    system_prompt: str | None = None
-    chat_template: str | None = None
-    dtype: str = "auto"
-    score_dtype: str = "float32"
-    device: str = "auto"
-    score_buffers: str = "device"
-    exclude: str | None = None
-    max_shard_size: str = "2GB"
-    parallel: str = "data"
-    dist_timeout: float = 1800.0
-
-    def validate(self) -> None:
-        if self.saliency_on is not None:
-            if self.saliency_on not in SALIENCY_ON:
-                raise ConfigError(f"saliency_on must be responses or questions, got "
-                                  f"{self.saliency_on!r}")
-            want = SALIENCY_ON[self.saliency_on]
-            if self.loss not in ("response_nll", want):
-                raise ConfigError(f"saliency_on {self.saliency_on} contradicts loss {self.loss}")
-            self.loss = want
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.accumulation not in ACCUMULATIONS:
-            raise ConfigError(f"accumulation must be signed or abs_per_batch, got {self.accumulation!r}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ConfigError(f"score dtype must be one of {', '.join(SCORE_DTYPES)}")
-        if self.batch_size < 1 or self.max_length < 2:
-            raise ConfigError("batch_size must be >= 1 and max_length >= 2")
-        if self.score_buffers not in BUFFERS:
-            raise ConfigError(f"score buffers must be device or host, got {self.score_buffers!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.parallel not in PARALLEL:
-            raise ConfigError(f"parallel must be data or fsdp, got {self.parallel!r}")
-        self.saliency_on = {v: k for k, v in SALIENCY_ON.items()}.get(self.loss)
-
 
 # What each loss differentiates, as recorded in score_info.json.
 DIFFERENTIATED = {
@@ -147,8 +67,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     Under a launcher with several processes every rank calls it; rank 0 writes `out` and
     returns score_info, the others return None.
     """
-    cfg = config or ScoreConfig()
-    cfg.validate()
+    cfg = config or ScoreConfig()  # validated when it was built
     patch = Path(patch)
     if not patch.is_dir():
         raise ConfigError(f"patched model directory not found: {patch}")

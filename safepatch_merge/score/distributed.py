@@ -33,9 +33,8 @@ from ..derive.dataset import PairCollator, RenderedExample
 from ..derive.loss import per_example_nll
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ops import saliency_finalize_
+from .config import PARALLEL
 from .snip import LOSS_TARGET, SnipAccumulator, snip_scores
-
-PARALLEL = ("data", "fsdp")
 
 
 def batches_of_rank(num_batches: int, rank: int, world: int) -> list[int]:

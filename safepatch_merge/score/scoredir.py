@@ -17,8 +17,9 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..ops import radix_histogram
 from ..derive.record import now_iso, write_json
+from .config import SCORE_DTYPES as SCORE_DTYPE_NAMES
 
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORE_DTYPES = {name: getattr(torch, name) for name in SCORE_DTYPE_NAMES}
 
 
 def parse_size(size: str | int) -> int:

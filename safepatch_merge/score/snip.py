@@ -24,10 +24,9 @@ from ..errors import CheckpointError, DataError
 from ..ops import backend_for, saliency_accumulate_, saliency_finalize_
 from ..derive.dataset import PairCollator, RenderedExample
 from ..derive.loss import per_example_nll
+from .config import ACCUMULATIONS, BUFFERS
 from .host_buffers import HostScoreBuffers
 
-ACCUMULATIONS = ("signed", "abs_per_batch")
-BUFFERS = ("device", "host")
 LOSS_TARGET = {"response_nll": "response", "question_nll": "question", "prompt_nll": "prompt"}
 
 
