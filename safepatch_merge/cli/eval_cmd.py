@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config_fields import add_arguments, from_args
 from ..errors import ConfigError
+from ..eval.config import GENERATION, JUDGING, EvalConfig
 from .options import add_output
 
 EPILOG = """examples:
@@ -45,49 +47,10 @@ def add_parser(sub) -> None:
     p.add_argument("--compare", nargs="+", metavar="RESULT",
                    help="result dirs/results.json files to put side by side (no model)")
     p.add_argument("--labels", nargs="+", help="names for --compare columns")
-    p.add_argument("--suite", action="append", dest="suites", metavar="NAME|FILE",
-                   help="suite name or prompt file (repeatable; default: xstest harmbench "
-                        "strongreject advbench)")
-    p.add_argument("--limit", type=int, help="fixed subset: at most N prompts per suite")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the fixed subset")
-    p.add_argument("--file-prompts", choices=("harmful", "benign", "labelled"),
-                   default="harmful", help="what rows of a user prompt file are when they "
-                   "carry no harmful/label field (labelled: they must; default harmful)")
-    p.add_argument("--dedup-against", action="append", default=[], metavar="TRAIN_FILE",
-                   help="training prompts to exclude (normalised exact + fuzzy match)")
-    p.add_argument("--fuzzy-threshold", type=float, default=0.85,
-                   help="difflib similarity ratio at or above which a prompt counts as a "
-                        "duplicate (default 0.85)")
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--system-prompt", help="system message put before every prompt")
-    g.add_argument("--no-chat-template", action="store_true",
-                   help="feed raw prompts (models without a chat template)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, "
-                                                    "bfloat16, float16")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
-                                               "1 avoids thrashing on a busy shared host)")
-    g.add_argument("--cache", help="generation cache file (default OUT/generations.jsonl)")
-    j = p.add_argument_group("judging and utility")
+    groups = {title: p.add_argument_group(title) for title in (GENERATION, JUDGING)}
     from .judge_cmd import add_judge_arguments
-    add_judge_arguments(j)
-    j.add_argument("--guard", help="local guard model dir (Llama-Guard-style causal LM or a "
-                                   "sequence classifier): adds a harmful rate")
-    j.add_argument("--guard-kind", default="auto", choices=("auto", "causal-lm", "classifier"))
-    j.add_argument("--no-utility", action="store_true", help="skip the perplexity check")
-    j.add_argument("--utility-file", help="reference answers JSONL (prompt, response); default "
-                                          "the shared data folder's benign_reference_completions")
-    j.add_argument("--utility-limit", type=int, help="use the first N reference answers")
-    j.add_argument("--utility-max-tokens", type=int, default=256)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle weights (pytorch_model.bin) with torch.load(weights_only="
-                        "True); refused by default")
-    p.add_argument("--label", help="name of this model in tables and plots")
+    add_judge_arguments(groups[JUDGING])
+    add_arguments(p, EvalConfig, groups=groups)
     p.set_defaults(func=run)
 
 
@@ -102,25 +65,11 @@ def run(args) -> int:
         return 0
     if not args.model:
         raise ConfigError("MODEL is required (or --compare RESULT ...)")
-    from ..eval.generate import GenerationSettings
     from ..eval.report import markdown_table
-    from ..eval.run import DEFAULT_SUITES, evaluate
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p,
-                                  seed=args.seed, system_prompt=args.system_prompt,
-                                  chat_template=not args.no_chat_template)
-    user_harmful = {"harmful": True, "benign": False, "labelled": None}[args.file_prompts]
-    result = evaluate(args.model, args.out, args.suites or DEFAULT_SUITES, limit=args.limit,
-                      subset_seed=args.subset_seed, user_harmful=user_harmful,
-                      dedup_against=args.dedup_against, fuzzy_threshold=args.fuzzy_threshold,
-                      settings=settings, batch_size=args.batch_size, device=args.device,
-                      dtype=args.dtype, judge=args.judge, judge_model=args.judge_model,
-                      guard=args.guard, guard_kind=args.guard_kind,
-                      utility=not args.no_utility, utility_file=args.utility_file,
-                      utility_limit=args.utility_limit,
-                      utility_max_tokens=args.utility_max_tokens, cache_path=args.cache,
-                      label=args.label, threads=args.threads,
-                      progress=args.progress, allow_pickle=args.allow_pickle)
+    from ..eval.run import evaluate
+    cfg = from_args(EvalConfig, args)
+    result = evaluate(args.model, args.out, **cfg.evaluate_kwargs(), judge=args.judge,
+                      judge_model=args.judge_model, progress=args.progress)
     print(markdown_table(result), end="")
     print(f"wrote {args.out}/results.json and results.md ({result['wall_time_s']} s)")
     return 0

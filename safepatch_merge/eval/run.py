@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
+from .config import DEFAULT_SUITES
 from .generate import (GenerationCache, GenerationSettings, generate_completions, load_model,
                        model_fingerprint)
 from .judge import GuardJudge, load_guard
@@ -24,7 +25,6 @@ from .suites import (DEFAULT_FUZZY_THRESHOLD, TrainingIndex, deduplicate, fixed_
 from .utility import load_reference, reference_perplexity
 
 log = logging.getLogger(__name__)
-DEFAULT_SUITES = ("xstest", "harmbench", "strongreject", "advbench")
 
 
 def evaluate(model_path: str | Path, out_dir: str | Path,
