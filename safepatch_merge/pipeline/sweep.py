@@ -18,74 +18,15 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
-import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..eval.report import write_atomic
 from .stages import StepRunner, canonical_hash, dir_fingerprint, file_identity
-
-
-@dataclass
-class SweepConfig:
-    """A grid and how to evaluate it. Lists are the grid axes (their product is swept).
-
-    backbone / patch_* / scores_*: model, patched model and score directories (as `safepatch
-    run` writes them; `from_run` fills them in). dedup_against: training files whose prompts
-    are dropped from the eval suites. keep_models: keep every merged model (disk: one model
-    per point) instead of deleting it after its evaluation.
-    """
-
-    backbone: str
-    patch_se: str | None
-    patch_osm: str | None
-    scores_se: str | None
-    scores_osm: str | None
-    top_rate_se: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
-    top_rate_osm: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
-    alpha: list = field(default_factory=lambda: [1.0])
-    beta: list = field(default_factory=lambda: [1.0])
-    retention: list = field(default_factory=lambda: [1.0])
-    mask_mode: str = "difference"
-    granularity: str = "global"
-    seed: int = 0
-    output_dtype: str = "auto"
-    suites: list = field(default_factory=lambda: ["xstest", "harmbench"])
-    limit: int | None = 16
-    subset_seed: int = 0
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    utility: bool = True
-    utility_limit: int | None = 16
-    utility_max_tokens: int = 64
-    dedup_against: list = field(default_factory=list)
-    eval_backbone: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
-    merge_device: str = "cpu"
-    backend: str | None = None
-    max_memory: str | None = None
-    keep_models: bool = False
-
-    def grid(self) -> list[dict]:
-        """Every point of the grid, in axis order (top_rate_se slowest)."""
-        axes = {"top_rate_se": self.top_rate_se, "top_rate_osm": self.top_rate_osm,
-                "alpha": self.alpha, "beta": self.beta, "retention": self.retention}
-        for k, v in axes.items():
-            if not isinstance(v, (list, tuple)) or not v:
-                raise ConfigError(f"sweep axis {k}: expected a non-empty list, got {v!r}")
-            for x in v:
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                    raise ConfigError(f"sweep axis {k}: expected numbers, got {x!r}")
-        for k in ("top_rate_se", "top_rate_osm", "retention"):
-            if any(not 0 <= x <= 1 for x in axes[k]):
-                raise ConfigError(f"sweep axis {k}: values must be in [0, 1]")
-        return [dict(zip(axes, (float(x) for x in combo)))
-                for combo in itertools.product(*axes.values())]
+from .sweep_config import SweepConfig
 
 
 def from_run(run_dir: str | Path, stage: str | None = None) -> dict:
