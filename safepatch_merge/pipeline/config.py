@@ -12,54 +12,46 @@ Top level::
                               # data file; osm is gradient descent on the stage data)
     score:  {...}             # ScoreConfig keys shared by both patches, plus se: / osm: overrides
     merge:  {parameters, patches, output, include, exclude, backend, device, max_memory}
-    eval:   {enabled, backbone, suites, limit, ..., see EVAL_KEYS}
+    eval:   {...}             # EvalConfig keys (enabled, backbone, suites, limit, ...)
 
-A stage's own derive/score/merge/eval mappings are deep-merged over the top-level ones. Unknown
-keys anywhere are errors naming the key path; every value is checked by the owning module's own
-validation (DeriveConfig.validate, ScoreConfig.validate, the merge config parser) before any
-work starts.
+A stage's own derive/score/merge/eval mappings are deep-merged over the top-level ones. The
+derive, score and eval keys are the fields of DeriveConfig, ScoreConfig and EvalConfig
+(config_fields.py checks each key and its type); unknown keys anywhere are errors naming the
+key path; every value is checked by the owning config's own validation (and the merge section
+by the merge config parser) before any work starts.
 """
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..derive.train import SE_OBJECTIVES, DeriveConfig
+from ..config_fields import build, check_keys, check_mapping, yaml_keys, yaml_values
+from ..derive.config import DeriveConfig
+from ..derive.objective_table import SE_OBJECTIVES
 from ..errors import ConfigError
-from ..merge.config import check_keys, read_yaml
-from ..score.api import ScoreConfig
+from ..eval.config import EvalConfig
+from ..score.config import ScoreConfig
 
 TOP_KEYS = ("backbone", "device", "data", "stages", "derive", "score", "merge", "eval")
 STAGE_KEYS = ("name", "data", "derive", "score", "merge", "eval")
 SIDES = ("se", "osm")
 OBJECTIVE = {"se": "ga", "osm": "gd"}
 SIDE_OBJECTIVES = {"se": SE_OBJECTIVES, "osm": ("gd",)}
-# Derive keys shared by both patches; the objective and a patch's own data file are per side.
-DERIVE_KEYS = tuple(f.name for f in fields(DeriveConfig) if f.name not in ("objective",))
-DERIVE_SIDE_KEYS = DERIVE_KEYS + ("objective", "data")
+DEVICES = ("auto", "cpu", "cuda")
+# The objective and a patch's own data file are per side, never shared by both patches.
+DERIVE_SIDE_ONLY = ("objective",)
 DERIVE_PATHS = ("retain_data", "calib_prompts", "calib_reference")
-SCORE_KEYS = tuple(f.name for f in fields(ScoreConfig))
 MERGE_KEYS = ("parameters", "patches", "output", "include", "exclude", "backend", "device",
               "max_memory")
 MERGE_PATCH_KEYS = ("nonfinite",)  # patch paths and format are the pipeline's own
-EVAL_KEYS = ("enabled", "backbone", "suites", "limit", "subset_seed", "dedup",
-             "fuzzy_threshold", "max_new_tokens", "temperature", "top_p", "seed",
-             "system_prompt", "batch_size", "dtype", "guard", "guard_kind", "utility",
-             "utility_file", "utility_limit", "utility_max_tokens")
-EVAL_DEFAULTS = {"enabled": True, "backbone": True,
-                 "suites": ["xstest", "harmbench", "strongreject", "advbench"],
-                 "limit": None, "subset_seed": 0, "dedup": True, "fuzzy_threshold": 0.85,
-                 "max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0,
-                 "system_prompt": None, "batch_size": 8, "dtype": "auto", "guard": None,
-                 "guard_kind": "auto", "utility": True, "utility_file": None,
-                 "utility_limit": None, "utility_max_tokens": 256}
+EVAL_KEYS = yaml_keys(EvalConfig)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageConfig:
     """One stage: harmful data and the fully resolved options of its four steps."""
 
@@ -68,7 +60,7 @@ class StageConfig:
     derive: dict[str, DeriveConfig]      # "se" / "osm"
     score: dict[str, ScoreConfig]        # "se" / "osm"
     merge: dict                          # merge section (parameters, patches, output, ...)
-    eval: dict                           # every EVAL_KEYS key
+    eval: EvalConfig
     derive_data: dict = field(default_factory=dict)  # side -> its own data file (or None)
 
     def train_data(self, side: str) -> str:
@@ -84,7 +76,7 @@ class StageConfig:
         return list(dict.fromkeys(files))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """A parsed, validated run config. Paths are absolute (relative ones are resolved
     against the config file's directory)."""
@@ -102,10 +94,8 @@ class RunConfig:
                             "derive": {k: asdict(v) for k, v in s.derive.items()},
                             "derive_data": s.derive_data,
                             "score": {k: asdict(v) for k, v in s.score.items()},
-                            "merge": s.merge, "eval": s.eval} for s in self.stages]}
-
-
-_check_keys = check_keys  # one implementation of the unknown-key rule for every YAML schema
+                            "merge": s.merge, "eval": yaml_values(s.eval)}
+                           for s in self.stages]}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -126,33 +116,15 @@ def _path(v: Any, key: str, base_dir: Path) -> str:
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
-def _side_options(section: dict, keys: tuple[str, ...], where: str) -> dict[str, dict]:
-    """{se: opts, osm: opts}: shared keys with the side's own keys on top."""
-    _check_keys(section, keys + SIDES, where)
-    shared = {k: v for k, v in section.items() if k not in SIDES}
-    return {s: {**shared, **_check_keys(section.get(s), keys, f"{where}.{s}")} for s in SIDES}
-
-
-def _build(cls, opts: dict, where: str, **fixed):
-    try:
-        obj = cls(**{**opts, **fixed})
-    except TypeError as e:  # a wrong type that the dataclass itself trips on
-        raise ConfigError(f"{where}: {e}") from None
-    try:
-        obj.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return obj
-
-
 def _derive_configs(section: dict, device: str, where: str, base_dir: Path
                     ) -> tuple[dict[str, DeriveConfig], dict[str, str | None]]:
     """({se, osm}: DeriveConfig, {se, osm}: own data file or None)."""
-    _check_keys(section, DERIVE_KEYS + SIDES, where)
-    shared = {k: v for k, v in section.items() if k not in SIDES}
+    shared = check_mapping(DeriveConfig, section, where, extra=SIDES, skip=DERIVE_SIDE_ONLY)
+    shared = {k: v for k, v in shared.items() if k not in SIDES}
     out, data = {}, {}
     for side in SIDES:
-        opts = {**shared, **_check_keys(section.get(side), DERIVE_SIDE_KEYS, f"{where}.{side}")}
+        opts = {**shared, **check_mapping(DeriveConfig, section.get(side), f"{where}.{side}",
+                                          extra=("data",))}
         objective = opts.pop("objective", OBJECTIVE[side])
         if objective not in SIDE_OBJECTIVES[side]:
             raise ConfigError(f"{where}.{side}.objective: expected one of "
@@ -162,25 +134,26 @@ def _derive_configs(section: dict, device: str, where: str, base_dir: Path
         for k in DERIVE_PATHS:
             if opts.get(k) is not None:
                 opts[k] = _path(opts[k], f"{where}.{side}.{k}", base_dir)
-        for k in ("lora_target", "train_include", "train_exclude", "stop_when"):
-            if k in opts and isinstance(opts[k], str):
-                opts[k] = [opts[k]]
         opts.setdefault("device", device)
-        out[side] = _build(DeriveConfig, opts, f"{where}.{side}", objective=objective)
+        out[side] = build(DeriveConfig, {**opts, "objective": objective}, f"{where}.{side}")
     return out, data
 
 
 def _score_configs(section: dict, device: str, where: str) -> dict[str, ScoreConfig]:
+    """{se, osm}: ScoreConfig, the shared keys with the side's own on top."""
+    shared = check_mapping(ScoreConfig, section, where, extra=SIDES)
+    shared = {k: v for k, v in shared.items() if k not in SIDES}
     out = {}
-    for side, opts in _side_options(section, SCORE_KEYS, where).items():
+    for side in SIDES:
+        opts = {**shared, **check_mapping(ScoreConfig, section.get(side), f"{where}.{side}")}
         opts.setdefault("device", device)
-        out[side] = _build(ScoreConfig, opts, f"{where}.{side}")
+        out[side] = build(ScoreConfig, opts, f"{where}.{side}")
     return out
 
 
 def _merge_section(section: dict, where: str) -> dict:
-    _check_keys(section, MERGE_KEYS, where)
-    _check_keys(section.get("patches"), MERGE_PATCH_KEYS, f"{where}.patches")
+    check_keys(section, MERGE_KEYS, where)
+    check_keys(section.get("patches"), MERGE_PATCH_KEYS, f"{where}.patches")
     # Validate with the merge module's own parser on a stand-in config; the pipeline fills in
     # the real backbone / patch / score paths per stage.
     from ..merge.config import parse_config
@@ -212,51 +185,27 @@ def merge_config_dict(section: dict, backbone: str, patches: dict, scores: dict)
     return cfg
 
 
-def _eval_section(section: dict, where: str, base_dir: Path) -> dict:
-    _check_keys(section, EVAL_KEYS, where)
-    ev = {**EVAL_DEFAULTS, **section}
-    for k in ("enabled", "backbone", "dedup", "utility"):
-        if not isinstance(ev[k], bool):
-            raise ConfigError(f"{where}.{k}: expected true or false, got {ev[k]!r}")
-    if isinstance(ev["suites"], str):
-        ev["suites"] = [ev["suites"]]
-    if not isinstance(ev["suites"], list) or not ev["suites"] or \
-            not all(isinstance(s, str) and s for s in ev["suites"]):
-        raise ConfigError(f"{where}.suites: expected a non-empty list of suite names or files")
-    from ..eval.suites import PACKAGED
-    ev["suites"] = [s if s in PACKAGED else _path(s, f"{where}.suites", base_dir)
-                    for s in ev["suites"]]
-    for k in ("limit", "utility_limit"):
-        v = ev[k]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"{where}.{k}: expected a positive integer or null, got {v!r}")
-    for k in ("max_new_tokens", "batch_size", "utility_max_tokens"):
-        v = ev[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
-    for k in ("temperature", "top_p", "fuzzy_threshold"):
-        v = ev[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
-    from ..eval.generate import GenerationSettings
-    try:
-        GenerationSettings(max_new_tokens=ev["max_new_tokens"], temperature=ev["temperature"],
-                           top_p=ev["top_p"], seed=ev["seed"])
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+def _eval_section(section: dict, where: str, base_dir: Path) -> EvalConfig:
+    ev = check_mapping(EvalConfig, section, where)
+    if "suites" in ev:
+        from ..eval.suites import PACKAGED
+
+        ev["suites"] = [s if s in PACKAGED else _path(s, f"{where}.suites", base_dir)
+                        for s in ev["suites"]]
     for k in ("utility_file", "guard"):
-        if ev[k] is not None:
+        if ev.get(k) is not None:
             ev[k] = _path(ev[k], f"{where}.{k}", base_dir)
-    return ev
+    return build(EvalConfig, ev, where)
 
 
-def _check_calibration_apart(derive: dict[str, DeriveConfig], ev: dict, where: str) -> None:
+def _check_calibration_apart(derive: dict[str, DeriveConfig], ev: EvalConfig, where: str
+                             ) -> None:
     """A behavioural stop must not calibrate on the answers whose perplexity is reported."""
-    if not (ev["enabled"] and ev["utility"]):
+    if not (ev.enabled and ev.utility):
         return
     from ..eval.utility import default_reference_path
 
-    reported = Path(ev["utility_file"] or default_reference_path()).resolve()
+    reported = Path(ev.utility_file or default_reference_path()).resolve()
     for side, dc in derive.items():
         if dc.calib_reference and Path(dc.calib_reference).resolve() == reported:
             raise ConfigError(f"{where}.derive.{side}.calib_reference is the eval's utility "
@@ -270,12 +219,12 @@ def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
-    _check_keys(raw, TOP_KEYS, "")
+    check_keys(raw, TOP_KEYS, "")
     if "backbone" not in raw:
         raise ConfigError("backbone: required (the model directory to patch)")
     backbone = _path(raw["backbone"], "backbone", base)
     device = raw.get("device", "auto")
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICES:
         raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
     stages_raw = raw.get("stages")
     if stages_raw is None:
@@ -293,7 +242,7 @@ def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
     stages, names = [], set()
     for i, st in enumerate(stages_raw):
         where = f"stages[{i}]"
-        _check_keys(st, STAGE_KEYS, where)
+        check_keys(st, STAGE_KEYS, where)
         name = st.get("name", f"stage{i + 1}")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{where}.name: expected letters, digits, _ . - (<= 64), got {name!r}")
@@ -320,6 +269,8 @@ def parse_run_config(raw: Any, base_dir: str | Path | None = None) -> RunConfig:
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run config file."""
+    from ..merge.config import read_yaml
+
     path = Path(path)
     raw = read_yaml(path)
     try:

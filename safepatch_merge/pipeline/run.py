@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..config_fields import yaml_values
 from ..errors import ConfigError
+from ..eval.config import EvalConfig
 from ..eval.report import write_atomic
 from .config import RunConfig, load_run_config, merge_config_dict, parse_run_config
 from .stages import StepRunner, dir_fingerprint, file_identity
@@ -40,29 +42,19 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _eval_step(runner: StepRunner, stage: str, model: Path, model_id: str, ev: dict,
+def _eval_step(runner: StepRunner, stage: str, model: Path, model_id: str, ev: EvalConfig,
                dedup_files: list[str], out: Path, device: str, label: str, progress: bool):
-    from ..eval.generate import GenerationSettings
     from ..eval.judge_models import judge_identity
     from ..eval.run import evaluate
 
-    dedup = dedup_files if ev["dedup"] else []
+    dedup = dedup_files if ev.dedup else []
     # the judge is part of the key: a new judge re-evaluates rather than mixing verdicts
-    inputs = {"model": model_id, "eval": ev, "device": device, "judge": judge_identity(),
-              "dedup": [[f, file_identity(f)] for f in dedup]}
+    inputs = {"model": model_id, "eval": yaml_values(ev), "device": device,
+              "judge": judge_identity(), "dedup": [[f, file_identity(f)] for f in dedup]}
 
     def fn(o: Path) -> dict:
-        settings = GenerationSettings(max_new_tokens=ev["max_new_tokens"],
-                                      temperature=ev["temperature"], top_p=ev["top_p"],
-                                      seed=ev["seed"], system_prompt=ev["system_prompt"])
-        res = evaluate(model, o, ev["suites"], limit=ev["limit"], subset_seed=ev["subset_seed"],
-                       dedup_against=dedup, fuzzy_threshold=ev["fuzzy_threshold"],
-                       settings=settings, batch_size=ev["batch_size"], device=device,
-                       dtype=ev["dtype"], guard=ev["guard"], guard_kind=ev["guard_kind"],
-                       utility=ev["utility"], utility_file=ev["utility_file"],
-                       utility_limit=ev["utility_limit"],
-                       utility_max_tokens=ev["utility_max_tokens"], label=label,
-                       progress=progress)
+        kwargs = replace(ev, device=device, dedup_against=dedup, label=label).evaluate_kwargs()
+        res = evaluate(model, o, **kwargs, progress=progress)
         return {"headline": res["headline"],
                 "utility_perplexity": (res.get("utility") or {}).get("perplexity")}
 
@@ -106,7 +98,7 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
 
     bb_path, bb_id = backbone, dir_fingerprint(backbone)
     first_ev = cfg.stages[0].eval
-    if first_ev["enabled"] and first_ev["backbone"]:
+    if first_ev.enabled and first_ev.backbone:
         o = _eval_step(runner, "00-backbone", bb_path, bb_id, first_ev, all_data,
                        out / "backbone_eval", device, "backbone", progress)
         record["backbone_eval"] = o.output
@@ -173,7 +165,7 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
                      "scores": {s: str(sdir / f"scores_{s}") for s in scores},
                      "model": merged.output, "model_id": merged.output_id,
                      "steps": {o.step: o.key for o in runner.outcomes if o.stage == sid}}
-        if st.eval["enabled"]:
+        if st.eval.enabled:
             ev = _eval_step(runner, sid, Path(merged.output), merged.output_id, st.eval,
                             all_data, sdir / "eval", device, st.name, progress)
             stage_rec["eval"] = ev.output
