@@ -103,16 +103,21 @@ def test_quiet_verbose_progress_on_every_command(command, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
-def test_cli_choices_match_the_library():
-    """derive and score spell some choices themselves (to keep --help free of torch)."""
-    from safepatch_merge.cli import derive_cmd, score_cmd
+def test_cli_choices_are_the_library_s():
+    """derive and score take their choices from the torch-free config modules that the
+    library itself checks against: one spelling each."""
     from safepatch_merge.derive import behaviour, objectives, train
     from safepatch_merge.score import api, distributed, snip
 
-    assert derive_cmd.PRECISIONS == train.PRECISIONS and derive_cmd.STOP_ON == train.STOP_ON
-    assert derive_cmd.OBJECTIVES == tuple(objectives.OBJECTIVES)
-    assert derive_cmd.METRICS == behaviour.METRICS
-    assert score_cmd.LOSSES == api.LOSSES and score_cmd.SPLITS == api.SPLITS
-    assert score_cmd.SALIENCY_ON == tuple(api.SALIENCY_ON)
-    assert score_cmd.PARALLEL == distributed.PARALLEL
-    assert score_cmd.ACCUMULATIONS == snip.ACCUMULATIONS and score_cmd.BUFFERS == snip.BUFFERS
+    parser = build_parser()
+    derive = {a.dest: a for a in parser.commands["derive"]._actions}
+    score = {a.dest: a for a in parser.commands["score"]._actions}
+    assert derive["objective"].choices == tuple(objectives.OBJECTIVES)
+    assert derive["precision"].choices == train.PRECISIONS
+    assert derive["stop_on"].choices == train.STOP_ON
+    assert all(m in derive["stop_when"].help for m in behaviour.METRICS)
+    assert score["loss"].choices == api.LOSSES and score["split"].choices == api.SPLITS
+    assert score["saliency_on"].choices == tuple(api.SALIENCY_ON)
+    assert score["parallel"].choices == distributed.PARALLEL
+    assert score["accumulation"].choices == snip.ACCUMULATIONS
+    assert score["score_buffers"].choices == snip.BUFFERS
