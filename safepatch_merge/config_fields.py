@@ -4,7 +4,7 @@ check of a YAML mapping (`from_mapping`) are derived.
 
 A field is declared with `option(default, help=..., ...)`; its metadata:
 
-- help: the `--help` text. choices: the allowed values (argparse choices; the dataclass's own
+- help: the `--help` text; `{default}` in it stands for the default. choices: the allowed values (argparse choices; the dataclass's own
   validation checks them for every other caller, with its own message).
 - flag: the command-line flag when it is not `--name-with-dashes` (e.g. "--lr"); a bool that
   defaults to True needs one that turns it off (e.g. "--no-utility").
@@ -12,10 +12,11 @@ A field is declared with `option(default, help=..., ...)`; its metadata:
 - append: a repeatable flag that collects a list (`--suite A --suite B`); unset means the
   field's default.
 - required: the command line must give it (the default serves the Python API).
-- cli=False: a YAML-only key; yaml=False: a command-line-only option.
+- cli=False: a YAML-only key; yaml=False: a command-line-only option (a field that is
+  neither is the Python API's alone and may have any type).
 
-The type of a field comes from its annotation: bool, int, float, str or list[str | int |
-float], each optionally `| None`. In YAML an int counts as a float, a bool as neither, and a
+The type of a field comes from its annotation: bool, int, float, str, or a list[X] or
+tuple[X, ...] of one of them, each optionally `| None`. In YAML an int counts as a float, a bool as neither, and a
 single string as a one-item list of strings. Nothing here imports torch, so `--help` stays
 fast.
 """
@@ -46,7 +47,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str | None = None,
            group: str | None = None, append: bool = False, required: bool = False,
            cli: bool = True, yaml: bool = True) -> Any:
     """A dataclass field with its command-line and YAML metadata (see the module docstring).
-    A list default is copied for each instance."""
+    A list default is copied for each instance; a field without a default must be given."""
     meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar,
             "group": group, "append": append, "required": required, "cli": cli,
             "yaml": yaml}
@@ -71,11 +72,13 @@ class FieldType(typing.NamedTuple):
 
 
 def field_types(cls) -> dict[str, FieldType]:
-    """{field name: FieldType} of a config dataclass, from its annotations."""
+    """{field name: FieldType} of the command-line and YAML fields of a config dataclass,
+    from their annotations (a field that is neither may have any type)."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        out[f.name] = _parse_hint(hints[f.name], f"{cls.__name__}.{f.name}")
+        if f.metadata.get("cli", True) or f.metadata.get("yaml", True):
+            out[f.name] = _parse_hint(hints[f.name], f"{cls.__name__}.{f.name}")
     return out
 
 
@@ -91,6 +94,10 @@ def _parse_hint(hint: Any, where: str) -> FieldType:
         args = typing.get_args(hint)
     if typing.get_origin(hint) is list and len(args) == 1 and args[0] in _NAMES:
         return FieldType(args[0], True, optional)
+    # tuple[X, ...]: a list on the command line and in YAML; the config keeps it as a tuple
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis \
+            and args[0] in _NAMES:
+        return FieldType(args[0], True, optional)
     if hint in _NAMES:
         return FieldType(hint, False, optional)
     raise TypeError(f"{where}: unsupported annotation {hint!r}")
@@ -101,6 +108,21 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
+
+
+def help_text(f: dataclasses.Field) -> str | None:
+    """The field's help with `{default}` replaced by its default (a list's items joined by
+    spaces, a float in %g form)."""
+    text = f.metadata.get("help")
+    if text is None or "{default}" not in text:
+        return text
+    d = _default(f)
+    shown = " ".join(map(_show, d)) if isinstance(d, (list, tuple)) else _show(d)
+    return text.replace("{default}", shown)
+
+
+def _show(v: Any) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
@@ -124,11 +146,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
                 groups[title] = parser.add_argument_group(title)
             target = groups[title]
         kw: dict[str, Any] = {"dest": f.name}
+        default = _default(f)
         if m.get("help") is not None:
-            kw["help"] = m["help"]
+            kw["help"] = help_text(f)
         if m.get("metavar") is not None:
             kw["metavar"] = m["metavar"]
-        default = _default(f)
         flag = m.get("flag") or "--" + f.name.replace("_", "-")
         if t.scalar is bool and not t.is_list:
             if default is True:

@@ -12,18 +12,20 @@ import pytest
 
 from safepatch_merge.cli import build_parser
 from safepatch_merge.config_fields import (FieldError, add_arguments, build, check_mapping,
-                                           field_types, from_args, from_mapping, option,
-                                           yaml_keys)
+                                           field_types, from_args, from_mapping, help_text,
+                                           option, yaml_keys)
 from safepatch_merge.derive.config import DeriveConfig
 from safepatch_merge.errors import ConfigError
 from safepatch_merge.eval.config import EvalConfig
 from safepatch_merge.pipeline.config import parse_run_config
+from safepatch_merge.pipeline.demo import DemoConfig
 from safepatch_merge.pipeline.sweep_config import SweepConfig
 from safepatch_merge.score.config import ScoreConfig
 
 CONFIG_MODULES = ("safepatch_merge.config_fields", "safepatch_merge.derive.config",
                   "safepatch_merge.score.config", "safepatch_merge.eval.config",
-                  "safepatch_merge.pipeline.config", "safepatch_merge.pipeline.sweep_config")
+                  "safepatch_merge.pipeline.config", "safepatch_merge.pipeline.sweep_config",
+                  "safepatch_merge.pipeline.demo")
 
 
 def test_config_modules_and_the_parser_import_no_torch():
@@ -48,6 +50,7 @@ MINIMAL = {
     "sweep": (["-o", "X", "--backbone", "B"], SweepConfig,
               {"backbone": "B", "patch_se": None, "patch_osm": None, "scores_se": None,
                "scores_osm": None}),
+    "demo": ([], DemoConfig, {}),
 }
 
 
@@ -73,7 +76,7 @@ def test_cli_defaults_are_the_dataclass_defaults(command):
             assert a.required, f.name
         else:
             assert a.default == want, f.name
-        assert a.help == f.metadata["help"] or f.metadata["help"] is None, f.name
+        assert a.help == help_text(f), f.name
 
 
 def test_every_derive_option_reaches_its_field():
@@ -99,6 +102,18 @@ def test_every_derive_option_reaches_its_field():
         else:
             argv, want = [flag, "7"], t.scalar(7)
         assert getattr(parser.parse_args(base + argv), f.name) == want, flag
+
+
+def test_help_shows_the_declared_default():
+    actions = {a.dest: a for a in build_parser().commands["derive"]._actions}
+    assert actions["max_steps"].help == "step budget (default 100)"
+    assert actions["lora_target"].help.startswith("module names (default all-linear:")
+    demo = {a.dest: a for a in build_parser().commands["demo"]._actions}
+    assert demo["eval_suites"].help == "eval suite (repeat; default xstest harmbench strongreject)"
+    assert demo["eval_suites"].default is None
+    args = build_parser().parse_args(["demo", "--eval-suite", "advbench", "--se-lr", "0.5"])
+    cfg = from_args(DemoConfig, args)
+    assert cfg.eval_suites == ("advbench",) and cfg.se_lr == 0.5 and cfg.osm_lr == 2e-5
 
 
 def test_renamed_flags_build_the_config():
@@ -247,3 +262,23 @@ def test_list_defaults_are_not_shared():
     a, b = _Toy(name="a"), _Toy(name="b")
     a.tags.append("z")
     assert b.tags == ["a"] and _Toy(name="c").tags == ["a"]
+
+
+def test_step_keys_of_a_run_config_are_stable(tmp_path):
+    """The options a run hashes into its step manifests (derive, score, eval) hash as they did
+    when each config was spelled by hand, so a finished run directory is not redone after an
+    upgrade. The digests are those of the hand-spelled layout on this config."""
+    from safepatch_merge.config_fields import yaml_values
+    from safepatch_merge.pipeline.stages import canonical_hash
+
+    raw = {"backbone": "/b", "data": "/d.jsonl",
+           "derive": {"heldout": 0, "lora_target": "q_proj",
+                      "se": {"nll_ceiling": 8, "objective": "npo"}},
+           "score": {"saliency_on": "questions"}, "eval": {"suites": ["xstest"], "limit": 4}}
+    (st,) = parse_run_config(raw, "/").stages
+    got = [canonical_hash(dataclasses.asdict(st.derive["se"]))[:16],
+           canonical_hash(dataclasses.asdict(st.derive["osm"]))[:16],
+           canonical_hash(dataclasses.asdict(st.score["se"]))[:16],
+           canonical_hash(yaml_values(st.eval))[:16]]
+    assert got == ["6a48ac492a43a9f6", "e5748a63a816dd29", "c8baefca0845b193",
+                   "5944fd4e0a2ad323"]

@@ -51,8 +51,8 @@ class DeriveConfig:
     hf_split: str = option("train", group=_DATA, help="split of a dataset name")
     limit: int | None = option(None, group=_DATA, help="use the first N pairs")
     heldout: float = option(0.1, group=_DATA, help="fraction of distinct prompts held out "
-                                                   "(default 0.1; 0 = none)")
-    max_length: int = option(512, group=_DATA, help="tokens per example (default 512)")
+                                                   "(default {default}; 0 = none)")
+    max_length: int = option(512, group=_DATA, help="tokens per example (default {default})")
     system_prompt: str | None = option(None, group=_DATA,
                                        help="system message before every prompt")
     chat_template: str | None = option(
@@ -60,13 +60,13 @@ class DeriveConfig:
                                 "none or another is wanted")
     # training
     learning_rate: float = option(1e-5, group=_TRAIN, flag="--lr",
-                                  help="learning rate (default 1e-5)")
-    max_steps: int = option(100, group=_TRAIN, help="step budget (default 100)")
+                                  help="learning rate (default {default})")
+    max_steps: int = option(100, group=_TRAIN, help="step budget (default {default})")
     epochs: int | None = option(None, group=_TRAIN,
                                 help="stop after this many passes over the data")
-    batch_size: int = option(4, group=_TRAIN, help="per device (default 4)")
+    batch_size: int = option(4, group=_TRAIN, help="per device (default {default})")
     grad_accum: int = option(1, group=_TRAIN)
-    max_grad_norm: float = option(1.0, group=_TRAIN, help="clip (default 1.0)")
+    max_grad_norm: float = option(1.0, group=_TRAIN, help="clip (default {default})")
     weight_decay: float = option(0.0, group=_TRAIN)
     lr_scheduler: str = option("constant", group=_TRAIN,
                                help="transformers scheduler name: constant, linear, cosine, ...")
@@ -93,10 +93,10 @@ class DeriveConfig:
     max_shard_size: str = option("5GB", group=_TRAIN)
     # objectives
     npo_beta: float = option(0.1, group=_OBJ, help="npo: inverse temperature β of NPO "
-                                                   "(default 0.1; not the merge's β)")
+                                                   "(default {default}; not the merge's β)")
     retain_data: str | None = option(
         None, group=_OBJ, help="graddiff: retain set file (benign prompt/answer pairs)")
-    retain_weight: float = option(1.0, group=_OBJ, help="graddiff: λ (default 1)")
+    retain_weight: float = option(1.0, group=_OBJ, help="graddiff: λ (default {default})")
     retain_prompt_field: str = option("instruction", group=_OBJ)
     retain_response_field: str = option("output", group=_OBJ)
     retain_input_field: str | None = option(
@@ -110,7 +110,7 @@ class DeriveConfig:
              "prompts, kept where judged compliance (responses in --data are not needed)")
     on_policy_max_new_tokens: int = option(64, group=_OBJ)
     on_policy_min_pairs: int = option(
-        8, group=_OBJ, help="fewer compliant answers than this is an error (default 8)")
+        8, group=_OBJ, help="fewer compliant answers than this is an error (default {default})")
     # confinement (confine.py)
     train_include: list[str] = option(
         [], group=_CONFINE, metavar="GLOB",
@@ -135,13 +135,13 @@ class DeriveConfig:
     calib_reference: str | None = option(
         None, group=_STOP, help="benign prompt/response pairs (JSONL) whose perplexity is "
                                 "measured at every check")
-    calib_every: int = option(10, group=_STOP, help="check every N steps (default 10)")
+    calib_every: int = option(10, group=_STOP, help="check every N steps (default {default})")
     calib_limit: int | None = option(None, group=_STOP, help="first N calibration prompts")
     calib_reference_limit: int | None = option(None, group=_STOP,
                                                help="first N reference pairs")
     calib_max_new_tokens: int = option(48, group=_STOP)
     calib_reference_tokens: int = option(
-        256, group=_STOP, help="response tokens per reference answer (default 256)")
+        256, group=_STOP, help="response tokens per reference answer (default {default})")
     calib_batch_size: int = option(
         16, group=_STOP, help="generation batch of the calibration checks and of --on-policy")
     # LoRA
@@ -151,7 +151,7 @@ class DeriveConfig:
     lora_dropout: float = option(0.0, group=_LORA)
     lora_target: list[str] = option(
         ["all-linear"], group=_LORA,
-        help="module names (default all-linear: every linear layer but the head)")
+        help="module names (default {default}: every linear layer but the head)")
     save_merged: bool = option(
         True, group=_LORA, flag="--no-merged",
         help="write only the adapter (scoring then merges it in memory)")

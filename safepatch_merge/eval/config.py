@@ -30,14 +30,13 @@ class EvalConfig:
     backbone: bool = option(True, cli=False)
     suites: list[str] = option(
         list(DEFAULT_SUITES), append=True, flag="--suite", metavar="NAME|FILE",
-        help="suite name or prompt file (repeatable; default: xstest harmbench strongreject "
-             "advbench)")
+        help="suite name or prompt file (repeatable; default: {default})")
     limit: int | None = option(None, help="fixed subset: at most N prompts per suite")
     subset_seed: int = option(0, help="seed of the fixed subset")
     file_prompts: str = option(
         "harmful", choices=tuple(FILE_PROMPTS), yaml=False,
         help="what rows of a user prompt file are when they carry no harmful/label field "
-             "(labelled: they must; default harmful)")
+             "(labelled: they must; default {default})")
     dedup: bool = option(True, cli=False)
     dedup_against: list[str] = option(
         [], append=True, yaml=False, metavar="TRAIN_FILE",
@@ -45,7 +44,7 @@ class EvalConfig:
     fuzzy_threshold: float = option(
         DEFAULT_FUZZY_THRESHOLD,
         help="difflib similarity ratio at or above which a prompt counts as a duplicate "
-             "(default 0.85)")
+             "(default {default})")
     max_new_tokens: int = option(256, group=GENERATION)
     batch_size: int = option(8, group=GENERATION)
     temperature: float = option(0.0, group=GENERATION, help="0 = greedy (default)")

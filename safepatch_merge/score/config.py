@@ -68,7 +68,7 @@ class ScoreConfig:
              "model, scores its share of the batches; default) or fsdp (parameters sharded "
              "with FSDP2)")
     dist_timeout: float = option(1800.0, help="seconds a collective waits for a missing "
-                                              "process (default 1800)")
+                                              "process (default {default})")
     exclude: str | None = option(None, help="regex of tensor names not to score (kept "
                                             "unpatched)")
     max_shard_size: str = option("2GB")
