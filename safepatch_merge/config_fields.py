@@ -4,8 +4,9 @@ check of a YAML mapping (`from_mapping`) are derived.
 
 A field is declared with `option(default, help=..., ...)`; its metadata:
 
-- help: the `--help` text; `{default}` in it stands for the default. choices: the allowed values (argparse choices; the dataclass's own
-  validation checks them for every other caller, with its own message).
+- help: the `--help` text; `{default}` in it stands for the default.
+- choices: the allowed values (argparse choices; the dataclass's own validation checks them
+  for every other caller, with its own message).
 - flag: the command-line flag when it is not `--name-with-dashes` (e.g. "--lr"); a bool that
   defaults to True needs one that turns it off (e.g. "--no-utility").
 - metavar, group (title of the argparse argument group).
@@ -16,9 +17,9 @@ A field is declared with `option(default, help=..., ...)`; its metadata:
   neither is the Python API's alone and may have any type).
 
 The type of a field comes from its annotation: bool, int, float, str, or a list[X] or
-tuple[X, ...] of one of them, each optionally `| None`. In YAML an int counts as a float, a bool as neither, and a
-single string as a one-item list of strings. Nothing here imports torch, so `--help` stays
-fast.
+tuple[X, ...] of one of them, each optionally `| None`. In YAML an int counts as a float, a
+bool as neither, and a single string as a one-item list of strings. Nothing here imports
+torch, so `--help` stays fast.
 """
 from __future__ import annotations
 
@@ -125,9 +126,9 @@ def _show(v: Any) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
+def add_arguments(parser: argparse.ArgumentParser, cls, *,
                   groups: dict[str, Any] | None = None) -> None:
-    """Add one option per command-line field of `cls` (all but `skip`), in declaration order,
+    """Add one option per command-line field of `cls`, in declaration order,
     each with the field's default, type, choices and help. `groups` (title -> argparse group)
     collects the groups made along the way; pass the same dict to several calls to share
     them."""
@@ -135,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
     ftypes = field_types(cls)
     for f in dataclasses.fields(cls):
         m = f.metadata
-        if not m.get("cli", True) or f.name in skip:
+        if not m.get("cli", True):
             continue
         t = ftypes[f.name]
         title = m.get("group")

@@ -29,7 +29,8 @@ CONFIG_MODULES = ("safepatch_merge.config_fields", "safepatch_merge.derive.confi
 
 
 def test_config_modules_and_the_parser_import_no_torch():
-    probe = (f"import importlib, json, sys\nfor m in {CONFIG_MODULES!r}: importlib.import_module(m)\n"
+    probe = ("import importlib, json, sys\n"
+             f"for m in {CONFIG_MODULES!r}: importlib.import_module(m)\n"
              "from safepatch_merge.cli import build_parser\nbuild_parser()\n"
              "from safepatch_merge.derive.config import DeriveConfig\n"
              "from safepatch_merge.score.config import ScoreConfig\n"
