@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config_fields import build, check_keys, check_mapping, yaml_keys, yaml_values
+from ..config_fields import build, check_keys, check_mapping, yaml_values
 from ..derive.config import DeriveConfig
 from ..derive.objective_table import SE_OBJECTIVES
 from ..errors import ConfigError
@@ -47,7 +47,6 @@ DERIVE_PATHS = ("retain_data", "calib_prompts", "calib_reference")
 MERGE_KEYS = ("parameters", "patches", "output", "include", "exclude", "backend", "device",
               "max_memory")
 MERGE_PATCH_KEYS = ("nonfinite",)  # patch paths and format are the pipeline's own
-EVAL_KEYS = yaml_keys(EvalConfig)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
