@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass
 
 from ..config_fields import FieldError, option
-from .generate import GenerationSettings
-from .suites import DEFAULT_FUZZY_THRESHOLD
 
 DEFAULT_SUITES = ("xstest", "harmbench", "strongreject", "advbench")
+# difflib ratio at or above which an eval prompt counts as a training prompt (suites.deduplicate)
+DEFAULT_FUZZY_THRESHOLD = 0.85
 FILE_PROMPTS = {"harmful": True, "benign": False, "labelled": None}
 GUARD_KINDS = ("auto", "causal-lm", "classifier")
 # argparse group titles of `safepatch eval --help`
@@ -116,8 +116,10 @@ class EvalConfig:
             raise KeyError(key)
         return getattr(self, key)
 
-    def generation(self) -> GenerationSettings:
-        """The decoding settings."""
+    def generation(self):
+        """The decoding settings (a generate.GenerationSettings)."""
+        from .generate import GenerationSettings  # not at import: `--help` stays light
+
         return GenerationSettings(max_new_tokens=self.max_new_tokens,
                                   temperature=self.temperature, top_p=self.top_p,
                                   seed=self.seed, system_prompt=self.system_prompt,

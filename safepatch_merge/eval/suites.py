@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, DataError
+from .config import DEFAULT_FUZZY_THRESHOLD
 
 PACKAGED = {
     "xstest": "xstest.jsonl",
@@ -38,7 +39,6 @@ PACKAGED = {
 # Field names tried, in order, for the prompt text of a user or training file.
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "Goal", "Behavior", "behavior",
                  "forbidden_prompt", "question", "text")
-DEFAULT_FUZZY_THRESHOLD = 0.85
 
 
 @dataclass(frozen=True)
