@@ -98,7 +98,7 @@ def main() -> int:
     if not args.mergekit:
         ap.error("give --mergekit PATH/TO/mergekit-yaml")
     from safepatch_merge.merge import merge
-    from safepatch_merge.merge.mergekit_config import load_mergekit_config
+    from safepatch_merge.merge.config import load_config
     from safepatch_merge.testing import make_tiny_model, perturbed_copy, save_model_dir
 
     mk_version = subprocess.run([str(Path(args.mergekit).parent / "python"), "-c",
@@ -125,7 +125,7 @@ def main() -> int:
                 cwd = os.getcwd()
                 os.chdir(root)
                 try:
-                    merge(load_mergekit_config(cfg), root / f"ours_{method}")
+                    merge(load_config(cfg), root / f"ours_{method}")
                 finally:
                     os.chdir(cwd)
                 r = compare(method, torch_dtype, base, fts, load_dir(root / f"mk_{method}"),

@@ -45,7 +45,7 @@ def test_engine_equals_reference_under_any_budget(models, tmp_path, monkeypatch,
     big = merge(cfg, tmp_path / "big", max_memory="4GiB")
     monkeypatch.setenv("SAFEPATCH_MERGE_MIN_CHUNK", "700")  # embeddings/MLPs in many chunks
     small = merge(cfg, tmp_path / "small", max_memory="1KB")
-    assert small.plan["chunk_elements"] == 700 < big.plan["chunk_elements"]
+    assert small.plan.chunk_elements == 700 < big.plan.chunk_elements
     for f in sorted(p.name for p in (tmp_path / "big").glob("*.safetensors")):
         assert (tmp_path / "big" / f).read_bytes() == (tmp_path / "small" / f).read_bytes(), f
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from classic_reference import reference_merge
 
-from safepatch_merge.merge.classic import default_params, merge_state_dicts
+from safepatch_merge.merge.classic.in_memory import merge_state_dicts
+from safepatch_merge.merge.classic.spec import default_params
 from safepatch_merge.merge.classic import cpu_kernels, fused
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from classic_reference import reference_merge
 
-from safepatch_merge.merge.classic import (METHODS, KthLargest, TensorMerge, default_params,
-                                           get_method, merge_state_dicts, trim_count)
+from safepatch_merge.merge.classic.in_memory import merge_state_dicts
+from safepatch_merge.merge.classic.spec import METHODS, default_params, get_method
+from safepatch_merge.merge.classic.tensor_merge import TensorMerge
+from safepatch_merge.merge.classic.trim import KthLargest, trim_count
 from safepatch_merge.merge.classic.abs_sum import ExactAbsSum, l1_rescale_factor
 
 SHAPES = {"a.weight": (37, 53), "b.bias": (101,), "c.weight": (7, 3, 11)}

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from hostile_helpers import time_limit
 from safepatch_merge.errors import CheckpointError
-from safepatch_merge.io import open_checkpoint, read_header
-from safepatch_merge.io.safetensors_header import DTYPES
+from safepatch_merge.io.checkpoint import open_checkpoint
+from safepatch_merge.io.safetensors_header import DTYPES, read_header
 
 HEADER_CASES = 400
 INDEX_CASES = 200

@@ -10,9 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from safepatch_merge.errors import CheckpointError
-from safepatch_merge.io import (OutputBuilder, Part, Prefetcher, build_header, open_checkpoint,
-                                plan_shards, read_header)
-from safepatch_merge.io.writer import MANIFEST
+from safepatch_merge.io.checkpoint import open_checkpoint
+from safepatch_merge.io.reader import Part, Prefetcher
+from safepatch_merge.io.safetensors_header import build_header, read_header
+from safepatch_merge.io.writer import MANIFEST, OutputBuilder, plan_shards
 
 
 def _tensors():

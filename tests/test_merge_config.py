@@ -56,7 +56,7 @@ def test_bad_configs(raw, needle):
 def test_mode_none_needs_no_scores():
     cfg = parse_config({"backbone": "b", "patches": {"se": "s"},
                         "parameters": {"mask_mode": "none"}})
-    assert cfg.method_params["patches"] == {"se": "s"}
+    assert dict(cfg.params.patches) == {"se": "s"} and dict(cfg.params.scores) == {}
 
 
 @pytest.mark.parametrize("text,n", [("5GB", 5_000_000_000), ("512MiB", 512 << 20),

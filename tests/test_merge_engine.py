@@ -38,7 +38,7 @@ def test_streaming_equals_in_memory(inputs, tmp_path, monkeypatch, label, params
     cfg = write_config(tmp_path / "c.yaml", inputs, params,
                        output={"max_shard_size": "30KB"})
     res = merge(cfg, tmp_path / "out", max_memory="1MB")
-    assert res.plan["chunk_elements"] == 1000
+    assert res.plan.chunk_elements == 1000
     expected = in_memory_merge(inputs, params)
     _assert_same(tmp_path / "out", expected)
     base = load_dir(inputs["base"])
@@ -56,7 +56,7 @@ def test_budget_does_not_change_bytes(inputs, tmp_path, monkeypatch):
     merge(cfg, tmp_path / "big")
     monkeypatch.setenv("SAFEPATCH_MERGE_MIN_CHUNK", "37")
     res = merge(cfg, tmp_path / "small", max_memory="1KB")
-    assert res.plan["chunk_elements"] == 37
+    assert res.plan.chunk_elements == 37
     assert dir_bytes(tmp_path / "big") == dir_bytes(tmp_path / "small")
 
 
@@ -145,10 +145,10 @@ def test_dry_run_writes_nothing(inputs, tmp_path):
     assert res.out_dir is None
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     plan = res.plan
-    assert plan["tensors"] == len(load_dir(inputs["base"]))
-    assert plan["patched_tensors"] < plan["tensors"]  # norms are unscored
-    assert plan["summary"]["selection"]["se"]["groups"]["*"]["k"] > 0
-    assert plan["estimated_peak_memory"] > 0 and plan["read_bytes"] > plan["write_bytes"]
+    assert plan.tensors == len(load_dir(inputs["base"]))
+    assert plan.patched_tensors < plan.tensors  # norms are unscored
+    assert plan.summary["selection"]["se"]["groups"]["*"]["k"] > 0
+    assert plan.estimated_peak_memory > 0 and plan.read_bytes > plan.write_bytes
 
 
 @requires_cuda
@@ -184,6 +184,6 @@ def test_cuda_device_cache_keeps_the_result(inputs, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", inputs, params, output={"max_shard_size": "30KB"})
     plain = merge(cfg, tmp_path / "plain", device="cuda", max_memory="1KB")
     kept = merge(cfg, tmp_path / "kept", device="cuda", max_memory="8GiB")
-    assert plain.plan["device_cache_bytes"] == 0 < kept.plan["device_cache_bytes"]
+    assert plain.plan.device_cache_bytes == 0 < kept.plan.device_cache_bytes
     assert kept.bytes_read < plain.bytes_read
     assert dir_bytes(tmp_path / "plain") == dir_bytes(tmp_path / "kept")

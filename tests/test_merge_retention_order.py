@@ -133,7 +133,7 @@ def test_chunkings_and_budgets(tmp_path_factory, tmp_path, monkeypatch, case, ch
     cfg = write_config(tmp_path / "c.yaml", paths, params, **extra)
     res = merge(cfg, tmp_path / "out", max_memory=budget)
     if chunk is not None:
-        assert res.plan["chunk_elements"] == int(chunk)
+        assert res.plan.chunk_elements == int(chunk)
     want, stats = brute.merge(paths, params, patch_format=fmt,
                               out_dtype=torch.float32 if fmt == "delta" else None)
     assert_bits_equal(load_dir(tmp_path / "out"), want)
@@ -188,8 +188,8 @@ def test_validation_covers_dropped_elements(tmp_path):
 def test_threshold_caches_are_keyed_by_retention(inputs, tmp_path, monkeypatch):
     """thresholds.json and the retained-histogram cache of one work directory serve several
     settings without mixing them up, and a cached setting streams nothing."""
-    from safepatch_merge.io import open_checkpoint
-    from safepatch_merge.merge.engine import EngineContext
+    from safepatch_merge.io.checkpoint import open_checkpoint
+    from safepatch_merge.merge.stream import EngineContext
     from safepatch_merge.merge.thresholds import compute_thresholds_many
     from safepatch_merge.select import Retention
 
@@ -235,13 +235,13 @@ def test_dry_run_says_it_reads_the_scores_again(inputs, tmp_path):
     assert "the pre-pass streams the scores once more" in text
     score_bytes = sum(f.stat().st_size for k in ("scores_se", "scores_osm")
                       for f in inputs[k].glob("model*.safetensors"))
-    extra = before.plan["summary"]["prepass"]["retained_histograms_bytes"]
+    extra = before.plan.summary["prepass"]["retained_histograms_bytes"]
     assert 0.9 * score_bytes < extra <= score_bytes  # tensor bytes, without headers
     for params in ({**BEFORE, "retention_order": "after_selection"},
                    {**BEFORE, "retention": 1.0}, {**BEFORE, "mask_mode": "none"}):
         plan = merge(write_config(tmp_path / "a.yaml", inputs, params), tmp_path / "a",
                      dry_run=True).plan
-        assert "prepass" not in plan["summary"]
+        assert "prepass" not in plan.summary
         assert "streams the scores once more" not in format_plan(plan)
 
 

@@ -25,7 +25,7 @@ import yaml
 from merge_helpers import load_dir
 
 from safepatch_merge.merge import merge
-from safepatch_merge.merge.mergekit_config import load_mergekit_config
+from safepatch_merge.merge.config import load_config
 from safepatch_merge.testing import make_tiny_model, perturbed_copy, save_model_dir
 
 
@@ -93,7 +93,7 @@ def test_same_model_as_mergekit(tiny, tmp_path, monkeypatch, method, tag, dtype)
     mk_out, our_out = tmp_path / "mergekit", tmp_path / "ours"
     run_mergekit(cfg_path, mk_out)
     monkeypatch.chdir(root)
-    merge(load_mergekit_config(cfg_path), our_out)
+    merge(load_config(cfg_path), our_out)
 
     mk, ours = load_dir(mk_out), load_dir(our_out)
     base = load_dir(root / "base")

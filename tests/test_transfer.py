@@ -176,9 +176,9 @@ def test_prepass_scores_stay_on_the_device(inputs, tmp_path, monkeypatch, limit)
     monkeypatch.setattr(transfer, "ops_for", lambda device: ops)
     dev = _safepatch(inputs, tmp_path, "dev", max_memory="4GiB")
     assert dir_bytes(tmp_path / "cpu") == dir_bytes(tmp_path / "dev")
-    cached = dev.plan["device_cache_bytes"]
+    cached = dev.plan.device_cache_bytes
     assert 0 < cached <= limit
-    assert cpu.plan["device_cache_bytes"] == 0
+    assert cpu.plan.device_cache_bytes == 0
     saved = cpu.bytes_read - dev.bytes_read
     assert cached <= saved <= cached * 1.1  # slot parts are 64-byte aligned
     assert dev.prepass_bytes_read == cpu.prepass_bytes_read > 0

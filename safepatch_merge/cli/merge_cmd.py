@@ -53,15 +53,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def format_plan(plan: dict) -> str:
-    """Human-readable plan of a dry run."""
-    lines = [f"method: {plan['method']}  backend: {plan['backend']}  device: {plan['device']}",
-             f"tensors: {plan['tensors']} ({plan['patched_tensors']} patched), "
-             f"shards: {plan['shards']}",
-             f"read: {_gib(plan['read_bytes'])}, write: {_gib(plan['write_bytes'])}",
-             f"chunk: {plan['chunk_elements']} elements; memory budget {_gib(plan['max_memory'])}, "
-             f"estimated peak {_gib(plan['estimated_peak_memory'])}"]
-    s = plan.get("summary") or {}
+def format_plan(plan) -> str:
+    """Human-readable plan of a dry run (plan: engine.MergePlan)."""
+    lines = [f"method: {plan.method}  backend: {plan.backend}  device: {plan.device}",
+             f"tensors: {plan.tensors} ({plan.patched_tensors} patched), shards: {plan.shards}",
+             f"read: {_gib(plan.read_bytes)}, write: {_gib(plan.write_bytes)}",
+             f"chunk: {plan.chunk_elements} elements; memory budget {_gib(plan.max_memory)}, "
+             f"estimated peak {_gib(plan.estimated_peak_memory)}"]
+    s = plan.summary or {}
     for side, sel in (s.get("selection") or {}).items():
         for g, r in sel["groups"].items():
             t = r["threshold"]
@@ -122,7 +121,8 @@ def run(args) -> int:
     if args.stats:
         doc = {"seconds": round(res.seconds, 3), "bytes_read": res.bytes_read,
                "prepass_bytes_read": res.prepass_bytes_read,
-               "bytes_written": res.bytes_written, "stages": res.stages, "plan": res.plan}
+               "bytes_written": res.bytes_written, "stages": res.stages,
+               "plan": res.plan.as_dict()}
         try:
             write_atomic(Path(args.stats), (json.dumps(doc, indent=1, default=str) + "\n").encode())
         except OSError as e:

@@ -1,98 +1,47 @@
 """The merge configuration: YAML schema, parsing and validation (docs/merge_config.md).
 
 Common keys (every method): ``method``, ``backbone``, ``output``, ``include``, ``exclude``,
-``allow_pickle``, ``revision``. Method keys: the method's own section is parsed by the method
-class registered under ``method`` (see :mod:`.methods`), so classic merges add their keys
-without touching this file. Unknown keys anywhere are errors naming the key.
+``allow_pickle``, ``revision``. Method keys: each method's section is parsed by its params
+type in :data:`METHOD_PARAMS` (SafePatching: safepatch_params.py; classic merges:
+mergekit_config.py). Unknown keys anywhere are errors naming the key. A config is parsed once,
+into immutable objects; nothing downstream re-reads the YAML mapping. Imports no torch, so
+reading or checking a config stays fast.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping, Union
+
+import yaml
 
 from ..errors import ConfigError, clip
 from . import defaults
+from .classic.spec import METHODS as CLASSIC_METHODS
+from .config_values import check_keys, get_bool, get_choice, get_str, parse_size
+from .mergekit_config import ClassicParams, from_mergekit, is_mergekit_config
+from .safepatch_params import SafepatchParams
+from .yaml_load import DuplicateKeyError, safe_load_unique
 
-OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+__all__ = ["MergeConfig", "OutputConfig", "Source", "METHOD_PARAMS", "parse_config",
+           "load_config", "read_yaml", "check_keys", "parse_size"]
+
+OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 COMMON_KEYS = ("method", "backbone", "output", "include", "exclude", "allow_pickle", "revision")
 OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card", "hash_inputs",
                "allow_nonfinite")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as huggingface_hub spells it
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+
+MethodParams = Union[SafepatchParams, ClassicParams]
+# Every merge method by its config name, with the type its section parses into. The engine's
+# implementation of each params type is in merge/registry.py.
+METHOD_PARAMS: Mapping[str, type] = MappingProxyType(
+    {"safepatch": SafepatchParams, **{name: ClassicParams for name in CLASSIC_METHODS}})
 
 
-def parse_size(value: Any, key: str) -> int:
-    """Bytes of a size like 5GB, 512MiB, 1e9 or 4096 (decimal units for kB/MB/GB, binary for
-    KiB/MiB/GiB). Raises ConfigError naming `key`."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ConfigError(f"{key}: expected a size like 5GB or 512MiB, got {clip(value)}")
-        unit = (m.group(2) or "").lower().rstrip("b")
-        base = 1024 if unit.endswith("i") else 1000
-        power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-        n = float(m.group(1)) * base ** power
-    if not math.isfinite(n) or n <= 0:
-        raise ConfigError(f"{key}: size must be positive, got {clip(value)}")
-    return int(n)
-
-
-def check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
-    """`d` must be a mapping whose keys are all in `allowed` (error names the first unknown)."""
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            shown = k if isinstance(k, str) and len(k) <= 120 else clip(k)
-            raise ConfigError(f"unknown config key {where + '.' if where else ''}{shown} "
-                              f"(allowed: {', '.join(allowed)})")
-    return d
-
-
-def get_float(d: dict, key: str, default: float, where: str, lo: float | None = None,
-              hi: float | None = None) -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{where}.{key}: expected a finite number, got {clip(v)}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ConfigError(f"{where}.{key} = {v!r} is out of range [{lo}, {hi}]")
-    return float(v)
-
-
-def get_choice(d: dict, key: str, default: str, choices: tuple[str, ...], where: str) -> str:
-    v = d.get(key, default)
-    if v not in choices:
-        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {clip(v)}")
-    return v
-
-
-def get_bool(d: dict, key: str, default: bool, where: str) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: expected true or false, got {clip(v)}")
-    return v
-
-
-def get_str(d: dict, key: str, where: str, required: bool = True) -> str | None:
-    v = d.get(key)
-    if v is None and not required:
-        return None
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"{where}{'.' if where else ''}{key}: expected a path or Hub id, "
-                          f"got {clip(v)}")
-    return v
-
-
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     dtype: str = defaults.OUTPUT_DTYPE
     max_shard_size: int = parse_size(defaults.MAX_SHARD_SIZE, "output.max_shard_size")
@@ -102,75 +51,78 @@ class OutputConfig:
     allow_nonfinite: bool = False  # write NaN/inf that a merge produces instead of failing
 
 
-@dataclass
+@dataclass(frozen=True)
+class Source:
+    """An input as the merge opens it: `path` (a local path or Hub id) and, when `path` was
+    not found, `hint` saying where it was looked for (for the error that opening it raises)."""
+
+    path: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
-    """A parsed config. `method_params` is the raw method section, validated by the method."""
+    """A parsed config. `params`: the method's section, parsed (see METHOD_PARAMS). `raw`:
+    the mapping as read, recorded in the provenance and the resume plan id."""
 
     method: str
     backbone: str
+    params: MethodParams
     output: OutputConfig = field(default_factory=OutputConfig)
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     allow_pickle: bool = False
     revision: str | None = None
-    method_params: dict = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
-    raw: dict = field(default_factory=dict)
-    hints: dict = field(default_factory=dict, repr=False)  # see resolve()
+    raw: Mapping[str, Any] = field(default_factory=dict)
 
-    def resolve(self, source: str) -> str:
-        """A relative local path resolved against the config file's directory (never the
-        working directory); absolute paths unchanged; ``org/name`` that exists nowhere
-        locally stays a Hub id. A path that does not exist is returned resolved, with a note
-        for :meth:`hint` naming where it was looked for, so the error that opening it raises
-        names both candidates."""
+    def locate(self, source: str) -> Source:
+        """Where input `source` (as written in the config) is: a relative local path resolved
+        against the config file's directory (never the working directory); absolute paths
+        unchanged; ``org/name`` that exists nowhere locally stays a Hub id. A path that does
+        not exist comes back resolved, with a hint naming where it was looked for."""
         p = Path(source).expanduser()
         if p.is_absolute():
-            return str(p)
+            return Source(str(p))
         cand = self.base_dir / p
         if cand.exists():
-            return str(cand)
+            return Source(str(cand))
         here = Path.cwd() / p
         if here.exists() and here.resolve() != cand.resolve():
-            self.hints[str(cand)] = (
+            return Source(str(cand), (
                 f"no such directory beside the config ({cand}); {here} exists relative to the "
                 "working directory, but relative paths are resolved against the config's "
-                "directory (give an absolute path)")
-            return str(cand)
+                "directory (give an absolute path)"))
         where = (f"beside the config ({cand}) or in the working directory ({here})"
                  if here != cand else f"at {cand}")
         if _HUB_ID.match(source) and not source.startswith("."):
-            self.hints[source] = f"not a directory {where}"
-            return source
-        self.hints[str(cand)] = f"no such directory {where}"
-        return str(cand)
-
-    def hint(self, resolved: str) -> str | None:
-        """Where `resolve` looked for a path it returned but did not find (None if found)."""
-        return self.hints.get(resolved)
+            return Source(source, f"not a directory {where}")
+        return Source(str(cand), f"no such directory {where}")
 
 
-def _patterns(v: Any, key: str) -> list[str]:
+def _patterns(v: Any, key: str) -> tuple[str, ...]:
     if v is None:
-        return []
+        return ()
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         raise ConfigError(f"{key}: expected a glob pattern or a list of them, got {clip(v)}")
-    return list(v)
+    return tuple(v)
 
 
-def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
-    """Validate a config mapping (as loaded from YAML). The method's own keys are checked by
-    the method (see :func:`safepatch_merge.merge.methods.get_method`)."""
-    from .methods import get_method
-
+def parse_config(raw: Any, base_dir: str | Path | None = None,
+                 recorded: Mapping[str, Any] | None = None) -> MergeConfig:
+    """Validate a config mapping (as loaded from YAML) into a MergeConfig; relative paths
+    resolve against `base_dir` (default: the working directory). `recorded`: what the
+    provenance records as the config (default `raw` itself)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     method = raw.get("method", "safepatch")
-    cls = get_method(method)
-    allowed = COMMON_KEYS + tuple(cls.config_keys)
-    check_keys(raw, allowed, "")
+    kind = METHOD_PARAMS.get(method) if isinstance(method, str) else None
+    if kind is None:
+        raise ConfigError(f"method: unknown merge method {method!r} "
+                          f"(known: {', '.join(sorted(METHOD_PARAMS))})")
+    check_keys(raw, COMMON_KEYS + kind.config_keys, "")
     out = check_keys(raw.get("output"), OUTPUT_KEYS, "output")
     oc = OutputConfig(
         dtype=get_choice(out, "dtype", defaults.OUTPUT_DTYPE, OUTPUT_DTYPES, "output"),
@@ -184,26 +136,23 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> MergeConfig:
     rev = raw.get("revision")
     if rev is not None and not isinstance(rev, str):
         raise ConfigError(f"revision: expected a string, got {clip(rev)}")
-    cfg = MergeConfig(
-        method=method, backbone=get_str(raw, "backbone", ""), output=oc,
-        include=_patterns(raw.get("include"), "include"),
-        exclude=_patterns(raw.get("exclude"), "exclude"),
-        allow_pickle=get_bool(raw, "allow_pickle", False, "config"),
-        revision=rev,
-        method_params={k: raw[k] for k in cls.config_keys if k in raw},
-        base_dir=Path(base_dir).resolve() if base_dir is not None else Path.cwd(), raw=raw,
-    )
-    cls.validate(cfg)
-    return cfg
+    backbone = get_str(raw, "backbone", "")
+    include = _patterns(raw.get("include"), "include")
+    exclude = _patterns(raw.get("exclude"), "exclude")
+    allow_pickle = get_bool(raw, "allow_pickle", False, "config")
+    section = {k: raw[k] for k in kind.config_keys if k in raw}
+    params = (SafepatchParams.parse(section) if kind is SafepatchParams
+              else ClassicParams.parse(method, backbone, section))
+    return MergeConfig(
+        method=method, backbone=backbone, params=params, output=oc, include=include,
+        exclude=exclude, allow_pickle=allow_pickle, revision=rev,
+        base_dir=Path(base_dir).resolve() if base_dir is not None else Path.cwd(),
+        raw=raw if recorded is None else recorded)
 
 
 def read_yaml(path: Path) -> Any:
     """The parsed YAML file at `path` (safe_load); unreadable, invalid or empty, or a mapping
     with a key given twice (YAML keeps the last silently) -> ConfigError."""
-    import yaml
-
-    from .yaml_load import DuplicateKeyError, safe_load_unique
-
     try:
         raw = safe_load_unique(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -218,13 +167,16 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> MergeConfig:
-    """Read and validate a YAML config file; `overrides` (top-level keys) replace its values."""
+    """Read and validate a YAML config file; `overrides` (top-level keys of this package's
+    own form) replace its values. A mergekit config (a ``merge_method`` key) is translated
+    first; its relative model paths resolve against the working directory, as mergekit's do,
+    and the provenance records the file as given (plus any overrides)."""
     path = Path(path)
     raw = read_yaml(path)
-    if isinstance(raw, dict) and "merge_method" in raw:  # a mergekit config, read as is
-        from .mergekit_config import load_mergekit_config
-
-        return load_mergekit_config(path, raw, overrides=overrides)
+    if is_mergekit_config(raw):
+        native = {**from_mergekit(raw, str(path)), **(overrides or {})}
+        recorded = {**raw, "safepatch_overrides": overrides} if overrides else raw
+        return parse_config(native, base_dir=Path.cwd(), recorded=recorded)
     if overrides:
         raw = {**raw, **overrides}
     return parse_config(raw, base_dir=path.parent)

@@ -15,3 +15,12 @@ PATCH_FORMAT = "full"    # patches are full patched checkpoints ("delta": task v
 OUTPUT_DTYPE = "auto"    # auto = the backbone's dtype, tensor by tensor
 MAX_SHARD_SIZE = "5GB"   # output shard size, as transformers' save_pretrained default
 NONFINITE_PATCH = "error"  # NaN/Inf in a patch: error | skip (those elements keep the backbone)
+
+# The values each choice may take. The ops and the selector validate the same names at the
+# point of use; tests/test_merge_config.py checks that the lists agree.
+PATCH_FORMATS = ("full", "delta")
+NONFINITE_CHOICES = ("error", "skip")
+MASK_MODES = ("difference", "intersection", "topk", "none")
+GRANULARITIES = ("global", "layer", "tensor")
+RETENTION_ORDERS = ("after_selection", "before_selection")
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")

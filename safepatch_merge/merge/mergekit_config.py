@@ -3,7 +3,9 @@
 A file with a top-level ``merge_method:`` key is a mergekit config (mergekit 0.1.5's
 MergeConfiguration). :func:`from_mergekit` turns it into this package's own config mapping
 (``method: ties``, ``backbone:``, ``models:``, ``parameters:``, ``output: {dtype}``), which
-:func:`safepatch_merge.merge.config.parse_config` then validates like any other. Every key
+:func:`safepatch_merge.merge.config.load_config` then parses like any other. This module also
+holds the classic section's grammar (:class:`ClassicParams`), shared by both forms; it
+imports no torch. Every key
 mergekit defines but we do not implement is an error naming the key (mergekit itself ignores
 unknown keys; we refuse them too, so nothing is silently dropped).
 
@@ -17,8 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from .classic.spec import (DEFAULT_DENSITY, DEFAULT_LAMBDA, METHODS, MODEL_PARAMETERS,
@@ -249,6 +250,28 @@ def parse_classic_section(method: str, backbone: str, models: Any, parameters: A
     return plan
 
 
+@dataclass(frozen=True)
+class ClassicParams:
+    """A classic merge's method section (native form; a mergekit file is translated first by
+    :func:`from_mergekit`): the parsed models and parameters, and DARE's Philox seed."""
+
+    config_keys: ClassVar[tuple[str, ...]] = ("models", "parameters", "seed")
+
+    plan: ClassicPlan
+    seed: int
+
+    @classmethod
+    def parse(cls, method: str, backbone: str, section: dict) -> "ClassicParams":
+        """Validate `section` ({key: raw YAML value} for the keys in ``config_keys``) of
+        classic method `method` merged into `backbone` (as written in the config)."""
+        plan = parse_classic_section(method, backbone, section.get("models"),
+                                     section.get("parameters"))
+        seed = section.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+        return cls(plan, int(seed))
+
+
 def from_mergekit(raw: dict, where: str = "mergekit config") -> dict:
     """This package's config mapping for a mergekit config mapping (see module docstring).
 
@@ -293,25 +316,3 @@ def from_mergekit(raw: dict, where: str = "mergekit config") -> dict:
     if out:
         native["output"] = out
     return native
-
-
-def load_mergekit_config(path: str | Path, raw: dict | None = None,
-                         base_dir: str | Path | None = None, overrides: dict | None = None):
-    """Parse a mergekit YAML file into a MergeConfig. Relative model paths resolve against
-    `base_dir`, default the current directory (as mergekit resolves them). `overrides`:
-    top-level keys of this package's own config form (e.g. ``seed``, ``output``) applied
-    after translation."""
-    from .config import parse_config, read_yaml
-
-    path = Path(path)
-    if raw is None:
-        raw = read_yaml(path)
-    if not is_mergekit_config(raw):
-        raise ConfigError(f"{path}: not a mergekit config (no merge_method key)")
-    native = from_mergekit(raw, str(path))
-    if overrides:
-        native.update(overrides)
-    cfg = parse_config(native, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
-    # provenance and the resume plan id record the file as given (plus any overrides)
-    cfg.raw = {**raw, "safepatch_overrides": overrides} if overrides else raw
-    return cfg

@@ -1,14 +1,15 @@
-"""Merge methods: the per-tensor functions that the streaming engine runs, and their registry.
+"""Merge methods: the protocol of the per-tensor functions that the streaming engine runs.
 
-A method is a class registered with :func:`register`. The engine (``engine.py``) owns all I/O,
+A method is a class listed in the method table (``registry.py``) against the params type its
+config section parses into (``config.METHOD_PARAMS``). The engine (``engine.py``) owns all I/O,
 memory budgeting, chunking, devices, output files and resume; a method only says what it needs
 and computes. Life cycle, for one merge:
 
-1. ``validate(cfg)`` (classmethod): check the method's own config section
-   (``cfg.method_params``, keys listed in ``config_keys``); raise ConfigError naming the key.
-2. ``__init__(cfg)``.
-3. ``input_sources()`` -> {role: source}: the checkpoints besides the backbone (role "base"),
-   e.g. {"patch_se": "path", "scores_se": "path"}. The engine opens and validates them.
+1. The config's method section has already been parsed and validated (``cfg.params``).
+2. ``__init__(cfg)``: read the parsed parameters; no check is repeated here.
+3. ``input_sources()`` -> {role: Source}: the checkpoints besides the backbone (role "base"),
+   e.g. {"patch_se": Source(path), "scores_se": Source(path)}, located with
+   ``cfg.locate``. The engine opens and validates them.
 4. ``check_inputs(ckpts, selected)``: after opening; ckpts = {role: Checkpoint}, selected =
    backbone tensor names that pass include/exclude. Raise CheckpointError for missing tensors,
    shape or dtype mismatches (the engine already validated every file on its own).
@@ -37,44 +38,35 @@ are elementwise.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..io import Checkpoint
-    from .config import MergeConfig
-    from .engine import EngineContext
-
-_REGISTRY: dict[str, type["MergeMethod"]] = {}
+from ..errors import CheckpointError
+from ..io.checkpoint import Checkpoint
+from .config import MergeConfig, Source
+from .stream import EngineContext
 
 
 class MergeMethod:
     """Base class of merge methods (see the module docstring for the protocol)."""
 
-    name: ClassVar[str] = ""
-    config_keys: ClassVar[tuple[str, ...]] = ()
     card_tags: ClassVar[tuple[str, ...]] = ("merge",)
 
-    def __init__(self, cfg: "MergeConfig"):
+    def __init__(self, cfg: MergeConfig):
         self.cfg = cfg
+        self.name = cfg.method
 
-    @classmethod
-    def validate(cls, cfg: "MergeConfig") -> None:
-        """Raise ConfigError for a bad method section."""
-
-    def input_sources(self) -> dict[str, str]:
+    def input_sources(self) -> dict[str, Source]:
         return {}
 
-    def check_inputs(self, ckpts: dict[str, "Checkpoint"], selected: list[str]) -> None:
+    def check_inputs(self, ckpts: dict[str, Checkpoint], selected: list[str]) -> None:
         """Raise CheckpointError for inconsistent inputs."""
 
     def roles_for(self, name: str) -> tuple[str, ...]:
         return ()
 
-    def prepare(self, ctx: "EngineContext") -> None:
+    def prepare(self, ctx: EngineContext) -> None:
         """Optional global pre-pass."""
 
     def whole_tensor(self, name: str) -> bool:
@@ -86,31 +78,6 @@ class MergeMethod:
 
     def summary(self) -> dict:
         return {}
-
-
-def register(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator: make `cls` available as ``method: cls.name`` in configs."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method(name) -> type[MergeMethod]:
-    """The method class registered under `name` (ConfigError listing the known ones)."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"method: unknown merge method {name!r} "
-                          f"(known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
-
-
-def _load_builtin() -> None:
-    from . import safepatch_method  # noqa: F401 - registers itself
-
-    try:  # classic merges, where built (task arithmetic, TIES, DARE)
-        from . import classic  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.classic":
-            raise
 
 
 ChunkFn = Callable[[str, torch.Tensor, int], None]

@@ -1,12 +1,6 @@
 """The SafePatching merge as an engine method (docs/design.md §1.4–§1.7).
 
-Config section (docs/merge_config.md)::
-
-    patches:   {se: PATH, osm: PATH, format: full|delta, nonfinite: error|skip}
-    scores:    {se: PATH, osm: PATH}
-    parameters: {top_rate_se, top_rate_osm, alpha, beta, retention, retention_order, rescale,
-                 mask_mode, granularity, seed}
-
+Parameters: :class:`.safepatch_params.SafepatchParams` (the config section, parsed once).
 Either patch may be left out (SE-only / OSM-only ablations); scores are needed for every
 given patch unless mask_mode is ``none``. A tensor is patched by X iff it passes
 include/exclude and is in X's score directory (mode ``none``: every float tensor of the
@@ -29,83 +23,40 @@ import os
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io.safetensors_header import FLOAT_ST
-from ..ops import MODES, masked_merge
-from ..select import GRANULARITIES, RETENTION_ORDERS, Retention, group_of
-from . import defaults
-from .config import check_keys, get_bool, get_choice, get_float, get_str
-from .methods import MergeMethod, check_shape_like_backbone, register
+from ..ops import masked_merge
+from ..select import Retention, group_of
+from .config import Source
+from .methods import MergeMethod, check_shape_like_backbone
+from .safepatch_params import SIDES, SafepatchParams
 from .thresholds import compute_thresholds_many, selection_summary
 
 log = logging.getLogger("safepatch_merge.merge")
 
-PATCH_KEYS = ("se", "osm", "format", "nonfinite")
-SCORE_KEYS = ("se", "osm")
-PARAM_KEYS = ("top_rate_se", "top_rate_osm", "alpha", "beta", "retention", "retention_order",
-              "rescale", "mask_mode", "granularity", "seed")
-SIDES = ("se", "osm")
 PATCH_IDS = {"se": 0, "osm": 1}  # Philox counter word 2 of each patch's retention draw
 APPLIED_FILE = "applied_counts.jsonl"
 
 
-@register
 class SafepatchMethod(MergeMethod):
-    name = "safepatch"
-    config_keys = ("patches", "scores", "parameters")
     card_tags = ("safepatch", "safety", "merge")
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        mp = cfg.method_params
-        pa = check_keys(mp.get("patches"), PATCH_KEYS, "patches")
-        sc = check_keys(mp.get("scores"), SCORE_KEYS, "scores")
-        pr = check_keys(mp.get("parameters"), PARAM_KEYS, "parameters")
-        if not pa.get("se") and not pa.get("osm"):
-            raise ConfigError("patches: give at least one of patches.se and patches.osm")
-        get_choice(pa, "format", defaults.PATCH_FORMAT, ("full", "delta"), "patches")
-        get_choice(pa, "nonfinite", defaults.NONFINITE_PATCH, ("error", "skip"), "patches")
-        for side in SIDES:
-            get_str(pa, side, "patches", required=False)
-            get_str(sc, side, "scores", required=False)
-        get_float(pr, "top_rate_se", defaults.TOP_RATE_SE, "parameters", 0.0, 1.0)
-        get_float(pr, "top_rate_osm", defaults.TOP_RATE_OSM, "parameters", 0.0, 1.0)
-        get_float(pr, "alpha", defaults.ALPHA, "parameters")
-        get_float(pr, "beta", defaults.BETA, "parameters")
-        p = get_float(pr, "retention", defaults.RETENTION, "parameters", 0.0, 1.0)
-        if get_bool(pr, "rescale", defaults.RESCALE, "parameters") and p == 0:
-            raise ConfigError("parameters.rescale: needs retention > 0 (it divides by retention)")
-        mode = get_choice(pr, "mask_mode", defaults.MASK_MODE, MODES, "parameters")
-        get_choice(pr, "granularity", defaults.GRANULARITY, GRANULARITIES, "parameters")
-        get_choice(pr, "retention_order", defaults.RETENTION_ORDER, RETENTION_ORDERS, "parameters")
-        seed = pr.get("seed", defaults.SEED)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ConfigError(f"parameters.seed: expected a non-negative integer, got {seed!r}")
-        if mode != "none":
-            for side in SIDES:
-                if pa.get(side) and not sc.get(side):
-                    raise ConfigError(f"scores.{side}: required for patches.{side} with "
-                                      f"mask_mode {mode!r} (or use mask_mode: none)")
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        mp = cfg.method_params
-        pa, sc, pr = mp.get("patches") or {}, mp.get("scores") or {}, mp.get("parameters") or {}
-        self.patch_src = {s: cfg.resolve(pa[s]) for s in SIDES if pa.get(s)}
-        self.mode = pr.get("mask_mode", defaults.MASK_MODE)
-        self.score_src = ({s: cfg.resolve(sc[s]) for s in SIDES if sc.get(s) and s in self.patch_src}
-                          if self.mode != "none" else {})
-        self.deltas = pa.get("format", defaults.PATCH_FORMAT) == "delta"
-        self.nonfinite = pa.get("nonfinite", defaults.NONFINITE_PATCH)
-        self.rate = {"se": float(pr.get("top_rate_se", defaults.TOP_RATE_SE)),
-                     "osm": float(pr.get("top_rate_osm", defaults.TOP_RATE_OSM))}
-        self.alpha = float(pr.get("alpha", defaults.ALPHA))
-        self.beta = float(pr.get("beta", defaults.BETA))
-        self.p = float(pr.get("retention", defaults.RETENTION))
-        self.rescale = bool(pr.get("rescale", defaults.RESCALE))
-        self.granularity = pr.get("granularity", defaults.GRANULARITY)
-        self.seed = int(pr.get("seed", defaults.SEED))
-        self.order = pr.get("retention_order", defaults.RETENTION_ORDER)
+        prm: SafepatchParams = cfg.params
+        self.patch_src = {s: cfg.locate(src) for s, src in prm.patches.items()}
+        self.mode = prm.mask_mode
+        self.score_src = {s: cfg.locate(src) for s, src in prm.scores.items()}
+        self.deltas = prm.deltas
+        self.nonfinite = prm.nonfinite
+        self.rate = dict(prm.top_rate)
+        self.alpha = prm.alpha
+        self.beta = prm.beta
+        self.p = prm.retention
+        self.rescale = prm.rescale
+        self.granularity = prm.granularity
+        self.seed = prm.seed
+        self.order = prm.retention_order
         self.retention = Retention(self.order, self.p, self.seed)
         self.patched: dict[str, set[str]] = {s: set() for s in SIDES}
         self.numel: dict[str, int] = {}  # elements of every patched tensor
@@ -118,7 +69,7 @@ class SafepatchMethod(MergeMethod):
         self.thresholds: dict[str, dict[str, float]] = {s: {} for s in SIDES}
         self.skipped_nonfinite: dict[str, int] = {}
 
-    def input_sources(self) -> dict[str, str]:
+    def input_sources(self) -> dict[str, Source]:
         out = {f"patch_{s}": src for s, src in self.patch_src.items()}
         out.update({f"scores_{s}": src for s, src in self.score_src.items()})
         return out
@@ -221,7 +172,7 @@ class SafepatchMethod(MergeMethod):
             return
         finite = torch.isfinite(patch)
         bad = int((~finite).sum())
-        src = self.patch_src[side]
+        src = self.patch_src[side].path
         if self.nonfinite == "error":
             first = offset + int(torch.nonzero(~finite)[0])
             raise CheckpointError(f"patch_{side} {src}: tensor {name!r} has {bad} NaN/Inf "

@@ -34,7 +34,7 @@ from ..select import (InvalidScoresError, Retention, Selection, ThresholdPlan, c
                       group_of)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import EngineContext
+    from .stream import EngineContext
 
 
 def _read_small(path: Path, start: int, end: int) -> torch.Tensor:

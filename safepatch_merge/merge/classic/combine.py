@@ -20,31 +20,11 @@ GeneralizedTaskArithmeticMerge.merge_group step by step, in float32 whatever the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ... import ops
 from . import fused
-
-KEEP_ALL = "all"
-KEEP_NONE = "none"
-KEEP_TRIM = "trim"
-KEEP_RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class Term:
-    """One non-base model's part in a tensor: weight, how its delta is sparsified, the rescale
-    factor (fp32 value), and its Philox patch id (its index among the non-base models)."""
-
-    weight: float
-    keep: str = KEEP_ALL
-    threshold: float = 0.0      # KEEP_TRIM: keep |d| >= threshold and |d| > 0
-    density: float = 1.0        # KEEP_RANDOM: keep with probability density
-    factor: float = 1.0
-    patch_id: int = 0
-
+from .terms import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term
 
 def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:

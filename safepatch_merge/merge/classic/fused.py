@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from .terms import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM
+
 log = logging.getLogger("safepatch_merge.merge")
 
 MIN_FUSED = 1 << 20
@@ -98,8 +100,6 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
 
     base, xs: flat chunks in their own dtypes. masks[i]: bool keep mask of a KEEP_RANDOM term
     (else None)."""
-    from .combine import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM
-
     kinds = tuple("none" if t.keep == KEEP_NONE else
                   "trim" if t.keep == KEEP_TRIM and t.threshold > 0 else
                   "trim0" if t.keep == KEEP_TRIM else

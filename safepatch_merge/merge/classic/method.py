@@ -1,4 +1,4 @@
-"""The classic merges as streaming-engine methods (safepatch_merge.merge.methods protocol).
+"""The classic merges as one streaming-engine method (safepatch_merge.merge.methods protocol).
 
 Config section, same grammar as mergekit's (see mergekit_config.py and docs/classic_merges.md)::
 
@@ -19,14 +19,16 @@ statistics pass (:class:`.tensor_merge.TensorMerge`) under the engine's memory b
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError
+from ...io.reader import Part
 from ...io.safetensors_header import FLOAT_ST
-from ...io import Part
-from ..methods import MergeMethod, check_shape_like_backbone, register
+from ..config import Source
+from ..mergekit_config import ClassicParams
+from ..methods import MergeMethod, check_shape_like_backbone
+from ..stream import row_elems
 from . import fused
 from .spec import METHODS, TensorParams
 from .tensor_merge import TensorMerge
@@ -39,39 +41,27 @@ def _role(i: int) -> str:
 
 
 class ClassicMethod(MergeMethod):
-    """Base of the four registered classic methods (the subclass fixes `name`)."""
-
-    config_keys = ("models", "parameters", "seed")
-    card_tags = ("merge", "mergekit")
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        from ..mergekit_config import parse_classic_section
-
-        mp = cfg.method_params
-        parse_classic_section(cls.name, cfg.backbone, mp.get("models"), mp.get("parameters"))
-        seed = mp.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    """task_arithmetic, ties, dare_linear and dare_ties (``cfg.method`` picks the spec)."""
 
     def __init__(self, cfg):
-        from ..mergekit_config import parse_classic_section
-
         super().__init__(cfg)
-        mp = cfg.method_params
+        prm: ClassicParams = cfg.params
         self.spec = METHODS[self.name]
-        self.plan = parse_classic_section(self.name, cfg.backbone, mp.get("models"),
-                                          mp.get("parameters"))
-        self.seed = int(mp.get("seed", 0))
-        self.sources = [cfg.resolve(s) for s in self.plan.models]
+        self.plan = prm.plan
+        self.seed = prm.seed
+        self.sources: list[Source] = [cfg.locate(s) for s in self.plan.models]
         self.params: dict[str, TensorParams] = {}
         self.numel: dict[str, int] = {}
         self.prepared: dict[str, TensorMerge] = {}
         self.skipped_dtype: list[str] = []
         self._kept = [[0, 0] for _ in self.sources]  # per model: sum of k, sum of N (trim)
 
+    @property
+    def card_tags(self) -> tuple[str, ...]:
+        return ("merge", "mergekit", self.name)
+
     # -- inputs -----------------------------------------------------------------------------
-    def input_sources(self) -> dict[str, str]:
+    def input_sources(self) -> dict[str, Source]:
         return {_role(i): src for i, src in enumerate(self.sources)}
 
     def check_inputs(self, ckpts, selected) -> None:
@@ -148,7 +138,7 @@ class ClassicMethod(MergeMethod):
     # -- per-tensor statistics --------------------------------------------------------------
     def _new(self, name: str, numel: int) -> TensorMerge:
         return TensorMerge(self.spec, self.params[name], name, numel, self.seed,
-                           [f"{_role(i)} {s}" for i, s in enumerate(self.sources)])
+                           [f"{_role(i)} {s.path}" for i, s in enumerate(self.sources)])
 
     def prepare(self, ctx) -> None:
         base = ctx.ckpts["base"]
@@ -159,7 +149,7 @@ class ClassicMethod(MergeMethod):
             info = base.tensors[name]
             tm = self._new(name, info.numel)
             self._count(tm)
-            if tm.pending and len(ctx.chunks(info.numel, _row(info.shape))) > 1:
+            if tm.pending and len(ctx.chunks(info.numel, row_elems(info.shape))) > 1:
                 multi.append(name)
                 self.prepared[name] = tm
         roles = ["base"] + [_role(i) for i in range(len(self.sources))]
@@ -207,7 +197,8 @@ class ClassicMethod(MergeMethod):
         for i, mp in enumerate(self.plan.model_params):
             for key, s in mp.items():
                 params[f"{_role(i)}.{key}"] = _setting_str(s)
-        out = {"parameters": params, "models": dict(self.input_sources()),
+        out = {"parameters": params,
+               "models": {role: src.path for role, src in self.input_sources().items()},
                "merged_tensors": len(self.params)}
         if self.spec.sparsify == "magnitude":
             out["trim_target_density"] = {
@@ -223,10 +214,6 @@ def _setting_str(s) -> str:
     return "; ".join(f"{f or '*'}: {v}" for f, v in s.conds)
 
 
-def _row(shape) -> int:
-    return math.prod(shape[1:]) if len(shape) > 1 else 1
-
-
 def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str) -> None:
     """Call fn(name, {role: 1-D chunk}, offset) for every chunk of `names`, with the same
     chunks of every role together (EngineContext.stream does one role; a per-tensor delta
@@ -235,17 +222,7 @@ def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str) -> Non
     for name in names:
         infos = {r: ctx.ckpts[r].tensors[name] for r in roles}
         numel = infos["base"].numel
-        for off, cnt in ctx.chunks(numel, _row(infos["base"].shape)):
+        for off, cnt in ctx.chunks(numel, row_elems(infos["base"].shape)):
             items.append([Part(r, infos[r], off, cnt) for r in roles])
             meta.append((name, off))
     ctx.stream_items(items, lambda i, views: fn(meta[i][0], views, meta[i][1]), desc)
-
-
-def _make(method_name: str) -> type[ClassicMethod]:
-    cls = type(f"{method_name.title().replace('_', '')}Method", (ClassicMethod,),
-               {"name": method_name, "card_tags": ("merge", "mergekit", method_name),
-                "__doc__": f"mergekit's {method_name} on the streaming engine."})
-    return register(cls)
-
-
-CLASSES = {name: _make(name) for name in METHODS}

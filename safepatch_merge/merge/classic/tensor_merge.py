@@ -20,9 +20,9 @@ import torch
 from ...errors import CheckpointError
 from . import fused
 from .abs_sum import ExactAbsSum, l1_rescale_factor
-from .combine import (KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term, combine_chunk,
-                      combine_deltas, retention_keep)
+from .combine import combine_chunk, combine_deltas, retention_keep
 from .spec import SPARSIFY_MAGNITUDE, SPARSIFY_RANDOM, MethodSpec, TensorParams
+from .terms import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term
 from .trim import KthLargest, NonFiniteDeltaError, trim_count
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
