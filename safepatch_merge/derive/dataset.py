@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .record import file_sha256
+from ..io.hashing import file_sha256
 
 IGNORE_INDEX = -100
 TARGETS = ("response", "question", "prompt")

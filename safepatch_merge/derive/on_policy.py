@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from ..eval.report import write_atomic
+from ..io.atomic import write_atomic
 
 PAIRS_FILE = "on_policy_pairs.jsonl"
 

@@ -1,10 +1,10 @@
-"""Provenance helpers shared by derive and score: file hashes, checkpoint hashes, versions."""
+"""Provenance helpers shared by derive and score: checkpoint hashes, timestamps, JSON records
+(library versions: safepatch_merge.versions)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,22 +20,6 @@ def weights_sha256(model_dir: str | Path) -> str:
     for f in files:
         h.update(f"{f.name} {file_sha256(f)}\n".encode())
     return h.hexdigest()
-
-
-def versions() -> dict:
-    """Versions of the libraries that shape numerical results."""
-    import torch
-
-    import safepatch_merge
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "safepatch_merge": safepatch_merge.__version__}
-    for mod in ("transformers", "peft", "accelerate", "safetensors"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    return out
 
 
 def now_iso() -> str:

@@ -40,7 +40,8 @@ from .dataset import (Pair, PairCollator, data_identity, load_pairs, render_pair
                       split_by_prompt)
 from .loss import per_example_nll, sequence_logprob
 from .objectives import OBJECTIVES, SE_OBJECTIVES, batch_loss
-from .record import now_iso, versions, write_json
+from ..versions import TRAINING_LIBRARIES, versions
+from .record import now_iso, write_json
 
 log = logging.getLogger("safepatch_merge.derive")
 
@@ -453,7 +454,7 @@ def _derive(cfg: DeriveConfig, backbone: Path, data, out: Path, partial: Path, t
                            "mixed_precision": accelerator.mixed_precision,
                            "train_dtype": str(train_dtype).replace("torch.", "")},
             "save_dtype": str(sdt).replace("torch.", ""),
-            "versions": versions(),
+            "versions": versions(TRAINING_LIBRARIES),
         }
         _save_outputs(unwrapped_model, state, tok, backbone, partial, cfg, sdt)
         record["outputs"] = sorted(str(p.relative_to(partial)) for p in partial.rglob("*")

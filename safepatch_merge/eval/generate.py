@@ -14,11 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from .suites import Prompt
 
@@ -142,15 +142,6 @@ class GenerationCache:
             os.fsync(f.fileno())
 
 
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available")
-    return device
-
-
 def resolve_dtype(dtype: str, device: str):
     import torch
     if dtype == "auto":
@@ -165,24 +156,16 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def dtype_kwarg(torch_dtype) -> dict:
-    """`dtype=` for from_pretrained on transformers >= 4.56, `torch_dtype=` before."""
-    import transformers
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
-
-
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
                allow_pickle: bool = False):
     """(model, tokenizer) from a local Hugging Face model directory, for inference: eval mode,
     left padding, a pad token (eos when the tokenizer has none). Never runs remote code; the
     weights' headers are validated first, and pickle weights (pytorch_model.bin) are loaded
     (torch.load weights_only=True) only with `allow_pickle`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..models.loading import (check_adapter_dir, check_model_dir, is_adapter_dir,
+                                  load_generation_model)
 
-    from ..models.loading import check_adapter_dir, check_model_dir, is_adapter_dir
-
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(path)
     if not path.is_dir():
@@ -191,19 +174,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
         check_adapter_dir(path)
     else:
         check_model_dir(path, "model", allow_pickle=allow_pickle)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False,
-                                                     use_safetensors=None if allow_pickle
-                                                     else True, **dtype_kwarg(torch_dtype))
-    except (OSError, ValueError, pickle.UnpicklingError) as e:  # unpickling: weights_only refused
-        raise CheckpointError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
-    model.to(device).eval()
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return load_generation_model(path, "model", dtype=torch_dtype, device=device,
+                                 allow_pickle=allow_pickle)
 
 
 def render_prompt(tok, prompt: str, settings: GenerationSettings) -> str:

@@ -271,24 +271,11 @@ def load_chat_lm(path: str, device: str, dtype, role: str):
     CheckpointError naming `path` and the `role` ("guard", "judge") when it cannot load or
     has no chat template."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..errors import CheckpointError
-    from .generate import dtype_kwarg
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                            trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False,
-            **dtype_kwarg(dtype or torch.float32)).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot load {role} model ({str(e).splitlines()[0]})"
-                              ) from None
-    if tok.chat_template is None:
-        raise CheckpointError(f"{path}: {role} tokenizer has no chat template")
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    from ..models.loading import load_generation_model
+
+    model, tok = load_generation_model(path, f"{role} model", dtype=dtype or torch.float32,
+                                       device=device, require_chat_template=True)
     return tok, model
 
 
@@ -332,20 +319,13 @@ class ClassifierGuard:
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 16,
                  harmful_labels: Sequence[str] = ("unsafe", "harmful", "toxic", "jailbroken"),
                  max_length: int = 512):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         from ..errors import CheckpointError
-        from .generate import dtype_kwarg
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False,
-                **dtype_kwarg(torch.float32)).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load guard classifier "
-                                  f"({str(e).splitlines()[0]})") from None
+        from ..models.loading import load_local
+
+        self.model, self.tok = load_local(AutoModelForSequenceClassification, path,
+                                          "guard classifier", device=device)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model.config.pad_token_id = self.tok.pad_token_id

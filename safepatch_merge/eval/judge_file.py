@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import DataError
-from .report import write_atomic
+from ..io.atomic import write_atomic
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TRUE = {"true", "1", "yes", "harmful", "unsafe"}

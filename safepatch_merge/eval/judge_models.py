@@ -77,22 +77,14 @@ class ClassifierJudge:
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 16,
                  max_length: int = 512, label_map: dict[str, str] | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from .generate import dtype_kwarg
+        from ..models.loading import load_local
         for v in (label_map or {}).values():
             if v not in OUTCOMES and v not in ("partial", "partial_refusal"):
                 raise ConfigError(f"judge label map: unknown outcome {v!r} (one of {OUTCOMES})")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False,
-                **dtype_kwarg(torch.float32)).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot load judge classifier "
-                                  f"({str(e).splitlines()[0]})") from None
+        self.model, self.tok = load_local(AutoModelForSequenceClassification, path,
+                                          "judge classifier", device=device)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model.config.pad_token_id = self.tok.pad_token_id

@@ -10,11 +10,12 @@ on their own. Every rate carries its n and a 95% Wilson interval.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 from ..errors import DataError
+from ..io.atomic import write_atomic
 from .metrics import rate
 from .outcome import counts_as_refusal
 
@@ -131,18 +132,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text to path via a temporary sibling and rename, so a reader never sees half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_result(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """results.json and results.md in out_dir (each written atomically)."""
     out_dir = Path(out_dir)
@@ -242,9 +231,7 @@ def scatter_plot(results: list[dict], path: str | Path) -> None:
     ax.set_title("safety vs over-safety (lower-left is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())

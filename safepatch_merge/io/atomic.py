@@ -12,10 +12,14 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` (fsynced temporary file + rename). OSError on failure,
-    with `path` unchanged and no temporary file left."""
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (a str is written as UTF-8) by an fsynced temporary file and
+    a rename, creating missing parent directories. OSError on failure, with `path` unchanged
+    and no temporary file left."""
     path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
         | getattr(os, "O_CLOEXEC", 0)

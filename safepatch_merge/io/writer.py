@@ -91,7 +91,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-write_file_atomic = write_atomic  # fsynced temporary file + rename (io/atomic.py)
 
 
 class _WriteThread:
@@ -330,7 +329,7 @@ class OutputBuilder:
         if self.meta_provider is not None:
             self.meta.update(self.meta_provider())
         doc = {**self.meta, "plan_id": self.plan_id, "shards": self.done}
-        write_file_atomic(self.partial / MANIFEST,
+        write_atomic(self.partial / MANIFEST,
                           json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def _record(self, filename: str, size: int, sha: str) -> None:
@@ -342,7 +341,7 @@ class OutputBuilder:
 
     def add_file(self, name: str, data: bytes) -> None:
         """Write a small complete file (index, config, card) into OUT.partial, fsynced."""
-        write_file_atomic(self.partial / name, data)
+        write_atomic(self.partial / name, data)
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
         dst = self.partial / (name or src.name)

@@ -7,6 +7,7 @@ names the directory at fault.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -67,33 +68,65 @@ def check_adapter_dir(path: str | Path) -> Path:
     return p
 
 
-def _dtype_kw(dtype) -> dict:
+def dtype_kwarg(dtype) -> dict:
+    """`dtype=` for from_pretrained on transformers >= 4.56 (v5 warns on the old name),
+    `torch_dtype=` before."""
     import transformers
 
-    major = int(transformers.__version__.split(".")[0])
-    minor = int(transformers.__version__.split(".")[1])
-    # `torch_dtype=` became `dtype=` in 4.56; v5 warns on the old name.
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return {key: dtype}
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def load_local(auto_class, path: str | Path, what: str, *,
+               dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               allow_pickle: bool = False, tokenizer: bool = True):
+    """(model, tokenizer or None): `auto_class` (a transformers Auto* model class) loaded from
+    local directory `path`, in eval mode on `device`, with `dtype` ('auto': the checkpoint's).
+    Never downloads, never runs remote code, and reads pickle weights (torch.load
+    weights_only=True) only with `allow_pickle`. CheckpointError "<path>: cannot load
+    <what> (...)" when transformers refuses the directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = (AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                             trust_remote_code=False) if tokenizer else None)
+        model = auto_class.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True, **dtype_kwarg(dtype))
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: cannot load {what} ({_one_line(e)})") from None
+    return model.to(device).eval(), tok
 
 
 def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "auto",
                    device: str | torch.device = "cpu"):
-    """AutoModelForCausalLM from a local directory (safetensors only, no remote code).
-
-    dtype: 'auto' keeps the checkpoint's dtype; else float32 | bfloat16 | float16.
-    Returns the model on `device`, in eval mode.
-    """
+    """AutoModelForCausalLM from a local directory (safetensors only, no remote code), its
+    headers validated first. dtype: 'auto' keeps the checkpoint's dtype; else float32 |
+    bfloat16 | float16. Returns the model on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(p), trust_remote_code=False, use_safetensors=True, local_files_only=True,
-            **_dtype_kw(parse_dtype(dtype)))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load model from {p}: {_one_line(e)}") from e
-    return model.to(device).eval()
+    return load_local(AutoModelForCausalLM, p, "model", dtype=parse_dtype(dtype), device=device,
+                      tokenizer=False)[0]
+
+
+def load_generation_model(path: str | Path, what: str, *, dtype: torch.dtype | str,
+                          device: str | torch.device, allow_pickle: bool = False,
+                          require_chat_template: bool = False):
+    """(model, tokenizer) of a local causal LM for batched generation: load_local's model,
+    and its tokenizer padding on the left with a pad token (eos when it has none).
+    CheckpointError naming `path` and `what` when it cannot load, or has no chat template
+    and `require_chat_template`."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_local(AutoModelForCausalLM, path, what, dtype=dtype, device=device,
+                            allow_pickle=allow_pickle)
+    if require_chat_template and tok.chat_template is None:
+        raise CheckpointError(f"{path}: {what} tokenizer has no chat template")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def load_tokenizer(path: str | Path, require_chat_template: bool = True,

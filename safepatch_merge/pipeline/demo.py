@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..config_fields import option
 from ..errors import ConfigError
-from ..eval.report import write_atomic
+from ..io.atomic import write_atomic
 
 # the stage's name labels the patched model in the report's table and plot
 DEMO_STAGE = "SafePatching"

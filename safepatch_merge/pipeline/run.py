@@ -25,21 +25,14 @@ from pathlib import Path
 
 from ..config_fields import yaml_values
 from ..errors import ConfigError
+from ..devices import resolve_device
 from ..eval.config import EvalConfig
-from ..eval.report import write_atomic
+from ..io.atomic import write_atomic
 from .config import RunConfig, load_run_config, merge_config_dict, parse_run_config
 from .stages import StepRunner, dir_fingerprint, file_identity
 
 log = logging.getLogger("safepatch_merge.pipeline")
 RUN_FORMAT = "safepatch-run"
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _eval_step(runner: StepRunner, stage: str, model: Path, model_id: str, ev: EvalConfig,
@@ -92,7 +85,7 @@ def run_pipeline(config: str | Path | dict | RunConfig, out_dir: str | Path, *,
                  json.dumps(cfg.summary(), indent=1, default=str) + "\n")
     say = log_fn or (lambda m: log.info("%s", m))
     runner = StepRunner(out / "manifests", force=force, log=say)
-    device = _resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device))
     all_data = list(dict.fromkeys(f for st in cfg.stages for f in st.training_files()))
     record: dict = {"format": RUN_FORMAT, "version": 1, "out": str(out), "stages": []}
 

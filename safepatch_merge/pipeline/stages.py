@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..derive.record import now_iso
-from ..eval.report import write_atomic
+from ..io.atomic import write_atomic
 
 MANIFEST_FORMAT = "safepatch-run-step"
 

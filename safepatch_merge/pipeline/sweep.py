@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..eval.report import write_atomic
+from ..io.atomic import write_atomic
 from .stages import StepRunner, canonical_hash, dir_fingerprint, file_identity
 from .sweep_config import SweepConfig
 
@@ -200,11 +200,10 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, png.getvalue())
 
 
 def sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, log_fn=print

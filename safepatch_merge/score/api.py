@@ -12,11 +12,11 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ..derive.dataset import data_identity, load_pairs, render_pairs, split_by_prompt
-from ..derive.record import versions, weights_sha256
+from ..derive.record import weights_sha256
+from ..devices import resolve_device
 from ..errors import ConfigError, DataError
+from ..versions import TRAINING_LIBRARIES, versions
 from ..models.loading import (adapter_base_path, check_model_dir, is_adapter_dir, load_patched_model,
                               load_tokenizer)
 from .config import LOSSES, SALIENCY_ON, SPLITS, ScoreConfig  # noqa: F401 (the API's names)
@@ -36,14 +36,6 @@ DIFFERENTIATED = {
     "prompt_nll": "every token of the rendered prompt after the first: system turn, role and "
                   "turn markers, question, generation prompt",
 }
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def _backbone_from_record(patch: Path) -> str | None:
@@ -83,7 +75,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
     if adapter and backbone is None:
         raise ConfigError(f"{patch} is a LoRA adapter that names no base model; pass --backbone")
     procs = scoring_processes(cfg)  # one process, or this rank's part of several
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
 
     info = {"patch": str(patch.resolve()), "backbone": str(backbone) if backbone else None,
             "loss": cfg.loss, "accumulation": cfg.accumulation if cfg.loss != "magnitude" else None}
@@ -137,7 +129,7 @@ def score_patch(patch: str | Path, out: str | Path, data: str | Path | None = No
             info["patch_sha256"] = weights_sha256(patch)
             info["patch_kind"] = "lora_merged" if adapter else "full"
             info["options"] = asdict(cfg)
-            info["versions"] = versions()
+            info["versions"] = versions(TRAINING_LIBRARIES)
             write_score_dir(out, scores, info, cfg.score_dtype, cfg.max_shard_size, overwrite)
     if not procs.main:
         return None
