@@ -67,11 +67,6 @@ class DedupReport:
         return self.before - self.removed_exact - self.removed_fuzzy
 
 
-def suite_names() -> list[str]:
-    """Names accepted by `load_suite` besides file paths."""
-    return list(PACKAGED)
-
-
 def _read_jsonl(path: Path | None, text: str | None = None) -> list[dict]:
     lines = (text if text is not None else path.read_text(encoding="utf-8")).splitlines()
     out = []

@@ -250,12 +250,6 @@ def compute_thresholds_many(ctx: "EngineContext", jobs: dict[str, tuple]
     return {k: j.result() for k, j in tj.items()}
 
 
-def compute_thresholds(ctx: "EngineContext", role: str, names: list[str], rate: float,
-                       granularity: str) -> dict[str, Selection]:
-    """{group: Selection} for top rate `rate` over tensors `names` of score checkpoint `role`."""
-    return compute_thresholds_many(ctx, {role: (role, names, rate, granularity)})[role]
-
-
 def selection_summary(sel: dict[str, Selection], with_shortfall: bool = False) -> dict:
     """JSON-ready {group: {threshold, k, n, selected, density[, shortfall]}} plus overall
     density; with_shortfall: each group's Selection.shortfall too (retention before

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,13 +143,3 @@ class StepRunner:
         self.outcomes.append(out)
         self.log(f"[{stage}] {step}: done in {secs:.1f} s (CPU {cpu:.1f} s)")
         return out
-
-
-def replace_dir(path: Path) -> None:
-    """Remove a previous output directory (a step about to rewrite it)."""
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        os.unlink(path)

@@ -7,7 +7,6 @@ Built in OUT.partial (files fsynced) and renamed to OUT only when complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -113,11 +112,3 @@ def write_score_dir(out: str | Path, scores: dict[str, torch.Tensor], info: dict
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
-
-
-def read_score_info(path: str | Path) -> dict:
-    """score_info.json of a score directory."""
-    p = Path(path) / "score_info.json"
-    if not p.is_file():
-        raise CheckpointError(f"{path} is not a score directory (no score_info.json)")
-    return json.loads(p.read_text())
