@@ -96,8 +96,8 @@ def fit(x: np.ndarray, y: Sequence[str], features: Sequence[str], l2: float = DE
         loss.backward()
         return loss
 
-    # Tiny matrices: a second thread only adds hand-off cost (17 ms instead of 0.4 ms per
-    # step on a busy 2-core VM).
+    # Tiny matrices: a second thread only adds hand-off cost, many times the step's own work
+    # when the cores are shared.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -14,9 +14,8 @@ a private read-only window of its file (``mmap`` of just that byte range), popul
 background thread, and the consumer computes straight from the page cache. The window is
 unmapped when the item is released, so mapped memory stays ``depth x max item bytes``, the
 same bound as the slots (never a whole-file map, whose pages would all count against the
-process). Reading the ~10 GB of a 0.7 B-parameter SafePatching merge from the page cache took
-2.3-2.9 s of system time through ``preadv`` into slots and 0.4 s mapped (2-core VM), and the
-copy competed with the merge for the two cores. Parts that cannot be mapped as typed views
+process). Copying into slots costs system time per byte (``preadv``), which on a machine with
+few cores is taken from the merge itself; mapping costs a page-table entry per page. Parts that cannot be mapped as typed views
 (pickles, offsets not aligned to the element size) are still copied.
 """
 from __future__ import annotations
