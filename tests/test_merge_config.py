@@ -155,3 +155,23 @@ def test_cli_stats_account_for_the_merge(tmp_path, capsys):
     assert st["stream.compute"] <= st["stream"]
     assert doc["bytes_read"] == doc["plan"]["read_bytes"]  # mode none: no pre-pass reads
     assert doc["prepass_bytes_read"] == 0
+
+
+def test_config_choices_match_what_the_ops_and_selector_accept():
+    from safepatch_merge import ops, select
+
+    assert defaults.MASK_MODES == ops.MODES
+    assert defaults.RETENTION_ORDERS == ops.RETENTION_ORDERS
+    assert defaults.GRANULARITIES == select.GRANULARITIES
+
+
+def test_parsed_config_is_immutable():
+    import dataclasses
+
+    cfg = parse_config({"backbone": "b", "patches": {"se": "s"}, "scores": {"se": "t"},
+                        "include": ["model.*"]})
+    assert cfg.include == ("model.*",) and cfg.params.top_rate["se"] == defaults.TOP_RATE_SE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.backbone = "other"
+    with pytest.raises(TypeError):
+        cfg.params.patches["osm"] = "x"
