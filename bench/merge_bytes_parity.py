@@ -1,5 +1,6 @@
-"""Byte parity of SafePatching merges between two checkouts: the merge-engine test corpus,
-merged by an older checkout (--base-src) and by this one, every output file compared.
+"""Byte parity of merges between two checkouts: the merge-engine test corpus (SafePatching,
+and the classic merges in both config forms), merged by an older checkout (--base-src) and
+by this one, every output file compared.
 
     git worktree add /tmp/base <commit>
     python bench/merge_bytes_parity.py --base-src /tmp/base
@@ -72,7 +73,34 @@ def corpus() -> list[tuple]:
          {"top_rate_se": 0.2, "top_rate_osm": 0.25, "retention": 0.7, "rescale": True, "seed": 5},
          {"output": {"max_shard_size": "24KB"}}, "cpp", "200", "1KB"),
     ]
+    # The classic merges (native and mergekit form) on tiny bf16 models, many-chunk and whole.
+    for method, glob in (("task_arithmetic", {"normalize": True, "lambda": 0.7}), ("ties", {}),
+                         ("ties", {"rescale": True, "normalize": False}), ("dare_ties", {}),
+                         ("dare_linear", {"rescale": False})):
+        shown = f" {json.dumps(glob)}" if glob else ""
+        cases.append((f"classic {method}{shown} [cpp, 700-element chunks, 1KB]", "classic",
+                      {"method": method, "parameters": glob}, {}, "cpp", "700", "1KB"))
+    cases.append(("classic ties, mergekit file [cpp]", "classic", {"mergekit": "ties"}, {}, "cpp",
+                  None, None))
     return cases
+
+
+def classic_config(path: Path, root: Path, spec: dict) -> Path:
+    """A classic merge config over the tiny models in `root` (base, ft0..ft2): this package's
+    form with spec's method and parameters, or mergekit's form for {"mergekit": method}."""
+    import yaml
+
+    weights = ((0.6, 0.3), (0.5, 0.55), (-0.2, 0.9))
+    models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": w, "density": d}}
+              for i, (w, d) in enumerate(weights)]
+    if "mergekit" in spec:
+        doc = {"merge_method": spec["mergekit"], "base_model": str(root / "base"),
+               "models": [{"model": str(root / "base")}] + models, "dtype": "bfloat16"}
+    else:
+        doc = {"method": spec["method"], "backbone": str(root / "base"), "models": models,
+               "seed": 5, **({"parameters": spec["parameters"]} if spec["parameters"] else {})}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 def build_corpus_inputs(root: Path) -> dict[str, dict]:
@@ -93,6 +121,15 @@ def build_corpus_inputs(root: Path) -> dict[str, dict]:
         save_file({n: full[n].float() - base[n].float() for n in full}, str(d / "model.safetensors"))
         delta[side] = d
     out["delta"] = delta
+    from safepatch_merge.testing import make_tiny_model, perturbed_copy, save_model_dir
+
+    m, tok = make_tiny_model(0, hidden_size=32, num_layers=2, intermediate_size=64,
+                             dtype=torch.bfloat16)
+    save_model_dir(m, tok, root / "classic" / "base", max_shard_size="40KB")
+    for i in range(3):
+        save_model_dir(perturbed_copy(m, 0.02, seed=i + 1), tok, root / "classic" / f"ft{i}",
+                       max_shard_size="40KB")
+    out["classic"] = root / "classic"
     return out
 
 
@@ -208,7 +245,8 @@ def main(argv=None) -> int:
 
         rows, failures = [], 0
         for i, (label, inp, params, extra, backend, chunk, budget) in enumerate(corpus()):
-            cfg = write_config(work / f"c{i}.yaml", inputs[inp], params, **extra)
+            cfg = (classic_config(work / f"c{i}.yaml", inputs[inp], params) if inp == "classic"
+                   else write_config(work / f"c{i}.yaml", inputs[inp], params, **extra))
             who = {}
             for side, pp in (("base", str(stage)), ("head", None)):
                 who[side] = run_merge(cfg, work / f"{side}{i}", backend, chunk, budget, pp)
@@ -231,7 +269,8 @@ def main(argv=None) -> int:
             f"- machine: {machine()}, torch {torch.__version__}, Python {platform.python_version()}",
             f"- command: `python bench/merge_bytes_parity.py {' '.join(argv or sys.argv[1:])}`",
             "- corpus: the merge-engine tests' configurations (tiny Llama models from "
-            "tests/merge_helpers.py), each merged by both checkouts in separate processes",
+            "tests/merge_helpers.py and safepatch_merge.testing), SafePatching and the classic "
+            "merges, each merged by both checkouts in separate processes",
             "- identical after additions: README.md / safepatch_provenance.json equal byte for "
             "byte once the retention_order row/parameter and the applied-density section/record "
             "are removed", "",
