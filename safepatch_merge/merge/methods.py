@@ -38,7 +38,7 @@ are elementwise.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -79,8 +79,6 @@ class MergeMethod:
     def summary(self) -> dict:
         return {}
 
-
-ChunkFn = Callable[[str, torch.Tensor, int], None]
 
 
 def check_shape_like_backbone(where: str, shape, backbone_shape) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ... import ops
+from ...ops import cpp_backend
 from . import fused
 from .terms import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term
 
@@ -54,8 +55,6 @@ _TORCH_PHILOX_BLOCK = 1 << 14  # the plain-torch Philox makes ~20 int64 temporar
 def _cpp_words(device):
     if torch.device(device).type != "cpu" or ops.backend_for(device)[0] != "cpp":
         return None
-    from ...ops import cpp_backend
-
     return cpp_backend.philox_words
 
 

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from . import cpu_kernels
+from .cpu_kernels import KIND_ALL, KIND_NONE, KIND_RANDOM, KIND_TRIM, KIND_TRIM0
 from .terms import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM
 
 log = logging.getLogger("safepatch_merge.merge")
@@ -60,8 +62,6 @@ def _run(key, build, *args):
 def _cpu(t: torch.Tensor):
     if t.device.type != "cpu":
         return None
-    from . import cpu_kernels
-
     return cpu_kernels.load()
 
 
@@ -116,8 +116,6 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
     mask_args = [m if m is not None else torch.ones((), dtype=torch.bool) for m in masks]
     mod = _cpu(base)
     if mod is not None:
-        from .cpu_kernels import KIND_ALL, KIND_NONE, KIND_RANDOM, KIND_TRIM, KIND_TRIM0
-
         ids = {"none": KIND_NONE, "all": KIND_ALL, "trim": KIND_TRIM, "trim0": KIND_TRIM0,
                "random": KIND_RANDOM}
         return mod.merge(base.contiguous(), [x.contiguous() for x in xs],
