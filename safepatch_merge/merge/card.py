@@ -6,7 +6,8 @@ inputs give byte-identical output directories.
 from __future__ import annotations
 
 import json
-import re
+
+from .config import HUB_ID
 
 # Copied from the backbone when present; the tokenizer set (chat template included) only when
 # output.copy_tokenizer is true. *.jinja chat templates are copied with the tokenizer too.
@@ -14,7 +15,6 @@ COPY_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.json", "vocab.txt", "spiece.model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def rewrite_config_dtype(raw: bytes, dtype: str) -> bytes:
@@ -38,7 +38,7 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
     import yaml
 
     front = {}
-    if _HUB_ID.match(cfg.backbone) and not cfg.backbone.startswith((".", "/")):
+    if HUB_ID.match(cfg.backbone) and not cfg.backbone.startswith((".", "/")):
         front["base_model"] = cfg.backbone
     front["tags"] = list(method.card_tags) + ["safepatch_merge"]
     front["library_name"] = "transformers"

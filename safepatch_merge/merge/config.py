@@ -32,7 +32,7 @@ OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 COMMON_KEYS = ("method", "backbone", "output", "include", "exclude", "allow_pickle", "revision")
 OUTPUT_KEYS = ("dtype", "max_shard_size", "copy_tokenizer", "model_card", "hash_inputs",
                "allow_nonfinite")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as huggingface_hub spells it
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as huggingface_hub spells it
 
 MethodParams = Union[SafepatchParams, ClassicParams]
 # Every merge method by its config name, with the type its section parses into. The engine's
@@ -95,7 +95,7 @@ class MergeConfig:
                 "directory (give an absolute path)"))
         where = (f"beside the config ({cand}) or in the working directory ({here})"
                  if here != cand else f"at {cand}")
-        if _HUB_ID.match(source) and not source.startswith("."):
+        if HUB_ID.match(source) and not source.startswith("."):
             return Source(source, f"not a directory {where}")
         return Source(str(cand), f"no such directory {where}")
 
