@@ -167,8 +167,8 @@ class ShardWriter:
                     before()
                 mv = memoryview(data).cast("B")
                 # hash on the hasher thread while this one writes (both release the GIL for
-                # large buffers): the writer was the merge's critical path, 1.4 GB of sha256
-                # and writes one after the other behind a 1 s task-arithmetic compute
+                # large buffers), so hashing and writing overlap instead of adding up on the
+                # writer, which is the critical path of a merge with cheap compute
                 hashed = self.b.thread.hash(self.h, mv)
                 self.f.write(mv)
                 hashed.result()
