@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                            for t, v in res.items()}
             if not args.skip_mergekit:
                 cmp[method] = compare(root / f"sp_{method}", root / f"mk_{method}")
-            print(method, med[method], cmp[method], flush=True)
+            print(method, med[method], cmp.get(method), flush=True)
 
     bars = {"task_arithmetic": 0.5, "ties": 0.1}
     lines = ["# Classic merges vs mergekit (cpu)", "",
