@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
              f"- date: {date}; this checkout: {git_head(REPO)}, older checkout: "
              f"{git_head(base_src)}",
              f"- machine: {args.machine or os.uname().nodename}",
-             f"- command: `python bench/bench_checkouts.py {' '.join(argv or sys.argv[1:])}`",
+             f"- command: `python bench/bench_checkouts.py {shlex.join(argv or sys.argv[1:])}`",
              "- jobs (0.7 B synthetic bf16 Llama, `--max-memory 1GiB`, wall time of the "
              "`python -m safepatch_merge merge` process): bench_merge.py's SafePatching merge "
              "(5 inputs, difference mode, top rates 0.1, retention 0.9); bench_classic.py's "
