@@ -22,7 +22,7 @@ PKG = "safepatch_merge"
 # package ("") only holds the version.
 LAYERS: list[tuple[str, ...]] = [
     ("", "errors"),
-    ("io", "dist", "devices", "cuda_streams", "versions", "testing"),
+    ("io", "dist", "devices", "cuda_streams", "versions", "testing", "config_fields"),
     ("ops", "triton_kernels", "models"),
     ("select",),
     ("eval",),        # generation and judges; derive uses them for on-policy data and checks

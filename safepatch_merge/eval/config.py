@@ -5,9 +5,10 @@ so `safepatch eval --help` stays fast."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..config_fields import FieldError, option
+from ..errors import ConfigError
 
 DEFAULT_SUITES = ("xstest", "harmbench", "strongreject", "advbench")
 # difflib ratio at or above which an eval prompt counts as a training prompt (suites.deduplicate)
@@ -16,6 +17,39 @@ FILE_PROMPTS = {"harmful": True, "benign": False, "labelled": None}
 GUARD_KINDS = ("auto", "causal-lm", "classifier")
 # argparse group titles of `safepatch eval --help`
 GENERATION, JUDGING = "generation", "judging and utility"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings. Greedy unless `temperature` > 0 (then sampling with `top_p`, seeded
+    per batch from `seed`; sampled runs are reproducible only with the same batch size).
+    `chat_template=False` feeds the raw prompt (base models without a template)."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: str | None = None
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def key_fields(self) -> dict:
+        """The settings that change a completion (batch size and device do not, up to
+        floating-point noise)."""
+        d = asdict(self)
+        if self.greedy:
+            d.pop("seed"), d.pop("top_p")
+        return d
 
 
 @dataclass(frozen=True)
@@ -118,8 +152,6 @@ class EvalConfig:
 
     def generation(self):
         """The decoding settings (a generate.GenerationSettings)."""
-        from .generate import GenerationSettings  # not at import: `--help` stays light
-
         return GenerationSettings(max_new_tokens=self.max_new_tokens,
                                   temperature=self.temperature, top_p=self.top_p,
                                   seed=self.seed, system_prompt=self.system_prompt,

@@ -14,48 +14,15 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
+from .config import GenerationSettings  # noqa: F401  (decoding settings live with the configs)
 from .suites import Prompt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings. Greedy unless `temperature` > 0 (then sampling with `top_p`, seeded
-    per batch from `seed`; sampled runs are reproducible only with the same batch size).
-    `chat_template=False` feeds the raw prompt (base models without a template)."""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    system_prompt: str | None = None
-    chat_template: bool = True
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def key_fields(self) -> dict:
-        """The settings that change a completion (batch size and device do not, up to
-        floating-point noise)."""
-        d = asdict(self)
-        if self.greedy:
-            d.pop("seed"), d.pop("top_p")
-        return d
 
 
 def model_fingerprint(model_path: str | Path, dtype: str = "") -> str:
