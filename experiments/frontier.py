@@ -209,7 +209,7 @@ class Study:
         """Manifests of evaluation steps whose inputs still name a judge (steps written when
         verdicts were part of a step) get that entry removed and their key recomputed, so
         their completions are reused and judged afresh. Returns how many were rewritten."""
-        from safepatch_merge.eval.report import write_atomic
+        from safepatch_merge.io.atomic import write_atomic
         from safepatch_merge.pipeline.stages import canonical_hash
 
         n = 0
