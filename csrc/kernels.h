@@ -42,12 +42,14 @@ at::Tensor philox_words(int64_t offset, int64_t numel, int64_t seed, int64_t nam
 // The classic merges (cpu/classic.cpp; CPU only). abs_delta: float32 (numel,)
 // |float32(x) - float32(base)|. abs_delta_histogram: radix_histogram's int64 (65536,) counts
 // of one digit of abs_delta's keys, without writing |d|. classic_merge: one chunk of
-// combine_deltas (safepatch_merge/merge/classic/combine.py), flat, in out_dtype.
+// combine_deltas (safepatch_merge/merge/classic/combine.py), flat, in out_dtype; a trim term
+// keeps |d| >= threshold before its cutoff index and |d| > threshold from it on.
 at::Tensor abs_delta(const at::Tensor& x, const at::Tensor& base);
 at::Tensor abs_delta_histogram(const at::Tensor& x, const at::Tensor& base, int64_t prefix,
                                int64_t digit);
 at::Tensor classic_merge(const at::Tensor& base, at::TensorList xs, at::IntArrayRef kinds,
-                         at::ArrayRef<double> thresholds, at::ArrayRef<double> factors,
+                         at::ArrayRef<double> thresholds, at::IntArrayRef cutoffs,
+                         at::ArrayRef<double> factors,
                          at::ArrayRef<double> weights, at::TensorList masks, bool consensus,
                          bool normalize, double lin_div, double lam, c10::ScalarType out_dtype);
 }  // namespace cpu

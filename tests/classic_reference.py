@@ -12,9 +12,10 @@ import torch
 from safepatch_merge.ops.philox import retention_mask
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, keep_ties: bool = False) -> torch.Tensor:
-    """mergekit sparsify.magnitude's mask by argsort: the top k = max(1, int(density·N)).
-    keep_ties: also keep every other |delta| equal to the k-th largest (safepatch's rule)."""
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit sparsify.magnitude's mask by a sort: the top k = max(1, int(density·N)), ties at
+    the k-th largest |delta| taken in element-index order (a stable descending argsort;
+    mergekit's topk leaves their order unspecified)."""
     n = delta.numel()
     if density >= 1:
         return torch.ones(n, dtype=torch.bool)
@@ -24,11 +25,6 @@ def magnitude_mask(delta: torch.Tensor, density: float, keep_ties: bool = False)
     order = torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:k]] = True
-    if keep_ties:
-        ad = delta.abs().reshape(-1).float()
-        t = ad[order[k - 1]]
-        mask |= (ad == t) & (ad > 0)
-        mask &= ad > 0
     return mask
 
 
@@ -44,9 +40,8 @@ def l1_rescale(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 def reference_merge(method: str, name: str, base: torch.Tensor, models: list[torch.Tensor],
                     weights: list[float], densities: list[float], *, normalize: bool,
                     rescale: bool, lam: float = 1.0, seed: int = 0,
-                    out_dtype: torch.dtype | None = None, keep_ties: bool = False) -> torch.Tensor:
-    """One tensor of task_arithmetic / ties / dare_linear / dare_ties, in float32.
-    keep_ties: TIES keeps every |delta| tied at the trim threshold (else argsort's pick)."""
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of task_arithmetic / ties / dare_linear / dare_ties, in float32."""
     b = base.float().reshape(-1)
     n = b.numel()
     deltas = []
@@ -54,7 +49,7 @@ def reference_merge(method: str, name: str, base: torch.Tensor, models: list[tor
         d = x.float().reshape(-1) - b
         if method == "ties":
             if dens < 1:
-                masked = d * magnitude_mask(d, dens, keep_ties)
+                masked = d * magnitude_mask(d, dens)
                 d = l1_rescale(d, masked) if rescale else masked
         elif method in ("dare_ties", "dare_linear"):
             if dens < 1:

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from safepatch_merge.ops import masked_merge, radix_histogram
-from safepatch_merge.select import group_of, select_thresholds
+from safepatch_merge.merge.select import group_of, select_thresholds
 from safepatch_merge.testing import make_tiny_model, perturbed_copy, save_model_dir
 
 

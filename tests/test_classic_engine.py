@@ -58,7 +58,7 @@ def test_engine_equals_reference_under_any_budget(models, tmp_path, monkeypatch,
         p = plan.tensor_params(name)
         ref = reference_merge(method, name, b, [f[name] for f in fts], list(p.weights),
                               list(p.densities), normalize=p.normalize, rescale=p.rescale,
-                              lam=p.lam, seed=5, keep_ties=True)
+                              lam=p.lam, seed=5)
         if p.rescale and method != "task_arithmetic":  # L1 factor: exact vs float64 sums
             torch.testing.assert_close(out[name].float(), ref.float(), rtol=0.0079, atol=1e-6)
         else:
@@ -84,7 +84,38 @@ def test_output_loads_and_records_the_method(models, tmp_path):
     assert 0.29 < prov["result"]["trim_target_density"]["model_0"] <= 0.3
     card = (tmp_path / "out" / "README.md").read_text()
     assert "ties" in card and "mergekit 0.1.5's for this method" in card
+    trim = prov["result"]["trim"]["model_0"]
+    assert trim["kept"] == trim["k"] and f"| model_0 | {trim['k']} | {trim['kept']} |" in card
     assert "publishes none" not in card  # that note is SafePatching's, not mergekit's
+
+
+def test_ties_keeps_exactly_k_per_tensor_under_any_budget(models, tmp_path, monkeypatch):
+    """The recorded kept counts are mergekit's k per tensor (or the tensor's non-zero deltas
+    where fewer), summed, the same whether tensors are streamed whole or in 700-element chunks,
+    and the merged bytes are identical (bf16 deltas tie at the threshold)."""
+    from safepatch_merge.merge.classic.trim import trim_count
+
+    cfg = _cfg(models, "ties")
+    merge(cfg, tmp_path / "big", max_memory="4GiB")
+    monkeypatch.setenv("SAFEPATCH_MERGE_MIN_CHUNK", "700")
+    merge(cfg, tmp_path / "small", max_memory="1KB")
+    base = load_dir(models / "base")
+    fts = [load_dir(models / f"ft{i}") for i in range(3)]
+    ks, kept = [], []
+    for ft, dens in zip(fts, (0.3, 0.55, 0.9)):
+        k = {n: trim_count(dens, b.numel()) for n, b in base.items() if b.is_floating_point()}
+        ks.append(sum(k.values()))
+        kept.append(sum(min(k[n], int((ft[n].float() != base[n].float()).sum())) for n in k))
+    assert kept[2] < ks[2]  # some tensors have fewer non-zero deltas than k at density 0.9
+    n = sum(b.numel() for b in base.values() if b.is_floating_point())
+    for out in ("big", "small"):
+        trim = json.loads((tmp_path / out / "safepatch_provenance.json").read_text()
+                          )["result"]["trim"]
+        assert [trim[f"model_{i}"]["kept"] for i in range(3)] == kept
+        assert [trim[f"model_{i}"]["k"] for i in range(3)] == ks
+        assert trim["model_0"]["n"] == n and trim["model_0"]["density"] == kept[0] / n
+    for f in sorted(p.name for p in (tmp_path / "big").glob("*.safetensors")):
+        assert (tmp_path / "big" / f).read_bytes() == (tmp_path / "small" / f).read_bytes(), f
 
 
 def test_missing_tensor_in_a_model_is_an_error_naming_it(models, tmp_path):

@@ -28,7 +28,7 @@ from derive_helpers import PAIRS, tiny_setup, write_pairs
 from safepatch_merge.cli import main as cli
 from safepatch_merge.derive.dataset import IGNORE_INDEX
 from safepatch_merge.ops import radix_histogram
-from safepatch_merge.select import select_thresholds
+from safepatch_merge.merge.select import select_thresholds
 
 WORLD = 2
 DRIVER = Path(__file__).with_name("dist_driver.py")

@@ -24,7 +24,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("", "errors"),
     ("io", "dist", "devices", "cuda_streams", "versions", "testing", "config_fields"),
     ("ops", "triton_kernels", "models"),
-    ("select",),
     ("eval",),        # generation and judges; derive uses them for on-policy data and checks
     ("derive",),
     ("score",),       # scores the derived patches (derive's data and model loading)
@@ -154,6 +153,18 @@ def test_no_module_imports_a_higher_layer():
 
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+def test_merge_selector_is_at_the_bottom_of_merge():
+    """merge.select (the exact k-th-largest selector of both methods' trims) imports only ops
+    and lower layers, never another merge module, so every method and the thresholds can use
+    it (docs/design.md §5.1)."""
+    graph = import_graph()
+    mine = {m for m in graph[f"{PKG}.merge.select"] if layer_of(m) == "merge"}
+    assert mine == set()
+    users = {m for m, t in graph.items() if f"{PKG}.merge.select" in t}
+    assert {f"{PKG}.merge.thresholds", f"{PKG}.merge.safepatch_method",
+            f"{PKG}.merge.classic.trim"} <= users
 
 
 def test_function_level_imports_are_read():

@@ -158,7 +158,8 @@ def test_cli_stats_account_for_the_merge(tmp_path, capsys):
 
 
 def test_config_choices_match_what_the_ops_and_selector_accept():
-    from safepatch_merge import ops, select
+    from safepatch_merge import ops
+    from safepatch_merge.merge import select
 
     assert defaults.MASK_MODES == ops.MODES
     assert defaults.RETENTION_ORDERS == ops.RETENTION_ORDERS

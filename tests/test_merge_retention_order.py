@@ -191,7 +191,7 @@ def test_threshold_caches_are_keyed_by_retention(inputs, tmp_path, monkeypatch):
     from safepatch_merge.io.checkpoint import open_checkpoint
     from safepatch_merge.merge.stream import EngineContext
     from safepatch_merge.merge.thresholds import compute_thresholds_many
-    from safepatch_merge.select import Retention
+    from safepatch_merge.merge.select import Retention
 
     ckpts = {r: open_checkpoint(str(inputs[k]), r) for r, k in
              (("base", "base"), ("scores_se", "scores_se"), ("scores_osm", "scores_osm"))}

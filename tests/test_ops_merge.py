@@ -28,7 +28,7 @@ def _case(dts, deltas, seed=0, shape=SHAPE):
 
 def _thresholds(case, rate=0.3):
     """The exact top-`rate` thresholds of each score tensor (the reference's selection)."""
-    from safepatch_merge.select import select_thresholds
+    from safepatch_merge.merge.select import select_thresholds
 
     sel = select_thresholds({"se": case.score_se, "osm": case.score_osm}, rate, "tensor",
                             hist_fn=ref.radix_histogram)

@@ -7,7 +7,7 @@ import torch
 from op_cases import FLOATS, backend, rand_scores  # noqa: F401
 from safepatch_merge import ops
 from safepatch_merge.ops import reference as ref
-from safepatch_merge.select import (InvalidScoresError, Selection, ThresholdPlan, group_of,
+from safepatch_merge.merge.select import (InvalidScoresError, Selection, ThresholdPlan, group_of,
                                     key_to_float, select_thresholds, top_k_count)
 
 
@@ -159,7 +159,7 @@ def test_retained_thresholds_equal_sorting(backend, rate):
     """Retention before selection: the k-th largest of the retained keys (dropped elements as
     key 0), k from all N elements; above p the group falls short and t = 0."""
     from safepatch_merge.ops.philox import keep_threshold, retention_words
-    from safepatch_merge.select import Retention
+    from safepatch_merge.merge.select import Retention
 
     scores = {f"model.layers.{i}.w": rand_scores((n,), dt, 20 + i)
               for i, (n, dt) in enumerate(((1001, torch.float32), (777, torch.bfloat16),

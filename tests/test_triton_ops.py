@@ -18,7 +18,7 @@ from conftest import HAS_CUDA, requires_cuda
 from safepatch_merge import ops
 from safepatch_merge.ops import philox as ref_philox
 from safepatch_merge.ops import reference as ref
-from safepatch_merge.select import select_thresholds
+from safepatch_merge.merge.select import select_thresholds
 
 triton = pytest.importorskip("triton")
 from safepatch_merge.ops import triton_backend  # noqa: E402

@@ -54,18 +54,21 @@ void check_pair(const at::Tensor& x, const at::Tensor& base, const char* op) {
 }
 
 void check_merge(const at::Tensor& base, at::TensorList xs, at::IntArrayRef kinds,
-                 at::ArrayRef<double> thr, at::ArrayRef<double> fac, at::ArrayRef<double> w,
-                 at::TensorList masks, c10::ScalarType out_dtype) {
+                 at::ArrayRef<double> thr, at::IntArrayRef cut, at::ArrayRef<double> fac,
+                 at::ArrayRef<double> w, at::TensorList masks, c10::ScalarType out_dtype) {
   const char* op = "safepatch::classic_merge";
   check_input(base, op, "base");
   const size_t m = xs.size();
-  TORCH_CHECK(kinds.size() == m && thr.size() == m && fac.size() == m && w.size() == m &&
-                  masks.size() == m,
-              op, ": xs, kinds, thresholds, factors, weights and masks must have one entry per model");
+  TORCH_CHECK(kinds.size() == m && thr.size() == m && cut.size() == m && fac.size() == m &&
+                  w.size() == m && masks.size() == m,
+              op, ": xs, kinds, thresholds, cutoffs, factors, weights and masks must have one "
+              "entry per model");
   for (size_t i = 0; i < m; ++i) {
     TORCH_CHECK(kinds[i] >= kKindNone && kinds[i] <= kKindRandom, op, ": kind must be 0..4, got ",
                 num(kinds[i]));
     if (kinds[i] == kKindNone) continue;
+    TORCH_CHECK(cut[i] >= 0 && cut[i] <= base.numel(), op, ": cutoff must be in [0, numel], got ",
+                num(cut[i]));
     check_input(xs[i], op, "xs[i]");
     check_like(xs[i], base, op, "xs[i]", "base");
     if (kinds[i] == kKindRandom) {
@@ -157,11 +160,11 @@ at::Tensor abs_delta_histogram(const at::Tensor& x, const at::Tensor& base, int6
 }
 
 at::Tensor classic_merge(const at::Tensor& base, at::TensorList xs, at::IntArrayRef kinds,
-                         at::ArrayRef<double> thr, at::ArrayRef<double> fac,
+                         at::ArrayRef<double> thr, at::IntArrayRef cut, at::ArrayRef<double> fac,
                          at::ArrayRef<double> w, at::TensorList masks, bool consensus,
                          bool normalize, double lin_div, double lam, c10::ScalarType out_dtype) {
   const int64_t n = base.numel(), M = (int64_t)xs.size();
-  check_merge(base, xs, kinds, thr, fac, w, masks, out_dtype);
+  check_merge(base, xs, kinds, thr, cut, fac, w, masks, out_dtype);
   auto out = at::empty({n}, base.options().dtype(out_dtype));
   std::vector<float> thrf(M), facf(M), wf(M);
   for (int64_t i = 0; i < M; ++i) { thrf[i] = (float)thr[i]; facf[i] = (float)fac[i];
@@ -185,8 +188,12 @@ at::Tensor classic_merge(const at::Tensor& base, at::TensorList xs, at::IntArray
         const bool scaled = f != 1.0f;
         // one branch-free loop per kind, so each vectorizes
         for (int64_t j = 0; j < m; ++j) d[j] = xf[j] - bf[j];
-        if (k == 2) for (int64_t j = 0; j < m; ++j) d[j] = d[j] * (std::fabs(d[j]) >= t ? 1.0f : 0.0f);
-        else if (k == 3) for (int64_t j = 0; j < m; ++j) d[j] = d[j] * (std::fabs(d[j]) > 0.0f ? 1.0f : 0.0f);
+        if (k == 2) {
+          // ties at t are kept before the cutoff index, dropped from it on (exactly k kept)
+          const int64_t c = std::min(std::max<int64_t>(cut[i] - s, 0), m);
+          for (int64_t j = 0; j < c; ++j) d[j] = d[j] * (std::fabs(d[j]) >= t ? 1.0f : 0.0f);
+          for (int64_t j = c; j < m; ++j) d[j] = d[j] * (std::fabs(d[j]) > t ? 1.0f : 0.0f);
+        } else if (k == 3) for (int64_t j = 0; j < m; ++j) d[j] = d[j] * (std::fabs(d[j]) > 0.0f ? 1.0f : 0.0f);
         else if (k == 4) for (int64_t j = 0; j < m; ++j) d[j] = d[j] * (mk[j] ? 1.0f : 0.0f);
         if (scaled) for (int64_t j = 0; j < m; ++j) d[j] = d[j] * f;
         for (int64_t j = 0; j < m; ++j) d[j] = d[j] * wi;

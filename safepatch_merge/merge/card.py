@@ -70,6 +70,7 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
             lines += [f"- {side} {g}: {r['selected']} of k = {r['k']} (short by {r['shortfall']})"
                       for side, g, r in short]
     lines += _applied_lines(summary)
+    lines += _trim_lines(summary)
     if cfg.method == "safepatch":
         note = ("Defaults of unset parameters are safepatch_merge's own choices: the SafePatching "
                 "paper (arXiv 2405.13820) publishes none.")
@@ -79,6 +80,21 @@ def model_card(cfg, method, ckpts, summary: dict) -> bytes:
     lines += ["", note,
               "Full provenance (inputs, hashes, versions): `safepatch_provenance.json`.", ""]
     return "\n".join(lines).encode()
+
+
+def _trim_lines(summary: dict) -> list[str]:
+    """The card's magnitude-trim section (classic merges that trim by magnitude)."""
+    trim = summary.get("trim") or {}
+    if not trim:
+        return []
+    lines = ["", "## Magnitude trim", "",
+             "Entries kept per model, summed over the merged tensors: mergekit's k per tensor "
+             "exactly (ties at a tensor's threshold taken in element-index order; fewer only "
+             "where a tensor has fewer than k non-zero deltas).", "",
+             "| model | k | kept | elements | density |", "|---|---|---|---|---|"]
+    for role, r in trim.items():
+        lines.append(f"| {role} | {r['k']} | {r['kept']} | {r['n']} | {r['density']:.6f} |")
+    return lines
 
 
 def _applied_lines(summary: dict) -> list[str]:

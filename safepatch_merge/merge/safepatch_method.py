@@ -26,10 +26,10 @@ import torch
 from ..errors import CheckpointError
 from ..io.safetensors_header import FLOAT_ST
 from ..ops import masked_merge
-from ..select import Retention, group_of
 from .config import Source
 from .methods import MergeMethod, check_shape_like_backbone
 from .safepatch_params import SIDES, SafepatchParams
+from .select import Retention, group_of
 from .thresholds import compute_thresholds_many, selection_summary
 
 log = logging.getLogger("safepatch_merge.merge")

@@ -30,7 +30,7 @@ from ..io.checkpoint import HISTOGRAMS_FILE, Checkpoint
 from ..io.safetensors_header import read_header
 from ..io.writer import OutputError
 from ..ops import NUM_BINS, keep_threshold, radix_histogram
-from ..select import (InvalidScoresError, Retention, Selection, ThresholdPlan, check_histogram,
+from .select import (InvalidScoresError, Retention, Selection, ThresholdPlan, check_histogram,
                       group_of)
 
 if TYPE_CHECKING:  # pragma: no cover

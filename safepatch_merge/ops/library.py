@@ -66,10 +66,11 @@ SCHEMAS = {
     # radix_histogram's int64 (65536,) counts of one digit of abs_delta's keys, without |d|
     "abs_delta_histogram": "(Tensor x, Tensor base, int prefix, int digit) -> Tensor",
     # one flat chunk of combine_deltas in out_dtype; one kind (cpu_kernels.KIND_*),
-    # threshold, factor, weight and bool mask (random drop) per model
+    # threshold, tie cutoff index, factor, weight and bool mask (random drop) per model
     "classic_merge": "(Tensor base, Tensor[] xs, int[] kinds, float[] thresholds, "
-                     "float[] factors, float[] weights, Tensor[] masks, bool consensus, "
-                     "bool normalize, float lin_div, float lam, ScalarType out_dtype) -> Tensor",
+                     "int[] cutoffs, float[] factors, float[] weights, Tensor[] masks, "
+                     "bool consensus, bool normalize, float lin_div, float lam, "
+                     "ScalarType out_dtype) -> Tensor",
 }
 OPS = ("saliency_accumulate_", "radix_histogram", "masked_merge")  # the SafePatching ops
 CLASSIC_OPS = ("abs_delta", "abs_delta_histogram", "classic_merge")  # CPU kernels only
@@ -106,7 +107,7 @@ def _fake_abs_delta_histogram(x, base, prefix, digit):
     return x.new_empty((NUM_BINS,), dtype=torch.int64)
 
 
-def _fake_classic_merge(base, xs, kinds, thresholds, factors, weights, masks, consensus,
+def _fake_classic_merge(base, xs, kinds, thresholds, cutoffs, factors, weights, masks, consensus,
                         normalize, lin_div, lam, out_dtype):
     return base.new_empty((base.numel(),), dtype=out_dtype)
 

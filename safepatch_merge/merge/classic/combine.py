@@ -26,6 +26,8 @@ from ... import ops
 from ...ops import cpp_backend
 from . import fused
 from .terms import KEEP_NONE, KEEP_RANDOM, KEEP_TRIM, Term
+from .trim import keep_mask, local_cutoff
+
 
 def retention_keep(n: int, offset: int, seed: int, name: str, patch_id: int, p: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:
@@ -64,7 +66,7 @@ def sparsify_(d: torch.Tensor, term: Term, *, seed: int, name: str, offset: int)
     element within the tensor (the Philox counter). Returns d."""
     if term.keep == KEEP_TRIM:
         ad = d.abs()
-        keep = (ad >= term.threshold) if term.threshold > 0 else (ad > 0)
+        keep = keep_mask(ad, term.threshold, local_cutoff(term.cutoff, offset, d.numel()))
         del ad
         d.mul_(keep)
     elif term.keep == KEEP_RANDOM:
@@ -85,9 +87,10 @@ def combine_chunk(base: torch.Tensor, xs: list[torch.Tensor], terms: list[Term],
     if fused.enabled(n):
         masks = [retention_keep(n, offset, seed, name, t.patch_id, t.density, device=base.device)
                  if t.keep == KEEP_RANDOM else None for t in terms]
+        cuts = [local_cutoff(t.cutoff, offset, n) for t in terms]
         out = fused.merge(base.reshape(-1), [x.reshape(-1) for x in xs], terms,
                           consensus=consensus, normalize=normalize, lam=lam,
-                          out_dtype=out_dtype, masks=masks)
+                          out_dtype=out_dtype, masks=masks, cuts=cuts)
         if out is not None:
             return out.reshape(base.shape)
     b = base.reshape(-1).to(torch.float32)

@@ -16,19 +16,23 @@ import torch
 
 from ...ops import _extension
 
-# Per-model term kinds of classic_merge: dropped, kept whole, trimmed at |d| >= threshold,
-# trimmed to |d| > 0, randomly dropped by a bool mask.
+# Per-model term kinds of classic_merge: dropped, kept whole, trimmed at the threshold (|d| >=
+# threshold before the term's cutoff index, > threshold from it on), trimmed to |d| > 0,
+# randomly dropped by a bool mask.
 KIND_NONE, KIND_ALL, KIND_TRIM, KIND_TRIM0, KIND_RANDOM = 0, 1, 2, 3, 4
 
 
 def _merge(base: torch.Tensor, xs: list[torch.Tensor], kinds: list[int], thresholds: list[float],
-           factors: list[float], weights: list[float], masks: list[torch.Tensor], consensus: bool,
-           normalize: bool, lin_div: float, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+           cutoffs: list[int], factors: list[float], weights: list[float],
+           masks: list[torch.Tensor], consensus: bool, normalize: bool, lin_div: float, lam: float,
+           out_dtype: torch.dtype) -> torch.Tensor:
     """One flat chunk of combine_deltas: base and xs contiguous CPU tensors (float32, bfloat16
-    or float16) of one size; masks[i] a bool tensor of that size for KIND_RANDOM terms (any
-    placeholder otherwise). Returns a flat tensor of out_dtype."""
-    return torch.ops.safepatch.classic_merge(base, xs, kinds, thresholds, factors, weights, masks,
-                                             consensus, normalize, lin_div, lam, out_dtype)
+    or float16) of one size n; cutoffs[i] in [0, n] the chunk index where a KIND_TRIM term
+    stops keeping |d| == threshold (n: never); masks[i] a bool tensor of size n for KIND_RANDOM
+    terms (any placeholder otherwise). Returns a flat tensor of out_dtype."""
+    return torch.ops.safepatch.classic_merge(base, xs, kinds, thresholds, cutoffs, factors,
+                                             weights, masks, consensus, normalize, lin_div, lam,
+                                             out_dtype)
 
 
 _KERNELS = SimpleNamespace(abs_delta=lambda x, base: torch.ops.safepatch.abs_delta(x, base),

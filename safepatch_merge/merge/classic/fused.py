@@ -95,15 +95,20 @@ def abs_delta_histogram(x: torch.Tensor, base: torch.Tensor, prefix: int, digit:
 
 
 def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
-          normalize: bool, lam: float, out_dtype: torch.dtype, masks: list) -> torch.Tensor | None:
+          normalize: bool, lam: float, out_dtype: torch.dtype, masks: list,
+          cuts: list[int] | None = None) -> torch.Tensor | None:
     """The fused equivalent of combine_deltas on flat chunks; None if compilation failed.
 
     base, xs: flat chunks in their own dtypes. masks[i]: bool keep mask of a KEEP_RANDOM term
-    (else None)."""
+    (else None). cuts[i]: a KEEP_TRIM term's tie cutoff within the chunk, in [0, numel]
+    (|d| == threshold kept before it, dropped from it on; default numel: all kept)."""
+    n = base.numel()
+    cuts = [n] * len(terms) if cuts is None else [min(max(int(c), 0), n) for c in cuts]
     kinds = tuple("none" if t.keep == KEEP_NONE else
-                  "trim" if t.keep == KEEP_TRIM and t.threshold > 0 else
+                  ("trim" if c >= n else "trimgt" if c == 0 else "trimcut")
+                  if t.keep == KEEP_TRIM and t.threshold > 0 else
                   "trim0" if t.keep == KEEP_TRIM else
-                  "random" if t.keep == KEEP_RANDOM else "all" for t in terms)
+                  "random" if t.keep == KEEP_RANDOM else "all" for t, c in zip(terms, cuts))
     scaled = tuple(t.factor != 1.0 for t in terms)
     f32 = torch.float32
     thr = [torch.tensor(t.threshold, dtype=f32) for t in terms]
@@ -116,17 +121,18 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
     mask_args = [m if m is not None else torch.ones((), dtype=torch.bool) for m in masks]
     mod = _cpu(base)
     if mod is not None:
-        ids = {"none": KIND_NONE, "all": KIND_ALL, "trim": KIND_TRIM, "trim0": KIND_TRIM0,
-               "random": KIND_RANDOM}
+        ids = {"none": KIND_NONE, "all": KIND_ALL, "trim": KIND_TRIM, "trimgt": KIND_TRIM,
+               "trimcut": KIND_TRIM, "trim0": KIND_TRIM0, "random": KIND_RANDOM}
         return mod.merge(base.contiguous(), [x.contiguous() for x in xs],
-                         [ids[k] for k in kinds], [t.threshold for t in terms],
+                         [ids[k] for k in kinds], [t.threshold for t in terms], cuts,
                          [t.factor for t in terms], [t.weight for t in terms],
                          [m.contiguous() for m in mask_args], consensus, normalize,
                          float(lin_div), float(lam), out_dtype)
     key = ("merge", kinds, scaled, consensus, normalize, lam != 1, out_dtype)
+    cut_t = [torch.tensor(c, dtype=torch.int64) for c in cuts]
 
     def build():
-        def f(base, xs, thr, fac, ws, masks, lin_div, lam_t):
+        def f(base, xs, thr, cut, fac, ws, masks, lin_div, lam_t):
             b = base.float()
             wds = []
             mixed = None
@@ -136,6 +142,12 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
                 d = xs[i].float() - b
                 if kind == "trim":
                     d = d * (d.abs() >= thr[i])
+                elif kind == "trimgt":
+                    d = d * (d.abs() > thr[i])
+                elif kind == "trimcut":
+                    ad = d.abs()
+                    idx = torch.arange(ad.numel(), device=ad.device)
+                    d = d * ((ad > thr[i]) | ((ad == thr[i]) & (idx < cut[i])))
                 elif kind == "trim0":
                     d = d * (d.abs() > 0)
                 elif kind == "random":
@@ -170,4 +182,4 @@ def merge(base: torch.Tensor, xs: list[torch.Tensor], terms, *, consensus: bool,
             return (mixed + b).to(out_dtype)
         return f
 
-    return _run(key, build, base, list(xs), thr, fac, ws, mask_args, lin_div, lam_t)
+    return _run(key, build, base, list(xs), thr, cut_t, fac, ws, mask_args, lin_div, lam_t)

@@ -54,7 +54,8 @@ class ClassicMethod(MergeMethod):
         self.numel: dict[str, int] = {}
         self.prepared: dict[str, TensorMerge] = {}
         self.skipped_dtype: list[str] = []
-        self._kept = [[0, 0] for _ in self.sources]  # per model: sum of k, sum of N (trim)
+        self._target = [[0, 0] for _ in self.sources]  # per model: sum of k, sum of N (trim)
+        self._kept: dict[str, list[int]] = {}  # merged tensors: entries kept per model
 
     @property
     def card_tags(self) -> tuple[str, ...]:
@@ -106,18 +107,18 @@ class ClassicMethod(MergeMethod):
               for i in range(len(self.sources))]
         tm = self._new(name, self.numel[name])
         for m in tm.models:  # the real tensor's kinds of terms, on a stand-in threshold
-            if m.kth is not None:
-                m.threshold = 0.5
+            if m.trim is not None:
+                m.threshold, m.cutoff = 0.5, 32
             if m.rescale:
                 m.factor = 1.5
         for m, x in zip(tm.models, xs):
-            if m.last_pass() >= 0 and fused.abs_delta(x, base) is None:
+            if m.phase() is not None and fused.abs_delta(x, base) is None:
                 return
         terms = [m.term() for m in tm.models]
         masks = [torch.ones(64, dtype=torch.bool) if t.keep == "random" else None for t in terms]
         fused.merge(base, xs, terms, consensus=self.spec.consensus,
                     normalize=self.params[name].normalize, lam=self.params[name].lam,
-                    out_dtype=out_dt, masks=masks)
+                    out_dtype=out_dt, masks=masks, cuts=[32 if t.cutoff else 64 for t in terms])
 
     def roles_for(self, name: str) -> tuple[str, ...]:
         if name in self.params:
@@ -153,7 +154,8 @@ class ClassicMethod(MergeMethod):
                 multi.append(name)
                 self.prepared[name] = tm
         roles = ["base"] + [_role(i) for i in range(len(self.sources))]
-        for stage in range(3):
+        stage = 0
+        while True:
             names = [n for n in multi if self.prepared[n].pending]
             if not names:
                 break
@@ -161,29 +163,36 @@ class ClassicMethod(MergeMethod):
             def observe(name, views, offset):
                 self.prepared[name].observe(views["base"], [views[r] for r in roles[1:]], offset)
 
-            _stream_roles(ctx, roles, names, observe, f"{self.name} statistics {stage + 1}")
+            stage += 1
+            _stream_roles(ctx, roles, names, observe, f"{self.name} statistics {stage}",
+                          wants=lambda name, offset: self.prepared[name].wants(offset))
             for n in names:
                 self.prepared[n].end_pass()
+        for name in multi:
+            self._count_kept(self.prepared[name])
 
     def _count(self, tm: TensorMerge) -> None:
         for i, m in enumerate(tm.models):
-            if m.kth is not None:
-                self._kept[i][0] += m.kth.k
-            elif m.keep == "none":
-                pass
-            else:
-                self._kept[i][0] += tm.numel
-            self._kept[i][1] += tm.numel
+            self._target[i][0] += m.trim.select.k if m.trim is not None else m.kept()
+            self._target[i][1] += tm.numel
+
+    def _count_kept(self, tm: TensorMerge) -> None:
+        """Record a tensor's kept entries per model (after its statistics passes)."""
+        self._kept[tm.name] = tm.kept()
 
     # -- merge ------------------------------------------------------------------------------
     def merge_chunk(self, name, inputs, offset, out_dtype):
         xs = [inputs[_role(i)] for i in range(len(self.sources))]
         tm = self.prepared.get(name) or self._new(name, self.numel[name])
         if not tm.pending:  # elementwise from here: any chunk
+            if name not in self.prepared:  # no statistics: kept = target
+                self._count_kept(tm)
             return tm.merge(inputs["base"], xs, offset, out_dtype)
         if offset != 0 or inputs["base"].numel() != self.numel[name]:
             raise RuntimeError(f"tensor {name!r} arrived in chunks but was not prepared")
-        return tm.merge_whole(inputs["base"], xs, out_dtype)
+        out = tm.merge_whole(inputs["base"], xs, out_dtype)
+        self._count_kept(tm)
+        return out
 
     def summary(self) -> dict:
         params: dict = {"method": self.name, "seed": self.seed}
@@ -202,7 +211,12 @@ class ClassicMethod(MergeMethod):
                "merged_tensors": len(self.params)}
         if self.spec.sparsify == "magnitude":
             out["trim_target_density"] = {
-                _role(i): (k / n if n else 0.0) for i, (k, n) in enumerate(self._kept)}
+                _role(i): (k / n if n else 0.0) for i, (k, n) in enumerate(self._target)}
+            if all(n in self._kept for n in self.params):  # (a resume skips finished tensors)
+                kept = [sum(v[i] for v in self._kept.values()) for i in range(len(self.sources))]
+                out["trim"] = {_role(i): {"k": k, "kept": c, "n": n,
+                                          "density": c / n if n else 0.0}
+                               for i, ((k, n), c) in enumerate(zip(self._target, kept))}
         if self.skipped_dtype:
             out["float64_tensors_copied"] = list(self.skipped_dtype)
         return out
@@ -214,15 +228,18 @@ def _setting_str(s) -> str:
     return "; ".join(f"{f or '*'}: {v}" for f, v in s.conds)
 
 
-def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str) -> None:
-    """Call fn(name, {role: 1-D chunk}, offset) for every chunk of `names`, with the same
-    chunks of every role together (EngineContext.stream does one role; a per-tensor delta
-    needs the base and each model side by side)."""
+def _stream_roles(ctx, roles: list[str], names: list[str], fn, desc: str,
+                  wants=lambda name, offset: True) -> None:
+    """Call fn(name, {role: 1-D chunk}, offset) for every chunk of `names` that
+    wants(name, offset), with the same chunks of every role together (EngineContext.stream does
+    one role; a per-tensor delta needs the base and each model side by side)."""
     items, meta = [], []
     for name in names:
         infos = {r: ctx.ckpts[r].tensors[name] for r in roles}
         numel = infos["base"].numel
         for off, cnt in ctx.chunks(numel, row_elems(infos["base"].shape)):
+            if not wants(name, off):
+                continue
             items.append([Part(r, infos[r], off, cnt) for r in roles])
             meta.append((name, off))
     ctx.stream_items(items, lambda i, views: fn(meta[i][0], views, meta[i][1]), desc)

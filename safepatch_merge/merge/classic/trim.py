@@ -1,23 +1,27 @@
-"""TIES's per-tensor magnitude trim, by exact radix selection instead of a sort.
+"""The classic merges' per-tensor magnitude trim (TIES): exactly mergekit's k entries of
+largest |delta|, ties at the threshold taken in element-index order, independent of chunking.
 
-mergekit (sparsify.magnitude) keeps the k = max(1, int(density·N)) entries of largest |delta|
-of each tensor, with an argsort. Here the k-th largest |delta| is found exactly from two 16-bit
-radix-digit histograms (:func:`safepatch_merge.ops.radix_histogram`, the same op and key
-convention as SafePatching's score selection), which add up across chunks; the trim then keeps
-|delta| >= t and |delta| > 0. Ties at t are all kept (mergekit keeps an arbitrary subset of
-them); zero deltas are never kept, which changes nothing (a zero delta adds nothing and its
-sign, 0, never matches an elected sign).
+mergekit (sparsify.magnitude) keeps k = max(1, int(density·N)) entries of each tensor with a
+top-k whose order among equal |delta| is unspecified. Here the k-th largest |delta| t is found
+exactly by the merges' one selector (:class:`..select.KthLargest`, EXACTLY_K: two 16-bit
+radix-digit histogram passes), and the kept set is every |delta| > t plus the first k − above
+entries with |delta| == t in flat row-major index order. When the tensor has more ties than
+that, a :class:`..select.TieCutoff` places the element index where the kept ties stop (from
+per-chunk tie counts; usually within the same pass, one more pass when chunks come out of
+order); the merge kernels then keep |delta| >= t before the cutoff and |delta| > t from it on.
+Zero deltas are never kept (t = 0 happens only when fewer than k deltas are non-zero; a zero
+delta adds nothing and its sign, 0, never matches an elected sign), so the kept count is k
+whenever at least k deltas are non-zero.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import torch
 
-from ... import ops
-from ...select import key_to_float
+from ..select import EXACTLY_K, KthLargest, NonFiniteValuesError, TieCutoff
 
-_FIRST_NONFINITE_BIN = 0x7F80  # keys >= 0x7F800000: inf or NaN
+__all__ = ["MagnitudeTrim", "NonFiniteValuesError", "keep_mask", "local_cutoff", "trim_count"]
 
 
 def trim_count(density: float, n: int) -> int | None:
@@ -31,87 +35,83 @@ def trim_count(density: float, n: int) -> int | None:
     return max(1, int(density * n))
 
 
-class NonFiniteDeltaError(ValueError):
-    """A delta with NaN or inf entries (the caller names the tensor and model)."""
-
-
-class KthLargest:
-    """Exact k-th largest of non-negative fp32 values streamed in chunks (1 <= k <= count).
-
-    Protocol: feed every chunk to :meth:`add` while ``stage == 0``, call :meth:`next_stage`;
-    if ``stage == 1`` feed every chunk again and call :meth:`next_stage`; then ``stage == 2``
-    and :attr:`threshold` holds the value. Chunks may come in any order and size.
-    """
+class MagnitudeTrim:
+    """One model's trim of one tensor of N elements, keeping k: the k-th largest |delta| (two
+    histogram passes), then, only when the ties at it overflow k, the tie cutoff (one pass,
+    occasionally two). Protocol per pass: :meth:`wants` / :meth:`observe` every chunk,
+    :meth:`end_pass`; done when not :attr:`pending`."""
 
     def __init__(self, k: int):
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.stage = 0
-        self._hist = torch.zeros(ops.NUM_BINS, dtype=torch.int64)
-        self._prefix = 0
-        self._above = 0
-        self.threshold: float | None = None
-        self.count = 0
+        self.select = KthLargest(k, EXACTLY_K)
+        self.ties: TieCutoff | None = None
 
-    def add(self, values: torch.Tensor) -> None:
-        """Add a chunk of values (float32, contiguous, >= 0) to the current stage's histogram."""
-        if self.stage == 0:
-            self._hist += ops.radix_histogram(values, 0, 0).cpu()
-        elif self.stage == 1:
-            self._hist += ops.radix_histogram(values, self._prefix, 1).cpu()
-        else:
-            raise RuntimeError("threshold already found; no more chunks needed")
+    @property
+    def pending(self) -> bool:
+        return self.select.pending or (self.ties is not None and self.ties.pending)
+
+    @property
+    def selecting(self) -> bool:
+        """True while the k-th largest is still being searched (histogram passes)."""
+        return self.select.pending
 
     def pass_args(self) -> tuple[int, int]:
-        """(prefix, digit) of the histogram the current stage needs."""
-        if self.stage > 1:
-            raise RuntimeError("threshold already found; no more chunks needed")
-        return (self._prefix, 1) if self.stage == 1 else (0, 0)
+        """(prefix, digit) of the histogram the current selection pass needs."""
+        return self.select.pass_args()
+
+    def wants(self, offset: int) -> bool:
+        """Whether the current pass needs the chunk at `offset`."""
+        return self.select.pending or self.ties is None or self.ties.wants(offset)
 
     def add_histogram(self, hist: torch.Tensor) -> None:
-        """Add a chunk's histogram of the current stage's digit (see :meth:`pass_args`), for
-        callers that histogram the values without materialising them."""
-        if self.stage > 1:
-            raise RuntimeError("threshold already found; no more chunks needed")
-        self._hist += hist.cpu()
+        self.select.add_histogram(hist)
 
-    def next_stage(self) -> None:
-        """Close the current pass. Raises NonFiniteDeltaError if a value was NaN or inf."""
-        h = self._hist
-        if self.stage == 0:
-            if int(h[_FIRST_NONFINITE_BIN:].sum()):
-                raise NonFiniteDeltaError("NaN or inf values")
-            self.count = int(h.sum())
-            if self.k > self.count:
-                raise ValueError(f"k={self.k} exceeds the {self.count} values seen")
-            b, above = _bin_of_kth(h, self.k)
-            self._prefix, self._above = b, above
-            self._hist = torch.zeros(ops.NUM_BINS, dtype=torch.int64)
-            self.stage = 1
-        elif self.stage == 1:
-            low, _ = _bin_of_kth(h, self.k - self._above)
-            self.threshold = key_to_float((self._prefix << 16) | low)
-            self.stage = 2
-        else:
-            raise RuntimeError("threshold already found")
+    def observe_ties(self, offset: int, numel: int,
+                     abs_delta: Callable[[int, int], torch.Tensor]) -> None:
+        """Tie pass on a chunk: abs_delta(s, e) gives float32 |delta| of its elements s..e-1."""
+        t = self.threshold
+        self.ties.observe(offset, numel, lambda s, e: abs_delta(s, e) == t)
 
+    def end_pass(self) -> None:
+        """Close a pass. Raises NonFiniteValuesError for NaN or inf deltas."""
+        if self.select.pending:
+            self.select.next_stage()
+            if not self.select.pending and self.select.ties_overflow:
+                self.ties = TieCutoff(self.select.tie_quota, self.select.at)
+        elif self.ties is not None:
+            self.ties.end_pass()
 
-def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest key, number of keys in higher bins)."""
-    suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-    hits = torch.nonzero(suffix >= k)
-    if hits.numel() == 0:
-        raise RuntimeError(f"histogram holds fewer than k={k} values (incomplete pass)")
-    b = int(hits.max())
-    return b, int(suffix[b] - hist[b])
+    @property
+    def threshold(self) -> float:
+        return self.select.threshold
+
+    @property
+    def cutoff(self) -> int | None:
+        """Element index from which entries == t are dropped (None: all ties kept)."""
+        return self.ties.cutoff if self.ties is not None else None
+
+    @property
+    def kept(self) -> int:
+        """Entries kept: k, or the non-zero deltas when fewer than k."""
+        return self.select.selected
 
 
-def trim_mask(abs_delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool mask of the kept entries: |delta| >= threshold and |delta| > 0 (fp32 compares of
-    non-negative values order exactly like their radix keys)."""
-    if math.isinf(threshold):
-        return torch.zeros_like(abs_delta, dtype=torch.bool)
-    if threshold > 0:  # then |delta| >= t already implies |delta| > 0
+def local_cutoff(cutoff: int | None, offset: int, numel: int) -> int:
+    """The tie cutoff relative to the chunk of `numel` elements at `offset`, in [0, numel]:
+    the chunk keeps |d| >= t before it and |d| > t from it on."""
+    if cutoff is None:
+        return numel
+    return min(max(cutoff - offset, 0), numel)
+
+
+def keep_mask(abs_delta: torch.Tensor, threshold: float, cut: int) -> torch.Tensor:
+    """Bool mask of the kept entries of a flat chunk: |d| >= t before chunk index `cut`,
+    |d| > t from it on, and never |d| = 0 (fp32 compares of non-negative values order exactly
+    like their radix keys)."""
+    if threshold <= 0:
+        return abs_delta > 0
+    if cut >= abs_delta.numel():
         return abs_delta >= threshold
-    return abs_delta > 0
+    keep = abs_delta > threshold
+    if cut > 0:
+        keep[:cut] |= abs_delta[:cut] == threshold
+    return keep
