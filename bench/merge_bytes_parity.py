@@ -219,9 +219,14 @@ def strip_card(text: str) -> tuple[str, int]:
     return "\n".join(out), removed
 
 
-def strip_provenance(raw: bytes) -> tuple[bytes, int]:
+def strip_provenance(raw: bytes, trims: bool = False) -> tuple[bytes, int]:
+    """The provenance without this checkout's additions; trims: without the output shards'
+    sha256 too (the shards of a magnitude-trimming merge may differ; compared on their own)."""
     doc = json.loads(raw)
     res = doc.get("result") or {}
+    if trims:
+        for rec in doc.get("output_shards") or []:
+            rec.pop("sha256", None)
     n = int(res.get("parameters", {}).pop("retention_order", None) is not None)
     n += int(res.pop("applied", None) is not None)
     n += int(res.pop("trim", None) is not None)
@@ -247,8 +252,9 @@ def compare(base_dir: Path, head_dir: Path, trims: bool = False) -> dict:
             stripped, removed = strip_card(b[f].decode())
             ok = removed > 0 and stripped.encode() == a[f]
         elif f == "safepatch_provenance.json":
-            stripped, removed = strip_provenance(b[f])
-            ok = removed > 0 and stripped == a[f]
+            stripped, removed = strip_provenance(b[f], trims)
+            base_doc = strip_provenance(a[f], trims)[0] if trims else a[f]
+            ok = removed > 0 and stripped == base_doc
         else:
             ok = False
         if ok:
@@ -279,6 +285,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base-src", required=True, type=Path, help="checkout of the older commit")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    ap.add_argument("--compare-only", action="store_true",
+                    help="compare the outputs an earlier run left in --workdir (no merges)")
     ap.add_argument("--machine", default=None, help="machine description for the results page "
                     "(default: CPU model, cores and memory from /proc)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" /
@@ -288,26 +296,34 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="merge_parity_")) if args.workdir is None else args.workdir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        stage = stage_checkout(base_src, work / "stage")
-        inputs = build_corpus_inputs(work / "inputs")
+        if args.compare_only:
+            from merge_helpers import build_inputs  # noqa: F401 - the same imports as a run
+            inputs = {"classic_bf16": work / "inputs" / "classic_bf16",
+                      "classic_f32": work / "inputs" / "classic_f32"}
+        else:
+            stage = stage_checkout(base_src, work / "stage")
+            inputs = build_corpus_inputs(work / "inputs")
         from merge_helpers import write_config
 
         rows, failures = [], 0
         for i, (label, inp, params, extra, backend, chunk, budget) in enumerate(corpus()):
             classic = extra.get("classic")
-            if classic:
+            if args.compare_only:
+                pass
+            elif classic:
                 cfg = work / f"c{i}.yaml"
                 cfg.write_text(yaml.safe_dump(classic_config(inputs[inp], classic)))
             else:
                 cfg = write_config(work / f"c{i}.yaml", inputs[inp], params, **extra)
-            who = {}
-            for side, pp in (("base", str(stage)), ("head", None)):
-                who[side] = run_merge(cfg, work / f"{side}{i}", backend, chunk, budget, pp)
-            assert Path(who["base"]["csrc"]) == base_src / "csrc", who["base"]
-            assert Path(who["base"]["package"]).parent.parent == stage, who["base"]
-            assert Path(who["head"]["csrc"]) == REPO / "csrc", who["head"]
-            if backend == "cpp":
-                assert who["base"]["ext_loaded"] and who["head"]["ext_loaded"], who
+            if not args.compare_only:
+                who = {}
+                for side, pp in (("base", str(stage)), ("head", None)):
+                    who[side] = run_merge(cfg, work / f"{side}{i}", backend, chunk, budget, pp)
+                assert Path(who["base"]["csrc"]) == base_src / "csrc", who["base"]
+                assert Path(who["base"]["package"]).parent.parent == stage, who["base"]
+                assert Path(who["head"]["csrc"]) == REPO / "csrc", who["head"]
+                if backend == "cpp":
+                    assert who["base"]["ext_loaded"] and who["head"]["ext_loaded"], who
             trims = bool(classic) and classic["method"] in MAGNITUDE
             rec = compare(work / f"base{i}", work / f"head{i}", trims)
             if trims:
