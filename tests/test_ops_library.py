@@ -81,11 +81,13 @@ def _classic_merge_samples():
     base, xs = _classic_inputs()
     keep = torch.rand(base.numel(), generator=torch.Generator().manual_seed(3)) < 0.4
     one = torch.ones((), dtype=torch.bool)  # the mask placeholder of non-random terms
+    n = base.numel()
     ties = (base.clone().requires_grad_(True), xs, [KIND_TRIM, KIND_TRIM, KIND_NONE],
-            [0.03, 0.02, 0.0], [1.0, 1.0, 1.0], [0.7, 0.4, 1.0], [one, one, one], True, True,
-            1.0, 1.0, torch.bfloat16)
-    dare = (base, xs, [KIND_RANDOM, KIND_ALL, KIND_NONE], [0.0, 0.0, 0.0], [2.5, 1.0, 1.0],
-            [0.7, -0.4, 1.0], [keep, one, one], False, True, 0.3, 0.8, torch.float32)
+            [0.03, 0.02, 0.0], [n, n // 2, n], [1.0, 1.0, 1.0], [0.7, 0.4, 1.0],
+            [one, one, one], True, True, 1.0, 1.0, torch.bfloat16)
+    dare = (base, xs, [KIND_RANDOM, KIND_ALL, KIND_NONE], [0.0, 0.0, 0.0], [n, n, n],
+            [2.5, 1.0, 1.0], [0.7, -0.4, 1.0], [keep, one, one], False, True, 0.3, 0.8,
+            torch.float32)
     return [(ties, {}), (dare, {})]
 
 
