@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
             f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
             f"- base: {git_head(base_src)} (`{base_src}`), head: {git_head(REPO)}",
             f"- machine: {args.machine or machine()}, torch {torch.__version__}, Python {platform.python_version()}",
-            f"- command: `python bench/merge_bytes_parity.py {' '.join(argv or sys.argv[1:])}`",
+            f"- command: `python bench/merge_bytes_parity.py {shlex.join(argv or sys.argv[1:])}`",
             "- corpus: the merge-engine tests' configurations (tiny Llama models from "
             "tests/merge_helpers.py and safepatch_merge.testing), SafePatching and the classic "
             "merges, each merged by both checkouts in separate processes",
