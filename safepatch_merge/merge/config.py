@@ -17,10 +17,11 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from ..config_fields import check_keys
 from ..errors import ConfigError, clip
 from . import defaults
 from .classic.spec import METHODS as CLASSIC_METHODS
-from .config_values import check_keys, get_bool, get_choice, get_str, parse_size
+from .config_values import get_bool, get_choice, get_str, parse_size
 from .mergekit_config import ClassicParams, from_mergekit, is_mergekit_config
 from .safepatch_params import SafepatchParams
 from .yaml_load import DuplicateKeyError, safe_load_unique

@@ -35,20 +35,6 @@ def parse_size(value: Any, key: str) -> int:
     return int(n)
 
 
-def check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
-    """`d` must be a mapping whose keys are all in `allowed` (error names the first unknown)."""
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            shown = k if isinstance(k, str) and len(k) <= 120 else clip(k)
-            raise ConfigError(f"unknown config key {where + '.' if where else ''}{shown} "
-                              f"(allowed: {', '.join(allowed)})")
-    return d
-
-
 def get_float(d: dict, key: str, default: float, where: str, lo: float | None = None,
               hi: float | None = None) -> float:
     v = d.get(key, default)

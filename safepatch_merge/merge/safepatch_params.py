@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
+from ..config_fields import check_keys
 from ..errors import ConfigError
 from . import defaults
-from .config_values import check_keys, get_bool, get_choice, get_float, get_str
+from .config_values import get_bool, get_choice, get_float, get_str
 
 SIDES = ("se", "osm")
 PATCH_KEYS = ("se", "osm", "format", "nonfinite")
