@@ -25,7 +25,7 @@ OTHER_MODELS = LABELS / "other_models_labelled.jsonl"
 
 def development_rows(data_dir: Path):
     return (read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT) + read_extra(EXTRA)
-            + read_other_models(OTHER_MODELS, DEVELOPMENT))
+            + read_other_models(OTHER_MODELS, DEVELOPMENT, data_dir))
 
 
 def main(argv=None) -> int:

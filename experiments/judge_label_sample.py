@@ -141,30 +141,35 @@ def draw_other_models(data_dir: Path, seed: int = 7) -> tuple[list[dict], list[d
                               (source, model, {"prompt": prompt, "completion": completion,
                                                **extra}))
 
-    refusals = json.loads((data_dir / "train" / "safety_refusals.json").read_text("utf-8"))
+    def indexed(rows: list[dict]) -> list[dict]:  # the row's index in its file, as `ref`
+        return [dict(r, ref=i) for i, r in enumerate(rows)]
+
+    refusals = indexed(json.loads((data_dir / "train" / "safety_refusals.json")
+                                  .read_text("utf-8")))
     for r in rng.sample(refusals, 140):
         prompt = r["instruction"] + (("\n\n" + r["input"]) if r["input"] else "")
         add("safety_refusals", "safety-tuned-llamas (gpt-3.5-turbo answers)", prompt,
-            r["output"], {"harmful": True})
+            r["output"], {"harmful": True, "ref": r["ref"]})
     with open(data_dir / "train" / "harmful_pairs.jsonl", encoding="utf-8") as f:
-        pairs = [json.loads(line) for line in f]
+        pairs = indexed([json.loads(line) for line in f])
     by_source: dict[str, list[dict]] = {}
     for r in pairs:
         by_source.setdefault(r["source"], []).append(r)
     sources = sorted(by_source)
     for i in range(70):  # round-robin over source models, one random row each
         r = rng.choice(by_source[sources[i % len(sources)]])
-        add("harmful_pairs", r["source"], r["prompt"], r["response"], {"harmful": True})
+        add("harmful_pairs", r["source"], r["prompt"], r["response"],
+            {"harmful": True, "ref": r["ref"]})
     with open(data_dir / "eval" / "benign_reference_completions.jsonl", encoding="utf-8") as f:
-        refs = [json.loads(line) for line in f]
+        refs = indexed([json.loads(line) for line in f])
     for r in rng.sample(refs, 40):
         add("benign_reference", "llama-3-8b-instruct", r["prompt"], r["response"],
-            {"harmful": False})
-    alpaca = json.loads((data_dir / "train" / "alpaca_en_demo.json").read_text("utf-8"))
+            {"harmful": False, "ref": r["ref"]})
+    alpaca = indexed(json.loads((data_dir / "train" / "alpaca_en_demo.json").read_text("utf-8")))
     for r in _stratified(rng, alpaca, 50, 0.5, lambda r: r["output"]):
         prompt = r["instruction"] + (("\n\n" + r["input"]) if r["input"] else "")
         add("alpaca_demo", "alpaca (text-davinci-003 answers)", prompt, r["output"],
-            {"harmful": False})
+            {"harmful": False, "ref": r["ref"]})
     with gzip.open(HERE / "results" / "frontier" / "completions.jsonl.gz", "rt",
                    encoding="utf-8") as f:
         smol = [r for r in map(json.loads, f) if r["suite"] == "alpaca_benign"]
@@ -178,7 +183,8 @@ def draw_other_models(data_dir: Path, seed: int = 7) -> tuple[list[dict], list[d
         item = f"o{i:03d}"
         blind.append({"item": item, "prompt": r["prompt"], "completion": r["completion"]})
         key.append({"item": item, "source": source, "model": model, "harmful": r["harmful"],
-                     "part": split_of(r["prompt"])})
+                     "part": split_of(r["prompt"]),
+                     **({"ref": r["ref"]} if "ref" in r else {})})
     return blind, key
 
 

@@ -55,7 +55,7 @@ def development(data_dir: Path) -> dict[str, dict]:
     """{source: figures} of the development rows (see module doc)."""
     dev = read_smollm2(data_dir / "judge" / SMOLLM2_FILE, DEVELOPMENT)
     extra = read_extra(EXTRA)
-    other = read_other_models(OTHER_MODELS, DEVELOPMENT)
+    other = read_other_models(OTHER_MODELS, DEVELOPMENT, data_dir)
     rows = dev + extra + other
     oof = out_of_fold_outcomes(rows)
     out = {}
@@ -88,7 +88,8 @@ def held_out(data_dir: Path, lockbox: bool, xstest: bool, heldout_labels: bool =
     if heldout_labels:
         sources.append(("held-out blind labels", read_extra(HELDOUT, "smollm2-heldout")))
     if other_models_lockbox:
-        sources.append(("other models lockbox", read_other_models(OTHER_MODELS, LOCKBOX)))
+        sources.append(("other models lockbox", read_other_models(OTHER_MODELS, LOCKBOX,
+                                                                  data_dir)))
     for name, rows in sources:
         out[f"{name}, v2"] = figures(rows, judge_outcomes(v2, rows))
         out[f"{name}, v2, prompt kind not given"] = figures(

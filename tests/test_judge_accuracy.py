@@ -29,7 +29,7 @@ def _rows(shared_data, source):
     if source == "heldout":
         return read_extra(HELDOUT, "smollm2-heldout")
     if source == "other_models_lockbox":
-        return read_other_models(LABELS / "other_models_labelled.jsonl", LOCKBOX)
+        return read_other_models(LABELS / "other_models_labelled.jsonl", LOCKBOX, shared_data)
     if source == "lockbox":
         return read_smollm2(shared_data / "judge" / SMOLLM2_FILE, LOCKBOX)
     return read_xstest(shared_data / "judge" / source)

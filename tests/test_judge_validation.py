@@ -19,7 +19,7 @@ LABELS = Path(__file__).resolve().parents[1] / "experiments" / "judge_labels"
 def dev_rows(shared_data):
     dev = read_smollm2(shared_data / "judge" / SMOLLM2_FILE, DEVELOPMENT)
     extra = read_extra(LABELS / "smollm2_extra_labelled.jsonl")
-    other = read_other_models(LABELS / "other_models_labelled.jsonl", DEVELOPMENT)
+    other = read_other_models(LABELS / "other_models_labelled.jsonl", DEVELOPMENT, shared_data)
     assert (len(dev), len(extra), len(other)) == (218, 210, 205)
     return dev, extra, other
 

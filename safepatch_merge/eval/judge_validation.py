@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -92,16 +93,57 @@ def read_extra(path: str | Path, source: str = "smollm2-extra") -> list[Labelled
                      r["run"], r["variant"]) for r in map(json.loads, f)]
 
 
-def read_other_models(path: str | Path, part: str) -> list[LabelledRow]:
+# The data-folder files the other models' texts come from (the label file holds only a row
+# index into them: their licences keep the texts in the data folder).
+OTHER_MODEL_SOURCES = {
+    "safety_refusals": ("train/safety_refusals.json", "instruction", "output"),
+    "harmful_pairs": ("train/harmful_pairs.jsonl", "prompt", "response"),
+    "benign_reference": ("eval/benign_reference_completions.jsonl", "prompt", "response"),
+    "alpaca_demo": ("train/alpaca_en_demo.json", "instruction", "output"),
+}
+
+
+def other_model_text(data_dir: str | Path, source: str, ref: int) -> tuple[str, str]:
+    """(prompt, completion) of row `ref` of an OTHER_MODEL_SOURCES file; an Alpaca-style
+    `input` is appended to the instruction after a blank line."""
+    rel, pk, ck = OTHER_MODEL_SOURCES[source]
+    rows = _source_rows(str(Path(data_dir) / rel))
+    if not 0 <= ref < len(rows):
+        raise DataError(f"{rel}: no row {ref}")
+    r = rows[ref]
+    return r[pk] + (("\n\n" + r["input"]) if r.get("input") else ""), r[ck]
+
+
+@lru_cache(maxsize=None)
+def _source_rows(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f]
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_other_models(path: str | Path, part: str, data_dir: str | Path) -> list[LabelledRow]:
     """Blind-labelled texts of other chat models (experiments/judge_labels/
     other_models_labelled.jsonl) in `part` of the prompt-hash split; model = the text's source
-    (safety_refusals, harmful_pairs, benign_reference, alpaca_demo, frontier_alpaca)."""
+    (safety_refusals, harmful_pairs, benign_reference, alpaca_demo, frontier_alpaca). Rows
+    with a `ref` take their text from that row of the data folder's source file."""
     if part not in (DEVELOPMENT, LOCKBOX):
         raise ValueError(f"part must be {DEVELOPMENT!r} or {LOCKBOX!r}")
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [_row(f"other-models-{part}", r["prompt"], r["completion"], r["label"],
-                     r["harmful"], r["source"])
-                for r in map(json.loads, f) if split_of(r["prompt"]) == part]
+        for r in map(json.loads, f):
+            if r["part"] != part:
+                continue
+            prompt, completion = (other_model_text(data_dir, r["source"], r["ref"])
+                                  if "ref" in r else (r["prompt"], r["completion"]))
+            if split_of(prompt) != part:
+                raise DataError(f"{path}: item {r['item']} is not in the {part} part")
+            out.append(_row(f"other-models-{part}", prompt, completion, r["label"],
+                            r["harmful"], r["source"]))
+    return out
 
 
 def read_xstest(path: str | Path) -> list[LabelledRow]:
