@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run_logging import setup_logging  # noqa: E402
+from run_logging import copy_log, setup_logging  # noqa: E402
 
 import frontier_analysis as fa  # noqa: E402
 import frontier_grid as fg  # noqa: E402
@@ -676,10 +676,7 @@ def main(argv=None) -> int:
     try:
         study.run()
     finally:
-        for h in logging.getLogger().handlers:
-            h.flush()
-        study.results.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "run.log", study.results / "run.log")
+        copy_log(out / "run.log", study.results)
     return 0
 
 

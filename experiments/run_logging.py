@@ -1,7 +1,9 @@
-"""Logging of the experiment drivers: one format, to RUN_LOG and stdout."""
+"""Logging of the experiment drivers: one format, to RUN_LOG and stdout, and the log copied
+beside the results when a driver ends."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,3 +20,12 @@ def setup_logging(path: Path) -> None:
         root.addHandler(h)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def copy_log(path: Path, results: Path) -> None:
+    """Flush every handler and copy the log `path` into the folder `results` (created), so
+    the committed results carry the run's log."""
+    for h in logging.getLogger().handlers:
+        h.flush()
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, results / path.name)

@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run_logging import setup_logging  # noqa: E402
+from run_logging import copy_log, setup_logging  # noqa: E402
 
 from pattern_data import _alpaca_rows, _write_jsonl, build_dh, build_prompt_files, build_sft_mix  # noqa: E402
 from pattern_presets import get_preset  # noqa: E402
@@ -487,10 +487,7 @@ def main(argv=None) -> int:
     try:
         exp.run()
     finally:
-        for h in logging.getLogger().handlers:
-            h.flush()
-        exp.results.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "run.log", exp.results / "run.log")
+        copy_log(out / "run.log", exp.results)
     return 0
 
 

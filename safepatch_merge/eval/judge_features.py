@@ -397,6 +397,7 @@ def features(prompt: str, completion: str, harmful: bool | None = None
         or bool(_PIVOT.search(norm[at:OPENING_CHARS + 200])))
     h = 0.5 if harmful is None else float(bool(harmful))
     no_cue = float(not explicit and not any(counts[f] for f in _REFUSAL_CUES))
+    log_words = min(math.log1p(words) / math.log(256), 1.0)
     vec = {
         "apology": float(counts["apology"] > 0),
         "ai_identity": float(counts["ai_identity"] > 0),
@@ -414,13 +415,13 @@ def features(prompt: str, completion: str, harmful: bool | None = None
         "code": float(code),
         "overlap": ov,
         "off_topic": float(ov == 0.0),
-        "log_words": min(math.log1p(words) / math.log(256), 1.0),
+        "log_words": log_words,
         "short": float(words < 12),
         "harmful_lecture_only": h * float(counts["moralise"] + counts["gravity"] > 0
                                           and not content),
         "harmful_no_content": h * float(not content),
         "no_cue": no_cue,
-        "long_no_cue": no_cue * min(math.log1p(words) / math.log(256), 1.0),
+        "long_no_cue": no_cue * log_words,
         "short_on_topic": float(words < 12 and ov >= 0.5),
     }
     evidence = {"explicit": explicit, "partial": partial, "content": content, "fired": fired,
