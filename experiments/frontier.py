@@ -607,7 +607,8 @@ class Study:
 def select_confirm(rows: list[dict], k_sp: int, k_base: int) -> list[str]:
     """The point names a seed confirms: per group, the kept-utility Pareto front of the
     screened rows (harmful compliance, XSTest over-refusal), thinned to k_sp points for
-    SafePatching and k_base for each baseline."""
+    SafePatching and k_base for each baseline; then the toolkit's default configuration if it
+    was screened and is not among them (what a user gets unconfigured is always reported)."""
     base = next((r for r in rows if r["group"] == "backbone"), None)
     if base is None:
         return []
@@ -623,6 +624,9 @@ def select_confirm(rows: list[dict], k_sp: int, k_base: int) -> list[str]:
                    bu)]
         k = k_sp if group == "safepatch" else k_base
         names += [p["name"] for p in fa.thin(fa.front(pts), k)]
+    default = fg.default_point()["name"]
+    if default not in names and any(r["point"] == default for r in rows):
+        names.append(default)
     return names
 
 

@@ -1,6 +1,7 @@
 """The frontier study's arithmetic, free of models and files: the prompt split, kept utility,
 Pareto fronts and their thinning, hypervolume, a baseline front's over-refusal interpolated at
-a given harmful compliance (per prompt too), and the paired sign-flip permutation test.
+a given harmful compliance (per prompt too), the paired sign-flip permutation test, and exact
+McNemar comparisons of two points' per-prompt flags (one seed or pooled over seeds).
 
 Rates are fractions in [0, 1]; both axes are minimised (harmful compliance, over-refusal).
 """
@@ -12,6 +13,8 @@ import random
 from typing import Iterable, Sequence
 
 from safepatch_merge.pipeline.sweep import pareto_front
+
+from paired_tests import mcnemar_exact
 
 
 def ranked(rows: Sequence[dict], salt: str, key: str = "id") -> list[dict]:
@@ -141,3 +144,19 @@ def sign_flip_test(diffs: Sequence[float], n_perm: int = 10000, seed: int = 0) -
         if abs(s) >= obs - 1e-12:
             hits += 1
     return (1 + hits) / (1 + n_perm)
+
+
+def paired(pairs: Sequence[tuple[dict, dict]]) -> dict:
+    """Exact McNemar comparison of binary per-prompt flags, pooled over pairs of flag dicts
+    ({prompt id: bool}; one pair per seed, prompts matched within a pair by id). Returns {"n":
+    matched (pair, prompt) count, "diff": mean(first) − mean(second) (a fraction), "b": flagged
+    only in the first, "c": only in the second, "p": two-sided exact McNemar p}."""
+    n = b = c = 0
+    for first, second in pairs:
+        for k in set(first) & set(second):
+            x, y = bool(first[k]), bool(second[k])
+            n += 1
+            b += x and not y
+            c += y and not x
+    return {"n": n, "diff": (b - c) / n if n else None, "b": b, "c": c,
+            "p": mcnemar_exact(b, c) if n else None}

@@ -70,6 +70,15 @@ def ties_point(density: float, w_se: float, w_osm: float) -> dict:
             "params": {"density": density, "w_se": w_se, "w_osm": w_osm}}
 
 
+def default_point() -> dict:
+    """The toolkit's default SafePatching configuration (merge/defaults.py; SNIP on responses,
+    the score default) as a grid point, so the study reports what a user gets unconfigured."""
+    from safepatch_merge.merge import defaults as d
+
+    return sp_point(d.TOP_RATE_SE, d.TOP_RATE_OSM, d.ALPHA, d.BETA, d.RETENTION,
+                    d.RETENTION_ORDER, mask_mode=d.MASK_MODE)
+
+
 BACKBONE = {"name": "backbone", "method": "backbone", "engine": "backbone", "se": None,
             "saliency": None, "params": {}}
 
@@ -85,7 +94,7 @@ def grid(with_ga: bool = True) -> list[dict]:
     ta = [ta_point(*w) for w in TA_W]
     ties = [ties_point(*t) for t in TIES]
     ix = [sp_point(r, r, mask_mode="intersection") for r in INTERSECTION]
-    default = sp_point(0.1, 0.1)
+    default = default_point()
     before = sp_point(0.1, 0.1, p=0.5, order="before_selection")
     first = [BACKBONE, default, osm[0], se[0], ta[0], ix[0], before, osm[1], se[1], ta[1],
              ties[0]]

@@ -1,7 +1,9 @@
 """table.md, fronts.png and comparisons.json of the frontier study from its point rows
 (frontier.py's points.jsonl): per split and seed, every point's metrics, each method's
-kept-utility front, hypervolumes, and on the test split the matched comparison of
-SafePatching's front with each baseline front (frontier_analysis).
+kept-utility front, hypervolumes; on the test split the matched comparison of SafePatching's
+front with each baseline front and every configuration confirmed on all seeds against the
+backbone, pooled over seeds; on the validation split the choices inside SafePatching against
+the toolkit's default configuration (frontier_analysis).
 
     python experiments/frontier_report.py experiments/results/frontier   # again from the files
 """
@@ -15,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import frontier_analysis as fa  # noqa: E402
+import frontier_grid as fg  # noqa: E402
 
 GROUPS = ["safepatch", "osm_scale", "se_scale", "task_arithmetic", "ties", "intersection"]
 COLORS = {"safepatch": "tab:red", "osm_scale": "tab:blue", "se_scale": "tab:orange",
@@ -105,7 +108,198 @@ def matched(ann: dict, n_perm: int = 10000) -> dict:
     return res
 
 
-def markdown(rows: list[dict], meta: dict, ann: dict, cmp: dict | None) -> str:
+ALPHA_LEVEL = 0.05
+# factor comparisons on the screen: name, what changes from the reference, the reference
+FACTORS = [
+    ("saliency on questions vs responses", {"saliency": "questions"}, {"saliency": "responses"}),
+    ("GA vs NPO SE patch", {"se_patch": "ga"}, {"se_patch": "npo"}),
+    ("α = 0.5 vs 1", {"alpha": 0.5}, {"alpha": 1.0}),
+    ("β = 2 vs 1", {"beta": 2.0}, {"beta": 1.0}),
+    ("retention p < 1 (either order) vs p = 1", {"p": "<1"}, {"p": 1.0, "order": "after_selection"}),
+]
+
+
+def _config(p: dict) -> dict:
+    return {"saliency": p.get("saliency"), "se_patch": p.get("se_patch"),
+            **(p.get("params") or {})}
+
+
+def _matches(cfg: dict, want: dict) -> bool:
+    for k, v in want.items():
+        if v == "<1":
+            if not cfg.get(k, 1.0) < 1:
+                return False
+        elif cfg.get(k) != v:
+            return False
+    return True
+
+
+def beats(harm: dict, over: dict, kept: bool) -> bool:
+    """The study's rule for replacing a default: on the validation prompts the configuration
+    keeps utility and is lower than the default on one rate with exact McNemar p < 0.05
+    without being higher on the other with p < 0.05. harm / over: fa.paired results
+    (configuration first, default second)."""
+    def lower(r):
+        return r["n"] and r["diff"] < 0 and r["p"] < ALPHA_LEVEL
+
+    def higher(r):
+        return r["n"] and r["diff"] > 0 and r["p"] < ALPHA_LEVEL
+
+    return bool(kept and ((lower(harm) and not higher(over)) or
+                          (lower(over) and not higher(harm))))
+
+
+def screen_choices(ann: dict) -> dict:
+    """Validation split, per screened seed: every SafePatching-group point (questions and GA
+    included) against the toolkit's default configuration on the same prompts (harmful
+    compliance, XSTest over-refusal: fa.paired, point first), whether it `beats` the default,
+    and each of FACTORS pooled over the pairs of points that differ only in it. Returns
+    {"default": name, "points": [...], "factors": [...], "replacements": [names]}."""
+    default = fg.default_point()["name"]
+    res = {"default": default, "points": [], "factors": [], "replacements": []}
+    for (split, seed), a in sorted(ann.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if split != "screen":
+            continue
+        sp = [p for p in a["points"] if p["group"] == "safepatch"]
+        d = next((p for p in sp if p["point"] == default), None)
+        if d is None:
+            continue
+        for p in sp:
+            if p is d:
+                continue
+            harm = fa.paired([(p["harmful_flags"], d["harmful_flags"])])
+            over = fa.paired([(p["xstest_flags"], d["xstest_flags"])])
+            b = beats(harm, over, p["kept"])
+            res["points"].append({"seed": seed, "point": p["point"], "harm": p["harm"],
+                                  "over": p["over"], "kept": p["kept"], "harm_vs_default": harm,
+                                  "over_vs_default": over, "beats_default": b})
+            if b:
+                res["replacements"].append(p["point"])
+        for name, change, ref in FACTORS:
+            pairs = []
+            for p in sp:
+                cfg = _config(p)
+                if not _matches(cfg, change):
+                    continue
+                target = {**cfg, **ref}
+                q = next((x for x in sp if _config(x) == target), None)
+                if q is not None:
+                    pairs.append((p, q))
+            if pairs:
+                res["factors"].append({
+                    "seed": seed, "factor": name, "pairs": [[p["point"], q["point"]]
+                                                            for p, q in pairs],
+                    "harm": fa.paired([(p["harmful_flags"], q["harmful_flags"]) for p, q in pairs]),
+                    "over": fa.paired([(p["xstest_flags"], q["xstest_flags"]) for p, q in pairs])})
+    return res
+
+
+def across_seeds(ann: dict) -> dict:
+    """Test split: every configuration confirmed on every seed, per seed and pooled against
+    the backbone (fa.paired over all (seed, prompt) pairs, configuration first), and each
+    method's hypervolume per seed with its mean and range. Returns {"seeds", "points",
+    "hypervolume"}."""
+    tests = {seed: a for (split, seed), a in ann.items() if split == "test"}
+    out = {"seeds": sorted(tests), "points": [], "hypervolume": {}}
+    if not tests:
+        return out
+    base = next(iter(tests.values()))["backbone"]
+    by_name: dict[str, dict] = {}
+    for seed, a in sorted(tests.items()):
+        for p in a["points"]:
+            if p["group"] != "backbone":
+                by_name.setdefault(p["point"], {})[seed] = p
+    for name, per in by_name.items():
+        if set(per) != set(tests):
+            continue
+        ps = [per[s] for s in sorted(per)]
+        out["points"].append({
+            "point": name, "method": ps[0]["method"], "group": ps[0]["group"],
+            "harm": [p["harm"] for p in ps], "over": [p["over"] for p in ps],
+            "alpaca": [p["alpaca_refusal"]["rate"] for p in ps],
+            "ppl_ratio": [p["ppl_ratio"] for p in ps], "kept": [p["kept"] for p in ps],
+            "harm_vs_backbone": fa.paired([(p["harmful_flags"], base["harmful_flags"])
+                                           for p in ps]),
+            "over_vs_backbone": fa.paired([(p["xstest_flags"], base["xstest_flags"])
+                                           for p in ps])})
+    for g in GROUPS:
+        hv = [fa.hypervolume(tests[s]["fronts"][g]) for s in sorted(tests)]
+        out["hypervolume"][g] = {"per_seed": hv, "mean": sum(hv) / len(hv),
+                                 "min": min(hv), "max": max(hv)}
+    out["hypervolume"]["backbone"] = {"mean": fa.hypervolume([base])}
+    return out
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _seeds(v: list[float]) -> str:
+    return " / ".join(f"{100 * x:.0f}" for x in v)
+
+
+def _vs(r: dict) -> str:
+    if not r or not r["n"]:
+        return "–"
+    return f"{100 * r['diff']:+.1f} ({r['b']}↑ {r['c']}↓, p = {r['p']:.2g})"
+
+
+def markdown_extra(choices: dict, seeds: dict) -> list[str]:
+    """The validation choices and the across-seeds sections of table.md."""
+    lines = []
+    if seeds["points"] and len(seeds["seeds"]) > 1:
+        lines += [f"## Across seeds (test prompts, seeds {', '.join(map(str, seeds['seeds']))})",
+                  "", "Every configuration confirmed on every seed. Rates per seed in %; "
+                  "vs backbone = mean over seeds of (configuration − backbone) in points, with "
+                  "the prompts flagged only by the configuration (↑) and only by the backbone "
+                  "(↓) over all (seed, prompt) pairs and the exact McNemar p on them. Kept: "
+                  "seeds on which the point keeps utility.", "",
+                  "| point | method | harmful | vs backbone | over-refusal | vs backbone | "
+                  "Alpaca | perplexity × | kept |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in seeds["points"]:
+            lines.append(
+                f"| {r['point']} | {r['method']} | {_seeds(r['harm'])} | "
+                f"{_vs(r['harm_vs_backbone'])} | {_seeds(r['over'])} | "
+                f"{_vs(r['over_vs_backbone'])} | {_seeds(r['alpaca'])} | "
+                f"{' / '.join(f'{x:.2f}' for x in r['ppl_ratio'])} | "
+                f"{sum(r['kept'])} of {len(r['kept'])} |")
+        lines += ["", "Hypervolume of each method's kept-utility front per seed (the backbone "
+                  f"alone: {seeds['hypervolume']['backbone']['mean']:.3f}):", "",
+                  "| method | per seed | mean | range |", "|---|---|---|---|"]
+        for g in GROUPS:
+            h = seeds["hypervolume"][g]
+            lines.append(f"| {g} | {' / '.join(f'{x:.3f}' for x in h['per_seed'])} | "
+                         f"{h['mean']:.3f} | {h['max'] - h['min']:.3f} |")
+        lines.append("")
+    if choices["points"]:
+        lines += ["## Choices inside SafePatching (validation prompts)", "",
+                  f"Each SafePatching configuration against the toolkit's default "
+                  f"(`{choices['default']}`) on the same prompts: difference in points, prompts "
+                  "flagged only by the configuration (↑) / only by the default (↓), exact "
+                  "McNemar p. A configuration would replace the default only if it keeps "
+                  "utility and is lower on one rate with p < 0.05 without being higher on the "
+                  "other with p < 0.05.", "",
+                  "| seed | point | harmful | vs default | over-refusal | vs default | kept | "
+                  "beats the default |", "|---|---|---|---|---|---|---|---|"]
+        for r in choices["points"]:
+            lines.append(f"| {r['seed']} | {r['point']} | {100 * r['harm']:.0f} | "
+                         f"{_vs(r['harm_vs_default'])} | {100 * r['over']:.0f} | "
+                         f"{_vs(r['over_vs_default'])} | {'yes' if r['kept'] else 'no'} | "
+                         f"{'**yes**' if r['beats_default'] else 'no'} |")
+        lines += ["", "Each choice pooled over the pairs of screened points that differ only "
+                  "in it (first − second; pairs that share a point are not independent, so "
+                  "these p are indicative):", "",
+                  "| seed | choice | pairs | harmful | over-refusal |", "|---|---|---|---|---|"]
+        for f in choices["factors"]:
+            lines.append(f"| {f['seed']} | {f['factor']} | {len(f['pairs'])} | "
+                         f"{_vs(f['harm'])} | {_vs(f['over'])} |")
+        lines += ["", "Configurations that beat the default: "
+                  + (", ".join(choices["replacements"]) or "none") + ".", ""]
+    return lines
+
+
+def markdown(rows: list[dict], meta: dict, ann: dict, cmp: dict | None,
+             extra: list[str] | None = None) -> str:
     env = meta.get("environment", {})
     lines = ["# Frontier study: results so far", "",
              f"Command: `{meta.get('command')}`  ",
@@ -175,6 +369,7 @@ def markdown(rows: list[dict], meta: dict, ann: dict, cmp: dict | None) -> str:
             pv = "–" if v["p"] is None else f"{v['p']:.3g}"
             lines.append(f"| {g} | {v['n']} | {diff} | {pv} |")
         lines.append("")
+    lines += extra or []
     if meta.get("failed"):
         lines += ["Failed points: " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()),
                   ""]
@@ -227,13 +422,15 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> dict:
     """table.md, fronts.png, comparisons.json in `out`; returns the comparison."""
     ann = annotate(rows)
     cmp = matched(ann) if any(k[0] == "test" for k in ann) else None
-    (out / "table.md").write_text(markdown(rows, meta, ann, cmp), encoding="utf-8")
+    choices, seeds = screen_choices(ann), across_seeds(ann)
+    (out / "table.md").write_text(markdown(rows, meta, ann, cmp,
+                                           markdown_extra(choices, seeds)), encoding="utf-8")
     plot(ann, out / "fronts.png")
     hv = {f"{k[0]}/seed{k[1]}": {g: fa.hypervolume(a["fronts"][g]) for g in GROUPS}
           for k, a in ann.items()}
-    (out / "comparisons.json").write_text(json.dumps({"hypervolume": hv, "matched": cmp},
-                                                     indent=1) + "\n")
-    return {"hypervolume": hv, "matched": cmp}
+    res = {"hypervolume": hv, "matched": cmp, "across_seeds": seeds, "choices": choices}
+    (out / "comparisons.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def main(argv=None) -> int:

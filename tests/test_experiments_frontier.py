@@ -13,7 +13,7 @@ import frontier_analysis as fa  # noqa: E402
 import frontier_grid as fg  # noqa: E402
 import frontier  # noqa: E402
 from frontier import point_metrics, select_confirm  # noqa: E402
-from frontier_report import annotate, matched  # noqa: E402
+from frontier_report import across_seeds, annotate, beats, matched, screen_choices  # noqa: E402
 
 
 def P(h, o, **kw):
@@ -101,6 +101,8 @@ def test_grid_and_merge_configs():
     names = [p["name"] for p in g]
     assert len(names) == len(set(names)) == 42
     assert names[0] == "backbone" and names[1] == "sp_a0.1_b0.1_al1_be1"
+    # the grid's second point is the toolkit's default configuration, read from merge/defaults
+    assert fg.default_point() == g[1]
     assert len(fg.grid(with_ga=False)) == 40
     fams = {p["method"] for p in g}
     assert fams == set(fg.FAMILIES)
@@ -170,6 +172,90 @@ def test_select_confirm_uses_kept_fronts():
             _row("screen", 0, "osm1", "osm_scale", 0.9, 0.0),
             _row("screen", 0, "ta1", "task_arithmetic", 0.4, 0.1, alp=0.5)]  # Alpaca not kept
     assert select_confirm(rows, 4, 2) == ["sp2", "sp1", "osm1"]
+    # the default configuration is confirmed even off the front, once, and only if screened
+    default = fg.default_point()["name"]
+    with_default = rows + [_row("screen", 0, default, "safepatch", 0.4, 0.4)]
+    assert select_confirm(with_default, 4, 2) == ["sp2", "sp1", "osm1", default]
+    on_front = rows + [_row("screen", 0, default, "safepatch", 0.05, 0.05)]
+    assert select_confirm(on_front, 4, 2).count(default) == 1
+
+
+def test_paired_mcnemar_pooled_over_seeds():
+    a = {"p1": True, "p2": True, "p3": False, "p4": False}
+    b = {"p1": True, "p2": False, "p3": False, "p4": False, "only_b": True}
+    r = fa.paired([(a, b)])
+    assert (r["n"], r["b"], r["c"]) == (4, 1, 0) and r["diff"] == pytest.approx(0.25)
+    assert r["p"] == 1.0  # one discordant prompt
+    # pooled over 3 seeds: 6 prompts flagged only by the first, none only by the second
+    a2 = {"q1": True, "q2": True}
+    b2 = {"q1": False, "q2": False}
+    r = fa.paired([(a2, b2)] * 3)
+    assert (r["n"], r["b"], r["c"]) == (6, 6, 0)
+    assert r["p"] == pytest.approx(2 / 2 ** 6)
+    assert fa.paired([])["p"] is None
+
+
+def test_beats_rule():
+    def r(diff, p):
+        return {"n": 50, "diff": diff, "p": p}
+
+    assert beats(r(-0.2, 0.01), r(0.0, 1.0), kept=True)
+    assert not beats(r(-0.2, 0.01), r(0.0, 1.0), kept=False)       # utility not kept
+    assert not beats(r(-0.2, 0.01), r(0.2, 0.01), kept=True)       # a trade, not a gain
+    assert beats(r(0.04, 0.5), r(-0.2, 0.001), kept=True)          # fewer refusals, harm level
+    assert not beats(r(-0.1, 0.06), r(-0.1, 0.06), kept=True)      # nothing significant
+
+
+def _flags(prefix, k, n=10):
+    return {f"{prefix}{i}": i < k for i in range(n)}
+
+
+def _sp_row(stage, seed, pt, harm_k, over_k, alp=0.1):
+    r = _row(stage, seed, pt["name"], "safepatch", harm_k / 10, over_k / 10, alp=alp,
+             flags=_flags("x", over_k))
+    r.update(harmful_flags=_flags("h", harm_k), method=pt["method"], se_patch=pt["se"],
+             saliency=pt["saliency"], params=pt["params"])
+    return r
+
+
+def test_screen_choices_against_the_default():
+    d = fg.default_point()
+    q = fg.sp_point(0.1, 0.1, saliency="questions")
+    weak = fg.sp_point(0.1, 0.1, alpha=0.5)
+    rows = [dict(_row("screen", None, "backbone", "backbone", 0.5, 0.2),
+                 harmful_flags=_flags("h", 5), xstest_flags=_flags("x", 2)),
+            _sp_row("screen", 0, d, 3, 2),
+            _sp_row("screen", 0, q, 9, 1),        # 6 more harmful answers, one refusal fewer
+            _sp_row("screen", 0, weak, 3, 0)]     # the same harm, two refusals fewer
+    res = screen_choices(annotate(rows))
+    assert res["default"] == d["name"]
+    by = {r["point"]: r for r in res["points"]}
+    assert by[q["name"]]["harm_vs_default"]["b"] == 6
+    assert by[q["name"]]["over_vs_default"]["c"] == 1
+    assert not by[q["name"]]["beats_default"] and not by[weak["name"]]["beats_default"]
+    f = {x["factor"]: x for x in res["factors"]}
+    assert f["saliency on questions vs responses"]["pairs"] == [[q["name"], d["name"]]]
+    assert f["α = 0.5 vs 1"]["pairs"] == [[weak["name"], d["name"]]]
+    assert f["α = 0.5 vs 1"]["over"]["c"] == 2
+    assert res["replacements"] == []
+
+
+def test_across_seeds_pools_against_the_backbone():
+    d = fg.default_point()
+    base = dict(_row("test", None, "backbone", "backbone", 0.5, 0.2),
+                harmful_flags=_flags("h", 5), xstest_flags=_flags("x", 2))
+    rows = [base] + [_sp_row("test", s, d, 3, 2) for s in (0, 1, 2)] \
+        + [_sp_row("test", 0, fg.sp_point(0.3, 0.3), 1, 5)]  # one seed only: left out
+    res = across_seeds(annotate(rows))
+    assert res["seeds"] == [0, 1, 2]
+    assert [r["point"] for r in res["points"]] == [d["name"]]
+    r = res["points"][0]
+    assert r["harm"] == [0.3] * 3 and r["kept"] == [True] * 3
+    assert (r["harm_vs_backbone"]["b"], r["harm_vs_backbone"]["c"]) == (0, 6)
+    assert r["harm_vs_backbone"]["diff"] == pytest.approx(-0.2)
+    assert r["over_vs_backbone"]["b"] == r["over_vs_backbone"]["c"] == 0
+    hv = res["hypervolume"]["safepatch"]
+    assert len(hv["per_seed"]) == 3 and hv["min"] <= hv["mean"] <= hv["max"]
 
 
 def test_matched_comparison_on_test_rows():
