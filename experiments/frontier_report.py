@@ -40,7 +40,7 @@ def annotate(rows: list[dict]) -> dict:
     """Per (split, seed): the backbone row, each row's kept-utility flag and each group's front
     (the backbone is a member of every group: doing nothing is open to every method).
     Returns {(split, seed): {"backbone": row, "points": [{...row, harm, over, kept}],
-    "fronts": {group: [points]}}}."""
+    "fronts": {group: [points]}, "fronts_all": the same fronts with utility ignored}}."""
     out = {}
     for split in ("screen", "test"):
         srows = [r for r in rows if r["stage"] == split]
@@ -59,26 +59,31 @@ def annotate(rows: list[dict]) -> dict:
                                           if r["perplexity"] and base["perplexity"] else None)})
             fronts = {g: fa.front([p for p in pts if p["kept"] and p["group"] in (g, "backbone")])
                       for g in GROUPS}
-            out[(split, seed)] = {"backbone": pts[0], "points": pts, "fronts": fronts}
+            unfiltered = {g: fa.front([p for p in pts if p["group"] in (g, "backbone")])
+                          for g in GROUPS}
+            out[(split, seed)] = {"backbone": pts[0], "points": pts, "fronts": fronts,
+                                  "fronts_all": unfiltered}
     return out
 
 
-def matched(ann: dict, n_perm: int = 10000) -> dict:
+def matched(ann: dict, n_perm: int = 10000, fronts: str = "fronts") -> dict:
     """Test split: for each seed and SafePatching front point (not the backbone), each baseline
     front's over-refusal interpolated at its harmful compliance, the difference (baseline −
     SafePatching, in rate units; > 0: SafePatching refuses fewer safe prompts) and its paired
     sign-flip p over the XSTest prompts; pooled per baseline over seeds (per prompt, the mean
-    difference over that seed's covered front points; the test on all (seed, prompt) pairs)."""
+    difference over that seed's covered front points; the test on all (seed, prompt) pairs).
+    fronts: "fronts" (kept utility, the study's comparison) or "fronts_all" (utility
+    ignored: how the methods trade harmful compliance against over-refusal alone)."""
     res = {"per_point": [], "pooled": {}}
     pooled: dict[str, list[float]] = {g: [] for g in GROUPS if g != "safepatch"}
     for (split, seed), a in sorted(ann.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if split != "test":
             continue
-        sp = [p for p in a["fronts"]["safepatch"] if p["group"] != "backbone"]
+        sp = [p for p in a[fronts]["safepatch"] if p["group"] != "backbone"]
         per_prompt: dict[str, dict[str, list[float]]] = {g: {} for g in pooled}
         for p in sp:
             for g in pooled:
-                fr = a["fronts"][g]
+                fr = a[fronts][g]
                 b = fa.bracket(fr, p["harm"])
                 entry = {"seed": seed, "point": p["point"], "harm": p["harm"],
                          "over": p["over"], "baseline": g}
@@ -298,6 +303,35 @@ def markdown_extra(choices: dict, seeds: dict) -> list[str]:
     return lines
 
 
+def matched_lines(cmp: dict | None, title: str, note: str = "") -> list[str]:
+    """A matched comparison (`matched`'s result) as a table.md section."""
+    if not cmp or not cmp["per_point"]:
+        return []
+    lines = [f"## {title}", "",
+             "Baseline front's over-refusal interpolated at each SafePatching front point's "
+             "harmful compliance; diff = baseline − SafePatching in points (> 0: "
+             "SafePatching refuses fewer safe prompts); p = paired sign-flip test over the "
+             "XSTest prompts. The matched harmful compliance is itself an estimate "
+             "(about ±10 points at n = 100)." + (" " + note if note else ""), "",
+             "| seed | SafePatching point | harmful | over-refusal | baseline | baseline "
+             "over-refusal | diff | p |", "|---|---|---|---|---|---|---|---|"]
+    for c in cmp["per_point"]:
+        if c["covered"]:
+            lines.append(f"| {c['seed']} | {c['point']} | {100 * c['harm']:.0f} | "
+                         f"{100 * c['over']:.0f} | {c['baseline']} | "
+                         f"{100 * c['baseline_over']:.1f} | {100 * c['diff']:+.1f} | "
+                         f"{c['p']:.3g} |")
+        else:
+            lines.append(f"| {c['seed']} | {c['point']} | {100 * c['harm']:.0f} | "
+                         f"{100 * c['over']:.0f} | {c['baseline']} | not covered | | |")
+    lines += ["", "| baseline | pooled n (seed, prompt) | mean diff | p |", "|---|---|---|---|"]
+    for g, v in cmp["pooled"].items():
+        diff = "–" if v["diff"] is None else f"{100 * v['diff']:+.1f}"
+        pv = "–" if v["p"] is None else f"{v['p']:.3g}"
+        lines.append(f"| {g} | {v['n']} | {diff} | {pv} |")
+    return lines + [""]
+
+
 def markdown(rows: list[dict], meta: dict, ann: dict, cmp: dict | None,
              extra: list[str] | None = None) -> str:
     env = meta.get("environment", {})
@@ -345,30 +379,7 @@ def markdown(rows: list[dict], meta: dict, ann: dict, cmp: dict | None,
             lines.append(f"| {g} | {len(fr)} ({n_own} points screened) | "
                          f"{fa.hypervolume(fr):.3f} |")
         lines.append("")
-    if cmp and cmp["per_point"]:
-        lines += ["## Matched comparison (test prompts)", "",
-                  "Baseline front's over-refusal interpolated at each SafePatching front point's "
-                  "harmful compliance; diff = baseline − SafePatching in points (> 0: "
-                  "SafePatching refuses fewer safe prompts); p = paired sign-flip test over the "
-                  "XSTest prompts. The matched harmful compliance is itself an estimate "
-                  "(about ±10 points at n = 100).", "",
-                  "| seed | SafePatching point | harmful | over-refusal | baseline | baseline "
-                  "over-refusal | diff | p |", "|---|---|---|---|---|---|---|---|"]
-        for c in cmp["per_point"]:
-            if c["covered"]:
-                lines.append(f"| {c['seed']} | {c['point']} | {100 * c['harm']:.0f} | "
-                             f"{100 * c['over']:.0f} | {c['baseline']} | "
-                             f"{100 * c['baseline_over']:.1f} | {100 * c['diff']:+.1f} | "
-                             f"{c['p']:.3g} |")
-            else:
-                lines.append(f"| {c['seed']} | {c['point']} | {100 * c['harm']:.0f} | "
-                             f"{100 * c['over']:.0f} | {c['baseline']} | not covered | | |")
-        lines += ["", "| baseline | pooled n (seed, prompt) | mean diff | p |", "|---|---|---|---|"]
-        for g, v in cmp["pooled"].items():
-            diff = "–" if v["diff"] is None else f"{100 * v['diff']:+.1f}"
-            pv = "–" if v["p"] is None else f"{v['p']:.3g}"
-            lines.append(f"| {g} | {v['n']} | {diff} | {pv} |")
-        lines.append("")
+    lines += matched_lines(cmp, "Matched comparison (test prompts, kept-utility fronts)")
     lines += extra or []
     if meta.get("failed"):
         lines += ["Failed points: " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()),
@@ -421,14 +432,22 @@ def plot(ann: dict, path: Path) -> None:
 def write_report(rows: list[dict], meta: dict, out: Path) -> dict:
     """table.md, fronts.png, comparisons.json in `out`; returns the comparison."""
     ann = annotate(rows)
-    cmp = matched(ann) if any(k[0] == "test" for k in ann) else None
+    has_test = any(k[0] == "test" for k in ann)
+    cmp = matched(ann) if has_test else None
+    cmp_all = matched(ann, fronts="fronts_all") if has_test else None
     choices, seeds = screen_choices(ann), across_seeds(ann)
+    extra = matched_lines(cmp_all, "Matched comparison, utility ignored (test prompts)",
+                          "Secondary: every confirmed point enters its method's front whether "
+                          "or not it keeps utility, so this compares how the methods trade "
+                          "harmful compliance against over-refusal alone.")
     (out / "table.md").write_text(markdown(rows, meta, ann, cmp,
-                                           markdown_extra(choices, seeds)), encoding="utf-8")
+                                           extra + markdown_extra(choices, seeds)),
+                                  encoding="utf-8")
     plot(ann, out / "fronts.png")
     hv = {f"{k[0]}/seed{k[1]}": {g: fa.hypervolume(a["fronts"][g]) for g in GROUPS}
           for k, a in ann.items()}
-    res = {"hypervolume": hv, "matched": cmp, "across_seeds": seeds, "choices": choices}
+    res = {"hypervolume": hv, "matched": cmp, "matched_utility_ignored": cmp_all,
+           "across_seeds": seeds, "choices": choices}
     (out / "comparisons.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
 

@@ -281,6 +281,16 @@ def test_matched_comparison_on_test_rows():
     assert not t["covered"]
     assert res["pooled"]["osm_scale"]["n"] == 10
     assert res["pooled"]["osm_scale"]["diff"] == pytest.approx(c["diff"])
+    # a TIES point that does not keep utility: out of the study's fronts, in the secondary ones
+    rows.append(_row("test", 0, "tiesA", "ties", 0.1, 0.5, ppl=9.0, flags=flags(5)))
+    ann = annotate(rows)
+    assert [p["point"] for p in ann[("test", 0)]["fronts"]["ties"]] == ["backbone"]
+    assert [p["point"] for p in ann[("test", 0)]["fronts_all"]["ties"]] == ["tiesA", "backbone"]
+    assert not [x for x in matched(ann, n_perm=100)["per_point"]
+                if x["baseline"] == "ties"][0]["covered"]
+    t = [x for x in matched(ann, n_perm=100, fronts="fronts_all")["per_point"]
+         if x["baseline"] == "ties"][0]
+    assert t["covered"] and t["baseline_over"] == pytest.approx(0.5 - 0.3 * 0.5)
 
 
 def test_evaluation_manifests_lose_their_judge_and_keep_their_outputs(tmp_path):

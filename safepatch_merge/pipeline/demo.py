@@ -29,6 +29,7 @@ from pathlib import Path
 from ..config_fields import option
 from ..errors import ConfigError
 from ..io.atomic import write_atomic
+from ..merge import defaults as merge_defaults
 
 # the stage's name labels the patched model in the report's table and plot
 DEMO_STAGE = "SafePatching"
@@ -88,10 +89,11 @@ class DemoConfig:
     osm_lr: float = option(2e-5, group=_PATCHES)
     train_batch_size: int = option(4, cli=False)
     score_examples: int = option(16, group=_PATCHES)
-    top_rate_se: float = option(0.1, group=_PATCHES)
-    top_rate_osm: float = option(0.1, group=_PATCHES)
-    alpha: float = option(1.0, group=_PATCHES)
-    beta: float = option(1.0, group=_PATCHES)
+    # the merge's own defaults, so the demo shows what a user gets unconfigured
+    top_rate_se: float = option(merge_defaults.TOP_RATE_SE, group=_PATCHES)
+    top_rate_osm: float = option(merge_defaults.TOP_RATE_OSM, group=_PATCHES)
+    alpha: float = option(merge_defaults.ALPHA, group=_PATCHES)
+    beta: float = option(merge_defaults.BETA, group=_PATCHES)
     seed: int = option(0, group=_PATCHES)
     extra: dict = field(default_factory=dict, metadata={"cli": False, "yaml": False})
 
