@@ -60,3 +60,21 @@ def test_demo_rejects_a_backbone_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="not a model directory"):
         run_demo(tmp_path / "o", DemoConfig(backbone=str(tmp_path), dh_model=str(tmp_path)),
                  log_fn=lambda m: None)
+
+
+def test_demo_command_prints_what_to_expect(monkeypatch, capsys):
+    """The demo's output ends with what a user should expect, whose numbers are the frontier
+    study's default configuration (three seeds) and the demo's own run."""
+    import safepatch_merge.pipeline.demo as demo
+    from safepatch_merge.cli import main
+    from safepatch_merge.merge import defaults
+
+    cfg = demo.DemoConfig()
+    assert (cfg.top_rate_se, cfg.top_rate_osm, cfg.alpha, cfg.beta) == (
+        defaults.TOP_RATE_SE, defaults.TOP_RATE_OSM, defaults.ALPHA, defaults.BETA)
+    fake = {"table": "| metric |\n", "timings": {"total": 1.0}, "cpu_seconds": {"total": 1.0},
+            "model": "/m", "report": {"plot": "/p.png"}}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: fake)
+    assert main(["demo", "-o", "/tmp/never-written"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "What to expect:" in out and "from 52 % to 22 %" in out and "/p.png" in out

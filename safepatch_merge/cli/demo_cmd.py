@@ -4,6 +4,7 @@ before/after. API twin: safepatch_merge.pipeline.demo.run_demo."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from ..config_fields import add_arguments, from_args
 from .options import add_output, say
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..pipeline.demo import DemoConfig, run_demo
+    from ..pipeline.demo import WHAT_TO_EXPECT, DemoConfig, run_demo
 
     cfg = from_args(DemoConfig, args)
     res = run_demo(args.out, cfg, force=args.force, progress=args.progress, log_fn=say(args))
@@ -49,4 +50,6 @@ def run(args) -> int:
         f"{k} {v} ({res['cpu_seconds'].get(k, 0)})" for k, v in res["timings"].items()))
     print(f"patched model: {res['model']}")
     print(f"plot: {res['report']['plot']}")
+    print()
+    print(textwrap.fill(WHAT_TO_EXPECT, width=100))
     return 0

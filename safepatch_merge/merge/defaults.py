@@ -1,5 +1,7 @@
 """Default SafePatching merge parameters — ours, not the paper's (arXiv 2405.13820 publishes
-no values for a, b, p, α, β). Every default of the merge lives here and nowhere else."""
+no values for a, b, p, α, β), kept because the frontier study's validation screen found no
+configuration that beats them (docs/design.md §1.8). Every default of the merge lives here and
+nowhere else."""
 
 TOP_RATE_SE = 0.1        # a: fraction of SE-scored parameters in T_SE
 TOP_RATE_OSM = 0.1       # b: fraction of OSM-scored parameters in T_OSM
