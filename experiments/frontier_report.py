@@ -120,7 +120,8 @@ FACTORS = [
     ("GA vs NPO SE patch", {"se_patch": "ga"}, {"se_patch": "npo"}),
     ("α = 0.5 vs 1", {"alpha": 0.5}, {"alpha": 1.0}),
     ("β = 2 vs 1", {"beta": 2.0}, {"beta": 1.0}),
-    ("retention p < 1 (either order) vs p = 1", {"p": "<1"}, {"p": 1.0, "order": "after_selection"}),
+    ("retention p < 1 (either order) vs p = 1", {"p": "<1"},
+     {"p": 1.0, "order": "after_selection"}),
 ]
 
 
