@@ -77,4 +77,4 @@ def test_demo_command_prints_what_to_expect(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: fake)
     assert main(["demo", "-o", "/tmp/never-written"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "What to expect:" in out and "from 52 % to 22 %" in out and "/p.png" in out
+    assert "What to expect with the default options:" in out and "from 52 % to 22 %" in out and "/p.png" in out

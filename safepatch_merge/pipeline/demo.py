@@ -40,9 +40,9 @@ log = logging.getLogger("safepatch_merge.pipeline")
 # Printed under the demo's table. Measured: the demo on a 2-core CPU, and the frontier study's
 # default configuration (experiments/results/frontier: three seeds, test prompts).
 WHAT_TO_EXPECT = (
-    "What to expect: the backbone here is SmolLM2-135M-Instruct as shipped, which answers most "
-    "harmful prompts; the patches take 4 steps each and every rate comes from 13 to 48 "
-    "prompts, so the intervals span 20 to 35 points. Expect harmful compliance well below "
+    "What to expect with the default options: the backbone is SmolLM2-135M-Instruct as "
+    "shipped, which answers most harmful prompts; the patches take 4 steps each and every "
+    "rate comes from 13 to 48 prompts, so the intervals span 20 to 35 points. Expect harmful compliance well below "
     "the backbone's (83 % -> 42 % on a 2-core CPU), XSTest over-refusal up by zero to two "
     "prompts and perplexity up by under 10 %. With the same merge settings on a safety-tuned "
     "SmolLM2 and 100 + 100 test prompts over three seeds (the project's frontier study, "
