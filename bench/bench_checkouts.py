@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from merge_bytes_parity import git_head, stage_checkout  # noqa: E402
+from merge_bytes_parity import git_head, reused_stage  # noqa: E402
 
 VARIANTS = ("older", "this")
 JOBS = ("safepatch", "task_arithmetic", "ties")  # bench_merge's merge, bench_classic's two
@@ -77,10 +77,7 @@ def main(argv=None) -> int:
                     default=REPO / "bench" / "results" / "checkouts_cpu.md")
     args = ap.parse_args(argv)
     base_src = args.base_src.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    stage = args.workdir / "stage"
-    if not stage.exists():
-        stage_checkout(base_src, stage)
+    stage = reused_stage(base_src, args.workdir)
     subprocess.run([sys.executable, str(REPO / "bench" / "bench_merge.py"), "--sizes", "0.7b",
                     "--generate-only", "--reuse-inputs", "--workdir", str(args.workdir / "merge")],
                    check=True, stdout=subprocess.DEVNULL)

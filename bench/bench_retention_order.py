@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from merge_bytes_parity import git_head, machine, stage_checkout  # noqa: E402
+from merge_bytes_parity import git_head, machine, reused_stage  # noqa: E402
 
 VARIANTS = ("older checkout", "after_selection", "before_selection")
 
@@ -67,10 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     base_src = args.base_src.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    stage = args.workdir / "stage"
-    if not stage.exists():
-        stage_checkout(base_src, stage)
+    stage = reused_stage(base_src, args.workdir)
     if not (args.workdir / args.size / "generated.ok").exists():
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_merge.py"), "--sizes",
                         args.size, "--generate-only", "--workdir", str(args.workdir)], check=True)

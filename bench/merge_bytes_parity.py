@@ -185,6 +185,14 @@ def stage_checkout(src: Path, stage: Path) -> Path:
     return stage
 
 
+def reused_stage(src: Path, workdir: Path) -> Path:
+    """`workdir`/stage from stage_checkout(src), made on the first run in `workdir` and reused
+    by later ones (workdir is created if missing)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stage = workdir / "stage"
+    return stage if stage.exists() else stage_checkout(src, stage)
+
+
 def run_merge(cfg: Path, out: Path, backend, chunk, budget, pythonpath: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SAFEPATCH_MERGE_MIN_CHUNK")}
     if pythonpath:

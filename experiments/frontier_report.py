@@ -236,10 +236,6 @@ def across_seeds(ann: dict) -> dict:
     return out
 
 
-def _mean(v: list[float]) -> float:
-    return sum(v) / len(v)
-
-
 def _seeds(v: list[float]) -> str:
     return " / ".join(f"{100 * x:.0f}" for x in v)
 
